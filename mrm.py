@@ -1,0 +1,570 @@
+"""Masked Record Modeling (MRM, Zhou et al., ICLR 2023), the whole pre-training model in one file.
+
+A record is a chest radiograph and its free-text report. MRM masks both and asks one image encoder
+to serve two restorations (Fig. 2):
+  * L_I: restore the masked patches of the radiograph at twice the input resolution (Sec. 3.2, Eq. 2);
+  * L_R: restore the masked words of the report from the visible words plus a global image feature
+    added to each of them, the "hybrid" tokens (Sec. 3.1, Eq. 1).
+The total is L = L_R + lambda * L_I (Eq. 3). After pre-training only the encoder (a ViT-B/16) is kept.
+
+Read top to bottom: helpers (patches, sin-cos tables, masking), the transformer parts, the encoder,
+the two decoders, the losses, and MRM itself last. Sizes come from SPEC.md section 1.
+Convention used everywhere: L patches on a G x G grid, mask = 1 where a patch was removed.
+"""
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Patches and positions
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in raster order, values in (row, column, channel) order.
+
+    This is the layout the official decoder's output Linear assumes, so its weights load unchanged.
+    """
+    B, C, H, W = imgs.shape
+    assert H % p == 0 and W % p == 0, f"image {H}x{W} is not a multiple of the patch size {p}"
+    h, w = H // p, W // p
+    x = imgs.reshape(B, C, h, p, w, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(B, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
+    """x: (B, L, p*p*C) -> (B, C, H, W); the inverse of patchify for a square grid."""
+    B, L, _ = x.shape
+    g = math.isqrt(L)
+    assert g * g == L, f"{L} patches do not form a square grid"
+    x = x.reshape(B, g, g, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(B, channels, g * p, g * p)
+
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """pos: (M,) -> (M, embed_dim): sin(pos * w_k) for the first half, cos(pos * w_k) for the second,
+    with w_k = 1 / 10000^(k / (embed_dim / 2)), k = 0 .. embed_dim/2 - 1 (Transformer / MAE formula)."""
+    assert embed_dim % 2 == 0
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    """The fixed 2D table of MAE: (G*G, D), or (1 + G*G, D) with a zero row first for [CLS].
+
+    Patch i = r * G + c gets the 1D code of its column c in the first D/2 channels and of its row r in
+    the last D/2 (MAE's meshgrid puts the column coordinate first). SPEC.md: the released MRM helper
+    divides the exponent by 2*D instead of D/2; we use MAE's formula, which its weights were trained with.
+    """
+    assert embed_dim % 4 == 0, "2D sin-cos needs a width divisible by 4"
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    emb = np.concatenate(
+        [get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],
+        axis=1,
+    )  # (G*G, D)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb.astype(np.float32)
+
+
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None):
+    """Per-sample random removal of mask_ratio of the patches (Sec. 3.2, following MAE).
+
+    Sorting uniform noise gives a random permutation per sample; the first int(L * (1 - r)) are kept.
+    Returns ids_keep (B, K), mask (B, L) with 1 = removed, and ids_restore (B, L), the permutation that
+    puts [kept, removed] back into raster order.
+    """
+    len_keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)  # (B, L)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch_size, num_patches, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # back to raster order
+    return ids_keep, mask, ids_restore
+
+
+# -----------------------------------------------------------------------------
+# Transformer parts (ViT, Dosovitskiy et al. 2021; names follow timm so official weights load)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop a residual branch for whole samples (used in fine-tuning only)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, D/heads)
+        # attn_mask: None or bool (B, 1, 1, N), True where a key may be attended (report padding)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as ViT and BERT
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x, attn_mask=None):
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into p x p patches and project each linearly: a conv with stride p."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D), raster order like patchify
+
+
+def init_weights(m: nn.Module):
+    """SPEC.md section 1 init (MAE's): xavier-uniform Linears with zero bias, LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)
+
+
+# -----------------------------------------------------------------------------
+# The image encoder: a standard ViT that can also encode only the visible patches
+
+
+class ViT(nn.Module):
+    """ViT-B/16 by default. forward returns the post-norm tokens (B, 1 + L, D), [CLS] first.
+
+    Parameter names are those of MAE's and the released MRM checkpoints, so their state dicts load
+    with strict=True and no renaming (no head: fine-tuning adds its own).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed, not learned (Sec. 3.2); a frozen Parameter so checkpoints carry it under MAE's name
+        table = get_2d_sincos_pos_embed(embed_dim, self.grid_size, cls_token=True)
+        self.pos_embed = nn.Parameter(torch.from_numpy(table).unsqueeze(0), requires_grad=False)
+        rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # deeper blocks drop more
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        self.apply(init_weights)
+        w = self.patch_embed.proj.weight  # xavier on the flattened (D, C*p*p) matrix, as a Linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) normalised image; ids_keep: (B, K) indices of the patches to encode, or None."""
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"ViT expects {self.img_size}x{self.img_size} input, got {tuple(x.shape[-2:])}")
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
+        if ids_keep is not None:  # MRM: only the visible low-res patches enter the encoder
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + K, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# The two decoders and the fusion between image and report
+
+
+class ImageDecoder(nn.Module):
+    """MAE-style decoder that restores every patch position at twice the resolution (Sec. 3.2).
+
+    Visible latents are projected, a shared learned mask token fills the removed positions, the fixed
+    sin-cos table is added, 4 blocks run, and one Linear predicts a (2p)^2 * C high-res patch per position.
+    Attribute names keep the official `decoder_*` / `mask_token` names behind an `image_decoder.` prefix.
+    """
+
+    def __init__(self, cfg: "MRMConfig"):
+        super().__init__()
+        d = cfg.decoder_embed_dim
+        out_p = 2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size
+        self.decoder_embed = nn.Linear(cfg.embed_dim, d)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        table = get_2d_sincos_pos_embed(d, cfg.img_size // cfg.patch_size, cls_token=True)
+        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(table).unsqueeze(0), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
+        self.decoder_pred = nn.Linear(d, out_p * out_p * cfg.in_chans)
+        self.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent, ids_restore, text_feature=None):
+        """latent: (B, 1 + K, D) encoder output; ids_restore: (B, L); text_feature: (B, d) or None.
+        Returns (B, L, (2p)^2 * C), a prediction for every position (the loss keeps the masked ones)."""
+        x = self.decoder_embed(latent)  # (B, 1 + K, d)
+        B, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, L - (x.shape[1] - 1), -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # (B, L, d) in [kept, removed] order
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # raster order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        if text_feature is not None:  # ablation "multi-modal image restoration" (Table 4)
+            x = x + text_feature.unsqueeze(1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop [CLS]
+
+
+def global_pool(patch_tokens: torch.Tensor, fusion: str = "gap") -> torch.Tensor:
+    """(B, K, D) visible patch tokens -> (B, D) global radiograph feature: average (GAP, the paper's
+    choice) or max (GMP, Table 5a). [CLS] is not part of the pool."""
+    if fusion == "gap":
+        return patch_tokens.mean(dim=1)
+    if fusion == "gmp":
+        return patch_tokens.amax(dim=1)
+    raise ValueError(f"fusion must be 'gap' or 'gmp', got {fusion!r}")
+
+
+class ReportDecoder(nn.Module):
+    """Light transformer that restores masked report tokens from hybrid tokens (Sec. 3.1, App. A.2).
+
+    Token embedding + learned position embedding (A.2 says learnable; Sec. 3.1 says fixed, A.2 and the
+    released code agree on learned), the image feature added to every visible real token, 6 pre-norm
+    blocks, LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as BERT's mask does.
+    """
+
+    def __init__(self, cfg: "MRMConfig"):
+        super().__init__()
+        d = cfg.text_embed_dim
+        self.pad_token_id, self.mask_token_id = cfg.pad_token_id, cfg.mask_token_id
+        self.token_embed = nn.Embedding(cfg.vocab_size, d)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
+        self.blocks = nn.ModuleList([Block(d, cfg.text_num_heads, cfg.mlp_ratio) for _ in range(cfg.text_depth)])
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.vocab_size)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def hybrid_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool, True at the real, visible tokens: they get the image feature; [MASK] and [PAD] don't."""
+        return (tokens != self.mask_token_id) & (tokens != self.pad_token_id)
+
+    def forward(self, tokens, image_feature, predict_at=None):
+        """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d).
+        Returns logits (M, V) at the M positions where predict_at (B, T) is True, or (B, T, V) if None."""
+        T = tokens.shape[1]
+        if T > self.pos_embed.shape[1]:
+            raise ValueError(f"report of {T} tokens is longer than max_text_len={self.pos_embed.shape[1]}")
+        x = self.token_embed(tokens) + self.pos_embed[:, :T]  # (B, T, d)
+        x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
+        attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.norm(x)
+        if predict_at is not None:  # the vocabulary projection is the costly part: only where it is scored
+            x = x[predict_at]  # (M, d)
+        return self.head(x)
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+
+def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = False):
+    """Eq. 2: mean squared error per patch, averaged over the masked patches only.
+
+    pred, target: (B, L, P) with pixels in [0, 1]; mask: (B, L), 1 = removed (scored), 0 = visible.
+    norm_pix_loss: MAE's option (used by the released run script) of scoring each target patch
+    normalised by its own mean and variance.
+    """
+    target = target.float()
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Eq. 1: cross entropy of the masked tokens only, averaged over them. logits (M, V), targets (M,).
+    (The released code averaged over all 100 positions, padding included; SPEC.md says not to copy that.)"""
+    return F.cross_entropy(logits.float(), targets)
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class MRMConfig:
+    """Every size and switch of the model; MRMConfig() is the paper's base model (SPEC.md section 1)."""
+
+    # image encoder: ViT-B/16 on the 224 low-res input (the high-res image is 2 * img_size)
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    # image decoder
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    # report decoder and tokens (the released WordPiece: [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3)
+    text_embed_dim: int = 384
+    text_depth: int = 6
+    text_num_heads: int = 6
+    vocab_size: int = 30000
+    max_text_len: int = 100
+    pad_token_id: int = 0
+    mask_token_id: int = 3
+    # masking and input normalisation
+    mask_ratio: float = 0.75       # of the image patches (Table 5b: 0.75 / 0.5 / 0)
+    text_mask_ratio: float = 0.5   # of the report tokens; applied by the data pipeline
+    pixel_mean: float = 0.4978
+    pixel_std: float = 0.2449
+    # objective and ablation switches (Tables 4 and 5)
+    mlm_weight: float = 1.0        # weight of L_R; 0 = self-supervision only
+    mim_weight: float = 1.0        # lambda of Eq. 3; 0 = report restoration only
+    super_resolution: bool = True  # False: restore the low-res p x p patch instead of the 2p x 2p one
+    fusion: str = "gap"            # 'gap' (paper) or 'gmp' (Table 5a)
+    norm_pix_loss: bool = False    # the released run script's choice; the paper scores plain [0, 1] pixels
+    multimodal_mim: bool = False   # add the mean visible report embedding to the image decoder's input
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MRMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MRMConfig":
+        """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "base": {},
+    # A CPU-sized model for demos and tests: 128-px high-res / 64-px input, an 8 x 8 grid of 8-px patches.
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                 text_embed_dim=128, text_depth=2, text_num_heads=4),
+}
+
+
+# -----------------------------------------------------------------------------
+# The whole model
+
+
+class MRM(nn.Module):
+    """Image encoder + image decoder (L_I) + fusion and report decoder (L_R), Fig. 2.
+
+    A part whose loss weight is 0 is not built, so ablations train under DDP without unused parameters.
+    """
+
+    def __init__(self, cfg: MRMConfig | None = None):
+        super().__init__()
+        cfg = cfg or MRMConfig()
+        if cfg.mlm_weight == 0 and cfg.mim_weight == 0:
+            raise ValueError("mlm_weight and mim_weight are both 0: nothing to learn")
+        if cfg.multimodal_mim and (cfg.mlm_weight == 0 or cfg.mim_weight == 0):
+            raise ValueError("multimodal_mim needs both the image and the report decoder")
+        self.cfg = cfg
+        self.encoder = ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
+                           cfg.num_heads, cfg.mlp_ratio)
+        self.image_decoder = ImageDecoder(cfg) if cfg.mim_weight > 0 else None
+        if cfg.mlm_weight > 0:
+            self.fusion_proj = nn.Linear(cfg.embed_dim, cfg.text_embed_dim)  # 768 -> 384
+            self.report_decoder = ReportDecoder(cfg)
+            init_weights(self.fusion_proj)
+        else:
+            self.fusion_proj = self.report_decoder = None
+        if cfg.multimodal_mim:
+            self.text_to_image = nn.Linear(cfg.text_embed_dim, cfg.decoder_embed_dim)
+            init_weights(self.text_to_image)
+
+    def prepare_images(self, images: torch.Tensor):
+        """images: (B, C, 2H, 2W) high-res, floats in [0, 1] (or uint8, or one gray channel).
+        Returns the high-res target image in [0, 1], the low-res one in [0, 1] and the normalised input."""
+        cfg = self.cfg
+        if images.dtype == torch.uint8:  # the data pipeline ships uint8 to save host-device bandwidth
+            images = images.float() / 255
+        if images.shape[1] == 1 and cfg.in_chans == 3:  # radiographs are gray: repeat to 3 channels
+            images = images.expand(-1, 3, -1, -1)
+        hr = 2 * cfg.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, hr, hr):
+            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}), got {tuple(images.shape)}")
+        # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
+        # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
+        low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
+        low = low.clamp(0, 1)
+        return images, low, (low - cfg.pixel_mean) / cfg.pixel_std
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> dict:
+        """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
+        original id where a token was masked, -100 elsewhere. generator: optional, for the image mask.
+
+        Returns loss, loss_mim, loss_mlm, pred (B, L, (2p)^2 C), mask (B, L), and mlm_logits (M, V) at
+        the M masked report positions, in the order of labels[labels != -100].
+        """
+        cfg = self.cfg
+        high, low, x = self.prepare_images(images)
+        B, L = x.shape[0], self.encoder.num_patches
+        ids_keep, mask, ids_restore = random_masking(B, L, cfg.mask_ratio, x.device, generator)
+        latent = self.encoder(x, ids_keep)  # (B, 1 + K, D), visible patches only
+        zero = latent.new_zeros((), dtype=torch.float32)
+        out = {"mask": mask, "loss_mim": zero, "loss_mlm": zero}
+
+        text_feature = None
+        if self.report_decoder is not None:  # report comprehension, Sec. 3.1
+            image_feature = self.fusion_proj(global_pool(latent[:, 1:], cfg.fusion))  # (B, 384)
+            scored = labels != -100  # (B, T)
+            logits = self.report_decoder(tokens, image_feature, predict_at=scored)  # (M, V)
+            out["mlm_logits"] = logits
+            out["loss_mlm"] = mlm_loss(logits, labels[scored])
+            if cfg.multimodal_mim:
+                visible = self.report_decoder.hybrid_positions(tokens).unsqueeze(-1)  # (B, T, 1)
+                emb = self.report_decoder.token_embed(tokens)
+                text_feature = self.text_to_image((emb * visible).sum(1) / visible.sum(1).clamp(min=1))
+
+        if self.image_decoder is not None:  # radiograph understanding, Sec. 3.2
+            pred = self.image_decoder(latent, ids_restore, text_feature)  # (B, L, (2p)^2 C)
+            if cfg.super_resolution:
+                target = patchify(high, 2 * cfg.patch_size)  # 2p x 2p patches on the same G x G grid
+            else:
+                target = patchify(low, cfg.patch_size)
+            # with mask_ratio 0 (Table 5b) nothing is removed: score every patch's super-resolution
+            scored = mask if cfg.mask_ratio > 0 else torch.ones_like(mask)
+            out["pred"] = pred
+            out["loss_mim"] = mim_loss(pred, target, scored, cfg.norm_pix_loss)
+
+        out["loss"] = cfg.mlm_weight * out["loss_mlm"] + cfg.mim_weight * out["loss_mim"]  # Eq. 3
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Loading MAE's, the released MRM's and this project's checkpoints
+
+
+def _compact(keys) -> list[str]:
+    """['blocks.0.norm1.weight', 'blocks.1.norm1.weight'] -> ['blocks.{0-1}.norm1.weight']: exact, but short."""
+    groups: dict[str, list[int]] = {}
+    for k in keys:
+        m = re.search(r"\.(\d+)\.", k)
+        pattern = k if m is None else k[: m.start()] + ".{}." + k[m.end():]
+        groups.setdefault(pattern, []).append(-1 if m is None else int(m.group(1)))
+    lines = []
+    for pattern, idx in groups.items():
+        if idx == [-1]:
+            lines.append(pattern)
+            continue
+        idx = sorted(idx)
+        span = f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
+        lines.append(pattern.replace("{}", "{" + span + "}"))
+    return lines
+
+
+def read_checkpoint(path) -> dict:
+    """torch.load with weights_only=True; only a file that pickles other objects (e.g. an argparse
+    Namespace, as MAE's and the released MRM checkpoints do) is retried with weights_only=False."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
+    except Exception as e:
+        if "Unsupported global" not in str(e):  # anything but a pickled object: not a checkpoint
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+    print(f"{path}: holds more than tensors (e.g. a pickled argparse.Namespace); loading it with "
+          "weights_only=False, which runs its pickled code: load only checkpoints you trust")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
+    """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
+    holding the ViT as `.encoder`), matching names across layouts:
+      MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
+      this project:       {'model': {'encoder.cls_token', 'image_decoder.decoder_blocks.0...', ...}}
+    Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
+    """
+    ckpt = read_checkpoint(path)
+    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: not a model checkpoint (expected a state dict, or a dict with one under 'model')")
+    target = module.state_dict()
+    loaded, unexpected, mismatched = {}, [], []
+    for key, value in sd.items():
+        key = ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))  # DDP, compile
+        options = [key, "encoder." + key, "image_decoder." + key, key.removeprefix("encoder.")]
+        name = next((k for k in options if k in target), None)
+        if name is None:
+            unexpected.append(key)
+        elif target[name].shape != value.shape:
+            mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target[name].shape)}")
+        else:
+            loaded[name] = value
+    if not loaded:
+        raise ValueError(f"{path}: none of its {len(sd)} tensors matches a parameter of {type(module).__name__}")
+    missing = [k for k in target if k not in loaded]
+    module.load_state_dict(loaded, strict=False)
+    if verbose:
+        print(f"loaded {len(loaded)}/{len(target)} tensors of {type(module).__name__} from {path}")
+        for title, keys in [("missing (left as initialised)", _compact(missing)),
+                            ("unexpected (ignored)", _compact(unexpected)), ("shape mismatch (skipped)", mismatched)]:
+            if keys:
+                print(f"  {title}: " + ", ".join(keys))
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
