@@ -83,7 +83,9 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=
     puts [kept, removed] back into raster order.
     """
     len_keep = int(num_patches * (1 - mask_ratio))
-    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)  # (B, L)
+    # draw on the generator's own device, so one seeded CPU generator gives the same masks on any device
+    noise = torch.rand(batch_size, num_patches, generator=generator,
+                       device=generator.device if generator is not None else device).to(device)  # (B, L)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -135,17 +137,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_prob: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
+        self.drop_prob = drop_prob
 
     def forward(self, x, attn_mask=None):
-        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
 
 
 class PatchEmbed(nn.Module):
@@ -160,7 +162,8 @@ class PatchEmbed(nn.Module):
 
 
 def init_weights(m: nn.Module):
-    """SPEC.md section 1 init (MAE's): xavier-uniform Linears with zero bias, LayerNorm 1/0."""
+    """SPEC.md section 1 init (MAE's): xavier-uniform Linears with zero bias, LayerNorm 1/0,
+    token embeddings normal(0, 0.02)."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -294,6 +297,11 @@ class ReportDecoder(nn.Module):
         """(B, T) bool, True at the real, visible tokens: they get the image feature; [MASK] and [PAD] don't."""
         return (tokens != self.mask_token_id) & (tokens != self.pad_token_id)
 
+    def mean_visible_embedding(self, tokens):
+        """(B, T) -> (B, d): mean token embedding of the visible real tokens (multi-modal image restoration)."""
+        visible = self.hybrid_positions(tokens).unsqueeze(-1)  # (B, T, 1)
+        return (self.token_embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
+
     def forward(self, tokens, image_feature, predict_at=None):
         """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d).
         Returns logits (M, V) at the M positions where predict_at (B, T) is True, or (B, T, V) if None."""
@@ -333,6 +341,8 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Eq. 1: cross entropy of the masked tokens only, averaged over them. logits (M, V), targets (M,).
     (The released code averaged over all 100 positions, padding included; SPEC.md says not to copy that.)"""
+    if targets.numel() == 0:  # the mean over no token is NaN: say why instead
+        raise ValueError("no masked report token in the batch (labels are all -100): nothing to restore")
     return F.cross_entropy(logits.float(), targets)
 
 
@@ -387,6 +397,8 @@ class MRMConfig:
     def from_dict(cls, d: dict) -> "MRMConfig":
         """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
+        if d.keys() - known:
+            print(f"MRMConfig: ignoring unknown keys {sorted(d.keys() - known)}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
@@ -417,6 +429,8 @@ class MRM(nn.Module):
         cfg = cfg or MRMConfig()
         if cfg.mlm_weight == 0 and cfg.mim_weight == 0:
             raise ValueError("mlm_weight and mim_weight are both 0: nothing to learn")
+        if not 0 <= cfg.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}")
         if cfg.multimodal_mim and (cfg.mlm_weight == 0 or cfg.mim_weight == 0):
             raise ValueError("multimodal_mim needs both the image and the report decoder")
         self.cfg = cfg
@@ -469,14 +483,12 @@ class MRM(nn.Module):
         text_feature = None
         if self.report_decoder is not None:  # report comprehension, Sec. 3.1
             image_feature = self.fusion_proj(global_pool(latent[:, 1:], cfg.fusion))  # (B, 384)
-            scored = labels != -100  # (B, T)
-            logits = self.report_decoder(tokens, image_feature, predict_at=scored)  # (M, V)
+            masked_words = labels != -100  # (B, T)
+            logits = self.report_decoder(tokens, image_feature, predict_at=masked_words)  # (M, V)
             out["mlm_logits"] = logits
-            out["loss_mlm"] = mlm_loss(logits, labels[scored])
-            if cfg.multimodal_mim:
-                visible = self.report_decoder.hybrid_positions(tokens).unsqueeze(-1)  # (B, T, 1)
-                emb = self.report_decoder.token_embed(tokens)
-                text_feature = self.text_to_image((emb * visible).sum(1) / visible.sum(1).clamp(min=1))
+            out["loss_mlm"] = mlm_loss(logits, labels[masked_words])
+            if cfg.multimodal_mim:  # Table 4's variant: the report's mean visible embedding, 384 -> 768
+                text_feature = self.text_to_image(self.report_decoder.mean_visible_embedding(tokens))
 
         if self.image_decoder is not None:  # radiograph understanding, Sec. 3.2
             pred = self.image_decoder(latent, ids_restore, text_feature)  # (B, L, (2p)^2 C)
@@ -485,9 +497,9 @@ class MRM(nn.Module):
             else:
                 target = patchify(low, cfg.patch_size)
             # with mask_ratio 0 (Table 5b) nothing is removed: score every patch's super-resolution
-            scored = mask if cfg.mask_ratio > 0 else torch.ones_like(mask)
+            weight = mask if cfg.mask_ratio > 0 else torch.ones_like(mask)
             out["pred"] = pred
-            out["loss_mim"] = mim_loss(pred, target, scored, cfg.norm_pix_loss)
+            out["loss_mim"] = mim_loss(pred, target, weight, cfg.norm_pix_loss)
 
         out["loss"] = cfg.mlm_weight * out["loss_mlm"] + cfg.mim_weight * out["loss_mim"]  # Eq. 3
         return out
@@ -499,7 +511,7 @@ class MRM(nn.Module):
 
 def _compact(keys) -> list[str]:
     """['blocks.0.norm1.weight', 'blocks.1.norm1.weight'] -> ['blocks.{0-1}.norm1.weight']: exact, but short."""
-    groups: dict[str, list[int]] = {}
+    groups = {}
     for k in keys:
         m = re.search(r"\.(\d+)\.", k)
         pattern = k if m is None else k[: m.start()] + ".{}." + k[m.end():]
@@ -510,7 +522,8 @@ def _compact(keys) -> list[str]:
             lines.append(pattern)
             continue
         idx = sorted(idx)
-        span = f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
+        contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
+        span = f"{idx[0]}-{idx[-1]}" if contiguous else ",".join(map(str, idx))
         lines.append(pattern.replace("{}", "{" + span + "}"))
     return lines
 
@@ -540,6 +553,8 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
       MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
       this project:       {'model': {'encoder.cls_token', 'image_decoder.decoder_blocks.0...', ...}}
     Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
+    The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
+    with the released helper's slip, see get_2d_sincos_pos_embed), which is what its decoder was trained with.
     """
     ckpt = read_checkpoint(path)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mrm import (MRM, MRMConfig, ReportDecoder, ViT, get_2d_sincos_pos_embed, global_pool, mim_loss,
+from mrm import (MRM, MRMConfig, ReportDecoder, ViT, drop_path, get_2d_sincos_pos_embed, global_pool, mim_loss,
                  mlm_loss, patchify, random_masking, unpatchify)
 
 VOCAB, T = 64, 24
@@ -93,18 +93,11 @@ def test_masking_counts_and_restore(L, ratio):
     assert ids_keep.shape == (5, keep) and mask.shape == (5, L) and ids_restore.shape == (5, L)
     assert (mask.sum(1) == L - keep).all()
     assert (torch.gather(mask, 1, ids_keep) == 0).all()  # kept patches are marked visible
-    # ids_restore is a permutation that puts the (kept, removed) order back into raster order
-    assert (ids_restore.sort(1).values == torch.arange(L)).all()
-    shuffled = torch.cat([ids_keep, torch.nonzero(mask)[:, 1].reshape(5, -1)], 1)
-    assert set(shuffled[0, keep:].tolist()) == set(range(L)) - set(ids_keep[0].tolist())
-
-
-def test_masking_inverse_permutation():
-    noise_order = random_masking(3, 196, 0.75, generator=torch.Generator().manual_seed(2))
-    ids_keep, mask, ids_restore = noise_order
-    ids_shuffle = torch.argsort(ids_restore, 1)
-    assert torch.equal(ids_shuffle[:, :49], ids_keep)
-    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), torch.arange(196).expand(3, -1))
+    # the decoder's contract: [kept tokens, then mask tokens] gathered with ids_restore lands each kept
+    # token on its own patch position and a mask token on every removed one
+    shuffled = torch.cat([ids_keep, torch.full((5, L - keep), -1)], dim=1)
+    restored = torch.gather(shuffled, 1, ids_restore)
+    assert torch.equal(restored, torch.where(mask.bool(), -1, torch.arange(L)))
 
 
 def test_masking_generator_and_per_sample():
@@ -133,6 +126,13 @@ def test_mim_loss_norm_pix_by_hand():
     target = torch.tensor([[[0.0, 1.0, 0.0, 1.0]]])  # mean 0.5, unbiased variance 1/3
     loss = mim_loss(torch.zeros(1, 1, 4), target, torch.ones(1, 1), norm_pix_loss=True)
     assert loss.item() == pytest.approx(0.25 / (1 / 3 + 1e-6), rel=1e-5)
+
+
+def test_mim_loss_norm_pix_eps_is_inside_the_root():
+    # a nearly flat patch shows where eps sits: variance 1e-6/3, so eps matters as much as the variance
+    target = torch.tensor([[[0.0, 1e-3, 0.0, 1e-3]]])
+    loss = mim_loss(torch.zeros(1, 1, 4), target, torch.ones(1, 1), norm_pix_loss=True)
+    assert loss.item() == pytest.approx(5e-4**2 / (1e-6 / 3 + 1e-6), rel=1e-4)
 
 
 def test_mlm_loss_by_hand():
@@ -201,10 +201,39 @@ def test_ablations_build_only_what_they_train():
     assert "pred" not in out and torch.equal(out["loss"], out["loss_mlm"])
     out["loss"].backward()  # the report loss alone trains the encoder, through the fused image feature
     assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
     with pytest.raises(ValueError, match="nothing to learn"):
         MRM(tiny_cfg(mlm_weight=0, mim_weight=0))
+
+
+def test_inputs_that_would_give_nan_are_refused():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        MRM(tiny_cfg(mask_ratio=1.0))  # no visible patch: nothing to pool, nothing to encode
+    cfg = tiny_cfg()
+    images, tokens, labels = make_batch(cfg)
+    with pytest.raises(ValueError, match="no masked report token"):
+        run(MRM(cfg), (images, tokens, torch.full_like(labels, -100)))
+
+
+def test_image_decoder_puts_each_token_on_its_patch():
+    # with no decoder block every position is predicted from its own token alone, so the un-shuffle
+    # is visible: a kept patch from its latent, a removed one from the mask token, each + its position
+    cfg = tiny_cfg(decoder_depth=0)
+    dec = MRM(cfg).image_decoder
+    with torch.no_grad():
+        dec.mask_token.normal_()
+    B, L, K = 2, 64, 16
+    ids_keep, mask, ids_restore = random_masking(B, L, 0.75, generator=torch.Generator().manual_seed(4))
+    latent = torch.randn(B, 1 + K, cfg.embed_dim)
+    pred = dec(latent, ids_restore)
+    head = lambda t: dec.decoder_pred(dec.decoder_norm(t))  # noqa: E731
+    pos = dec.decoder_pos_embed[0]
+    for b in range(B):
+        for j in range(K):
+            p = ids_keep[b, j]
+            assert torch.allclose(pred[b, p], head(dec.decoder_embed(latent[b, 1 + j]) + pos[1 + p]), atol=1e-5)
+        for p in torch.nonzero(mask[b]).flatten():
+            assert torch.allclose(pred[b, p], head(dec.mask_token[0, 0] + pos[1 + p]), atol=1e-5)
 
 
 def test_every_trainable_parameter_gets_a_gradient():
@@ -241,6 +270,15 @@ def test_fusion_only_reaches_visible_real_tokens():
     # a report of only [MASK] and [PAD] has no hybrid token: the image feature cannot enter
     only_masks = torch.tensor([[3, 3, 3, 0]])
     assert torch.allclose(dec(only_masks, f1), dec(only_masks, f2))
+
+
+def test_report_decoder_knows_word_order():
+    cfg = tiny_cfg()
+    dec = ReportDecoder(cfg).eval()
+    feature = torch.randn(1, cfg.text_embed_dim)
+    a = dec(torch.tensor([[2, 10, 11, 3]]), feature)[0, 3]
+    b = dec(torch.tensor([[2, 11, 10, 3]]), feature)[0, 3]  # same words, swapped: the learned positions tell
+    assert not torch.allclose(a, b, atol=1e-4)
 
 
 def test_report_padding_is_invisible():
@@ -284,6 +322,20 @@ def test_multimodal_image_restoration_uses_the_report():
     assert torch.allclose(a["pred"], b["pred"])  # the paper's default decoder ignores the report
 
 
+@torch.no_grad()
+def test_multimodal_feature_ignores_mask_and_pad_tokens():
+    cfg = tiny_cfg(multimodal_mim=True)
+    m = MRM(cfg).eval()
+    images = torch.rand(1, 3, 128, 128)
+    short = torch.tensor([[2, 10, 11, 3] + [0] * (T - 4)])
+    more_masks = short.clone()
+    more_masks[0, 4:8] = 3  # [PAD] turned into [MASK]: neither is a visible word
+    labels = torch.full_like(short, -100)
+    labels[0, 3] = 5
+    a, b = run(m, (images, short, labels)), run(m, (images, more_masks, labels))
+    assert torch.allclose(a["pred"], b["pred"], atol=1e-6)
+
+
 def test_uint8_and_single_channel_input():
     cfg = tiny_cfg()
     m = MRM(cfg)
@@ -304,6 +356,16 @@ def test_low_res_input_is_bicubic_antialiased_and_normalised():
     flat = torch.full((1, 3, 128, 128), 0.4978)  # the mean maps to 0, mean + std to 1
     assert MRM(cfg).prepare_images(flat)[2].abs().max() < 1e-5
     assert torch.allclose(MRM(cfg).prepare_images(flat + 0.2449)[2], torch.ones(1), atol=1e-5)
+
+
+def test_low_res_is_clamped_then_normalised():
+    # a sharp edge makes bicubic overshoot [0, 1]; the low-res image stays a valid image
+    edge = (torch.arange(128) >= 61).float().expand(1, 3, 128, 128).contiguous()
+    _, low, x = MRM(tiny_cfg()).prepare_images(edge)
+    raw = F.interpolate(edge, scale_factor=0.5, mode="bicubic", antialias=True)
+    assert raw.min() < 0 and raw.max() > 1  # the overshoot is real
+    assert torch.equal(low, raw.clamp(0, 1))
+    assert torch.allclose(x, (low - 0.4978) / 0.2449, atol=1e-6)
 
 
 def test_tiny_model_overfits_one_batch():
@@ -332,6 +394,26 @@ def test_bf16_autocast_on_cpu_is_finite():
         assert out[k].dtype == torch.float32 and torch.isfinite(out[k]), k
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_fp16_autocast_on_cpu_is_finite():
+    cfg = tiny_cfg()
+    with torch.autocast("cpu", dtype=torch.float16):  # the paper's setting (fp16 on RTX 3080Ti)
+        out = run(MRM(cfg), make_batch(cfg))
+    assert out["pred"].dtype == torch.float16
+    assert all(out[k].dtype == torch.float32 and torch.isfinite(out[k]) for k in ("loss", "loss_mim", "loss_mlm"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_forward_with_a_cpu_generator_matches_cpu():
+    cfg = tiny_cfg()
+    m = MRM(cfg)
+    batch = make_batch(cfg)
+    want = run(m, batch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = run(m.cuda(), tuple(t.cuda() for t in batch))  # same seed: the same masks on either device
+    assert torch.equal(got["mask"].cpu(), want["mask"])
+    assert torch.allclose(got["loss"].cpu(), want["loss"], rtol=0.05)
 
 
 # ----------------------------------------------------------------------------- base size
@@ -376,8 +458,21 @@ def test_init_follows_spec():
     assert torch.equal(m.encoder.norm.weight, torch.ones_like(m.encoder.norm.weight))
     w = m.encoder.blocks[0].mlp.fc1.weight  # xavier-uniform: bound sqrt(6 / (fan_in + fan_out))
     assert w.abs().max() <= math.sqrt(6 / sum(w.shape)) and w.abs().max() > 0.9 * math.sqrt(6 / sum(w.shape))
+    w = m.encoder.patch_embed.proj.weight  # xavier on the flattened (D, C*p*p) matrix, not on the 4-D conv
+    bound = math.sqrt(6 / (w.shape[0] + w[0].numel()))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert 0.015 < m.encoder.cls_token.std() < 0.025
+    assert 0.012 < m.image_decoder.mask_token.std() < 0.028
     assert 0.015 < m.report_decoder.token_embed.weight.std() < 0.025
+
+
+def test_drop_path_keeps_the_expectation_and_grows_with_depth():
+    torch.manual_seed(0)
+    y = drop_path(torch.ones(20000, 1, 4), 0.3, training=True)
+    assert torch.allclose(y.unique(), torch.tensor([0.0, 1 / 0.7]))  # whole samples dropped, the rest rescaled
+    assert abs(y.mean().item() - 1) < 0.03
+    vit = ViT(32, 8, 3, 64, 4, 4, drop_path_rate=0.3)
+    assert [b.drop_prob for b in vit.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
 
 
 def test_drop_path_only_in_training():

@@ -178,6 +178,17 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path, content):
         load_pretrained(ViT(), path)
 
 
+def test_no_unsafe_retry_for_files_that_are_not_checkpoints(tmp_path, monkeypatch, capsys):
+    # only a real checkpoint that pickles an object earns the weights_only=False retry, never junk
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"junk" * 10)
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
+    with pytest.raises(ValueError, match="junk.pth"):
+        load_pretrained(ViT(32, 8, 3, 64, 1, 4), path)
+    assert calls == [True] and "weights_only=False" not in capsys.readouterr().out
+
+
 def test_refuses_truncated_checkpoint(tmp_path):
     path = tmp_path / "cut.pth"
     torch.save({"model": ViT(32, 8, 3, 64, 1, 4).state_dict()}, path)
