@@ -453,7 +453,7 @@ class MRM(nn.Module):
         cfg = self.cfg
         if images.dtype == torch.uint8:  # the data pipeline ships uint8 to save host-device bandwidth
             images = images.float() / 255
-        if images.shape[1] == 1 and cfg.in_chans == 3:  # radiographs are gray: repeat to 3 channels
+        if images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3:  # gray radiographs: repeat to 3
             images = images.expand(-1, 3, -1, -1)
         hr = 2 * cfg.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, hr, hr):
