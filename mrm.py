@@ -397,8 +397,9 @@ class MRMConfig:
     def from_dict(cls, d: dict) -> "MRMConfig":
         """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
-        if d.keys() - known:
-            print(f"MRMConfig: ignoring unknown keys {sorted(d.keys() - known)}")
+        unknown = sorted(d.keys() - known)
+        if unknown:
+            print(f"MRMConfig: ignoring unknown keys {unknown}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:

@@ -368,6 +368,16 @@ def test_low_res_is_clamped_then_normalised():
     assert torch.allclose(x, (low - 0.4978) / 0.2449, atol=1e-6)
 
 
+def test_config_round_trips_through_a_plain_dict(capsys):
+    cfg = tiny_cfg(fusion="gmp", mim_weight=0.5)
+    assert MRMConfig.from_dict(cfg.to_dict()) == cfg and capsys.readouterr().out == ""
+    # a checkpoint from another version may carry a key this one lacks: ignored, but said
+    assert MRMConfig.from_dict({**cfg.to_dict(), "old_switch": 1}) == cfg
+    assert "ignoring unknown keys ['old_switch']" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown preset"):
+        MRMConfig.from_preset("huge")
+
+
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = tiny_cfg()
