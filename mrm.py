@@ -75,17 +75,24 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
     return emb.astype(np.float32)
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None):
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None,
+                   noise=None):
     """Per-sample random removal of mask_ratio of the patches (Sec. 3.2, following MAE).
 
     Sorting uniform noise gives a random permutation per sample; the first int(L * (1 - r)) are kept.
+    `noise` (B, L) may be given (the data pipeline draws it per record, so a record's mask does not
+    depend on its batch or process); otherwise it is drawn from `generator`.
     Returns ids_keep (B, K), mask (B, L) with 1 = removed, and ids_restore (B, L), the permutation that
     puts [kept, removed] back into raster order.
     """
     len_keep = int(num_patches * (1 - mask_ratio))
-    # draw on the generator's own device, so one seeded CPU generator gives the same masks on any device
-    noise = torch.rand(batch_size, num_patches, generator=generator,
-                       device=generator.device if generator is not None else device).to(device)  # (B, L)
+    if noise is None:
+        # draw on the generator's own device, so one seeded CPU generator gives the same masks on any device
+        noise = torch.rand(batch_size, num_patches, generator=generator,
+                           device=generator.device if generator is not None else device)
+    if tuple(noise.shape) != (batch_size, num_patches):
+        raise ValueError(f"mask noise must be ({batch_size}, {num_patches}), got {tuple(noise.shape)}")
+    noise = noise.to(device)  # (B, L)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -277,8 +284,11 @@ class ReportDecoder(nn.Module):
     """Light transformer that restores masked report tokens from hybrid tokens (Sec. 3.1, App. A.2).
 
     Token embedding + learned position embedding (A.2 says learnable; Sec. 3.1 says fixed, A.2 and the
-    released code agree on learned), the image feature added to every visible real token, 6 pre-norm
-    blocks, LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as BERT's mask does.
+    released code agree on learned), a LayerNorm, the image feature added to every visible real token,
+    6 pre-norm blocks, LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as
+    BERT's mask does. The embedding LayerNorm is BERT's (the released decoder added the image feature
+    after it): it puts the words at unit scale beside the image feature, which otherwise, at about 50x
+    the size of a normal(0, 0.02) embedding, drowns which word is where until the embeddings grow.
     """
 
     def __init__(self, cfg: "MRMConfig"):
@@ -287,6 +297,7 @@ class ReportDecoder(nn.Module):
         self.pad_token_id, self.mask_token_id = cfg.pad_token_id, cfg.mask_token_id
         self.token_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
+        self.embed_norm = nn.LayerNorm(d, eps=1e-6)
         self.blocks = nn.ModuleList([Block(d, cfg.text_num_heads, cfg.mlp_ratio) for _ in range(cfg.text_depth)])
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, cfg.vocab_size)
@@ -308,7 +319,7 @@ class ReportDecoder(nn.Module):
         T = tokens.shape[1]
         if T > self.pos_embed.shape[1]:
             raise ValueError(f"report of {T} tokens is longer than max_text_len={self.pos_embed.shape[1]}")
-        x = self.token_embed(tokens) + self.pos_embed[:, :T]  # (B, T, d)
+        x = self.embed_norm(self.token_embed(tokens) + self.pos_embed[:, :T])  # (B, T, d)
         x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
         attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
         for block in self.blocks:
@@ -338,9 +349,15 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
     return (per_patch * mask).sum() / mask.sum()
 
 
-def mlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> torch.Tensor:
     """Eq. 1: cross entropy of the masked tokens only, averaged over them. logits (M, V), targets (M,).
-    (The released code averaged over all 100 positions, padding included; SPEC.md says not to copy that.)"""
+    (The released code averaged over all 100 positions, padding included; SPEC.md says not to copy that.)
+
+    denominator: divide the summed cross entropy by this instead of M. Reports differ in length, so a
+    batch split over processes or accumulation steps must divide by the whole batch's count (train.py).
+    """
+    if denominator is not None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
     if targets.numel() == 0:  # the mean over no token is NaN: say why instead
         raise ValueError("no masked report token in the batch (labels are all -100): nothing to restore")
     return F.cross_entropy(logits.float(), targets)
@@ -466,9 +483,11 @@ class MRM(nn.Module):
         return images, low, (low - cfg.pixel_mean) / cfg.pixel_std
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                mlm_denominator=None) -> dict:
         """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
-        original id where a token was masked, -100 elsewhere. generator: optional, for the image mask.
+        original id where a token was masked, -100 elsewhere. generator or noise (B, L): optional, for
+        the image mask (see random_masking). mlm_denominator: see mlm_loss.
 
         Returns loss, loss_mim, loss_mlm, pred (B, L, (2p)^2 C), mask (B, L), and mlm_logits (M, V) at
         the M masked report positions, in the order of labels[labels != -100].
@@ -476,7 +495,7 @@ class MRM(nn.Module):
         cfg = self.cfg
         high, low, x = self.prepare_images(images)
         B, L = x.shape[0], self.encoder.num_patches
-        ids_keep, mask, ids_restore = random_masking(B, L, cfg.mask_ratio, x.device, generator)
+        ids_keep, mask, ids_restore = random_masking(B, L, cfg.mask_ratio, x.device, generator, noise)
         latent = self.encoder(x, ids_keep)  # (B, 1 + K, D), visible patches only
         zero = latent.new_zeros((), dtype=torch.float32)
         out = {"mask": mask, "loss_mim": zero, "loss_mlm": zero}
@@ -487,7 +506,7 @@ class MRM(nn.Module):
             masked_words = labels != -100  # (B, T)
             logits = self.report_decoder(tokens, image_feature, predict_at=masked_words)  # (M, V)
             out["mlm_logits"] = logits
-            out["loss_mlm"] = mlm_loss(logits, labels[masked_words])
+            out["loss_mlm"] = mlm_loss(logits, labels[masked_words], mlm_denominator)
             if cfg.multimodal_mim:  # Table 4's variant: the report's mean visible embedding, 384 -> 768
                 text_feature = self.text_to_image(self.report_decoder.mean_visible_embedding(tokens))
 

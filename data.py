@@ -1,0 +1,750 @@
+"""Records for MRM pre-training: radiographs, reports, and what turns them into training samples.
+
+Read top to bottom:
+  1. images: any file PIL reads (8- or 16-bit, L / RGB / RGBA / P / I;16) or DICOM, to 8-bit grayscale;
+  2. synthetic records, the default data: chest-radiograph-like images with findings drawn in, and
+     reports that name them (side, zone, size are only in the image), labels and per-pixel masks;
+  3. reports: WordPiece tokenizer (load or train), encoding to 100 ids, masking (Sec. 3.1);
+  4. augmentation (SPEC.md section 1): random resized crop to 448, bicubic, horizontal flip;
+  5. the records of a run (synthetic or `training.csv`) and the Dataset that train.py reads;
+  6. command line: `python data.py synth | resize | mimic ...` (see `python data.py -h`).
+
+A training sample is a uint8 image; float conversion, normalisation and 3 channels happen on the
+training device (mrm.MRM.prepare_images), so the loader moves a quarter of the bytes.
+"""
+import argparse
+import csv
+import gzip
+import math
+import os
+import re
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used: the message names the file (and CSV line) and the problem."""
+
+
+# -----------------------------------------------------------------------------
+# 1. Images: every format becomes one 8-bit gray channel
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm"}
+
+
+def to_gray8(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 'L'. 16-bit, 32-bit and float images are stretched min-max to 0..255 (a
+    straight convert('L') would clip them); colour, alpha and palette images drop to luminance."""
+    if img.mode == "L":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I (32-bit), F
+        return Image.fromarray(_stretch(np.asarray(img, dtype=np.float64)))
+    return img.convert("L")
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return np.round((a - lo) * (255 / max(hi - lo, 1e-12))).astype(np.uint8)
+
+
+def is_dicom(path) -> bool:
+    if str(path).lower().endswith(".dcm"):
+        return True
+    with open(path, "rb") as f:  # DICOM Part 10: 128-byte preamble, then "DICM"
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def load_dicom(path) -> Image.Image:
+    try:
+        import pydicom  # optional: only RSNA / SIIM style DICOM files need it
+    except ImportError:
+        raise BadRecord(f"{path}: reading DICOM needs the optional package pydicom (pip install pydicom)") from None
+    ds = pydicom.dcmread(str(path))
+    a = np.asarray(ds.pixel_array, dtype=np.float64)
+    if a.ndim != 2:
+        raise BadRecord(f"{path}: expected one gray frame, got pixel data of shape {a.shape}")
+    a = a * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+    gray = _stretch(a)
+    if getattr(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":  # 0 = white: invert
+        gray = 255 - gray
+    return Image.fromarray(gray)
+
+
+def load_image(path) -> Image.Image:
+    """Read one radiograph as an 8-bit gray PIL image, or raise BadRecord naming the file."""
+    path = str(path)
+    try:
+        if is_dicom(path):
+            return load_dicom(path)
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return to_gray8(img)
+    except BadRecord:
+        raise
+    except FileNotFoundError:
+        raise BadRecord(f"{path}: no such image file") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise BadRecord(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+# -----------------------------------------------------------------------------
+# 2. Synthetic records
+#
+# A record is drawn from its index alone (numpy generators seeded with [seed, i, stream]), so record i
+# is the same in every process, every run, and at any count. Three independent streams: the case
+# (anatomy and findings), the report's phrasing, and the image noise. Phrasing never looks at the
+# findings' side, zone or size, so the words that name them can only be recovered from the image.
+# Image layout is a PA view: the patient's right is on the image's left.
+
+FINDINGS = ("atelectasis", "cardiomegaly", "consolidation", "pleural effusion", "pneumothorax", "nodule")
+FINDING_PROB = 0.25
+SIZES = {"atelectasis": ("mild", "moderate"), "cardiomegaly": ("mild", "moderate"),
+         "consolidation": ("small", "large"), "pleural effusion": ("small", "moderate", "large"),
+         "pneumothorax": ("small", "large")}
+MM_PER_IMAGE_WIDTH = 430.0  # a 43 cm detector: nodule sizes in mm become fractions of the image
+
+
+def synth_case(i: int, seed: int = 0) -> dict:
+    """Anatomy and findings of synthetic record i: {'anatomy': {...}, 'findings': {name: {...}}}."""
+    rng = np.random.default_rng([seed, i, 0])
+    s = rng.uniform(0.93, 1.05)  # body size
+    anatomy = dict(cx=0.5 + rng.normal(0, 0.01), top=0.14 + rng.normal(0, 0.01), s=s,
+                   base=0.74 + rng.normal(0, 0.015), ctr=rng.uniform(0.40, 0.48),
+                   gamma=rng.uniform(0.8, 1.25), tissue=rng.uniform(0.35, 0.45))
+    findings = {}
+    for name in FINDINGS:
+        if rng.random() >= FINDING_PROB:
+            continue
+        f = {"side": str(rng.choice(["right", "left"]))}
+        if name in SIZES:
+            f["size"] = str(rng.choice(SIZES[name]))
+        if name in ("consolidation", "nodule"):
+            f["zone"] = str(rng.choice(["upper", "middle", "lower"]))
+        if name == "atelectasis":
+            f["zone"] = str(rng.choice(["middle", "lower"]))
+        if name == "nodule":
+            f["mm"] = int(rng.integers(5, 15)) * 2  # 10..28 mm
+        if name == "cardiomegaly":
+            del f["side"]
+            anatomy["ctr"] = rng.uniform(0.55, 0.60) if f["size"] == "mild" else rng.uniform(0.61, 0.67)
+        f["where"] = rng.uniform(-1, 1, size=3).tolist()  # position jitter inside its zone
+        findings[name] = f
+    return {"anatomy": anatomy, "findings": findings}
+
+
+def _lung(X, Y, cx, hw, top, base, dome=0.05):
+    """Boolean lung field: rounded apex at `top`, diaphragm dome over `base` (its lowest, lateral point)."""
+    t = np.clip((Y - top) / 0.22, 0, 1)
+    rel = (X - cx) / hw
+    bottom = base - dome * np.clip(1 - rel**2, 0, 1)
+    return (np.abs(rel) < np.sqrt(t) * (1 + 0.08 * t)) & (Y > top) & (Y < bottom)
+
+
+def _ellipse(X, Y, cx, cy, rx, ry, angle=0.0):
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = (X - cx) * c + (Y - cy) * s, -(X - cx) * s + (Y - cy) * c
+    return (u / rx) ** 2 + (v / ry) ** 2 < 1
+
+
+def _smooth_noise(rng, size, cells):
+    """Blobby noise in about [-1, 1]: a cells x cells random grid, upsampled bicubic."""
+    grid = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, "F").resize((size, size), Image.BICUBIC))
+
+
+def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarray]:
+    """Draw a case: returns the image (size, size) uint8 and the finding masks (K, size, size) bool."""
+    a, S = case["anatomy"], size
+    X, Y = np.meshgrid((np.arange(S) + 0.5) / S, (np.arange(S) + 0.5) / S)  # image coordinates in [0, 1]
+    cx, s, top = a["cx"], a["s"], a["top"]
+    hw = 0.135 * s
+    sides = {"right": (cx - 0.165 * s, a["base"], -1), "left": (cx + 0.165 * s, a["base"] + 0.02, 1)}
+    lungs = {k: _lung(X, Y, x, hw, top, b) for k, (x, b, _) in sides.items()}
+    lung = lungs["right"] | lungs["left"]
+    masks = np.zeros((len(FINDINGS), S, S), dtype=bool)
+    texture = np.ones((S, S), np.float32)   # lung markings, removed where a pneumothorax is
+    extra = np.zeros((S, S), np.float32)    # densities added by findings
+
+    def zone_y(side, zone):
+        height = sides[side][1] - top
+        return top + height * {"upper": 0.2, "middle": 0.5, "lower": 0.78}[zone]
+
+    for name, f in case["findings"].items():
+        k, (j0, j1, j2) = FINDINGS.index(name), f["where"]
+        if name == "cardiomegaly":
+            continue  # drawn with the heart below
+        lx, base, lateral = sides[f["side"]]
+        inside = lungs[f["side"]]
+        if name == "pleural effusion":  # fluid fills the base, meniscus climbing laterally
+            h = {"small": 0.07, "moderate": 0.15, "large": 0.25}[f["size"]]
+            out = np.clip((X - lx) * lateral / hw, 0, 1)
+            m = inside & (Y > base - h - 0.04 * out)
+            extra += 0.3 * m
+        elif name == "pneumothorax":  # lung edge pulled in from the chest wall; no markings outside it
+            c = {"small": 0.15, "large": 0.35}[f["size"]]
+            collapsed = _lung(X, Y, lx - lateral * c * hw * 0.6, hw * (1 - c), top + 0.1 * c, base)
+            edge = collapsed & ~_lung(X, Y, lx - lateral * c * hw * 0.6, hw * (1 - c) - 0.006, top + 0.1 * c + 0.006, base)
+            m = inside & ~collapsed
+            texture[m] = 0.0
+            extra += -0.06 * m + 0.15 * (edge & inside)
+        elif name == "consolidation":  # a cloud of overlapping blobs
+            r = {"small": 0.035, "large": 0.07}[f["size"]] * s
+            y0, x0 = zone_y(f["side"], f["zone"]) + 0.03 * j1, lx + 0.35 * hw * j0
+            blob = np.zeros_like(X)
+            for t in range(5):
+                bx, by = x0 + 0.5 * r * math.cos(2.4 * t + j2), y0 + 0.5 * r * math.sin(2.4 * t + j2)
+                blob = np.maximum(blob, np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / (2 * (0.6 * r) ** 2)))
+            m = inside & (blob > 0.5)
+            extra += 0.25 * blob * inside
+        elif name == "nodule":
+            r = f["mm"] / 2 / MM_PER_IMAGE_WIDTH
+            y0, x0 = zone_y(f["side"], f["zone"]) + 0.02 * j1, lx + 0.4 * hw * j0
+            m = _ellipse(X, Y, x0, y0, r, r) & inside
+            extra += 0.3 * m
+        elif name == "atelectasis":  # a plate-like band, nearly horizontal
+            length = {"mild": 0.3, "moderate": 0.6}[f["size"]] * hw
+            y0, x0 = zone_y(f["side"], f["zone"]) + 0.02 * j1, lx + 0.2 * hw * j0
+            m = _ellipse(X, Y, x0, y0, length, 0.012 * s, angle=0.25 * j2) & inside
+            extra += 0.22 * m
+        masks[k] = m
+
+    # heart: its width over the chest's is the cardiothoracic ratio (> 0.5 is cardiomegaly)
+    heart_rx = a["ctr"] * 0.6 * s / 2
+    heart = _ellipse(X, Y, cx + 0.3 * heart_rx, a["base"] - 0.1, heart_rx, 0.12 * s)
+    if "cardiomegaly" in case["findings"]:
+        masks[FINDINGS.index("cardiomegaly")] = heart
+
+    img = np.full((S, S), 0.04, np.float32)                                        # air
+    img += a["tissue"] * _ellipse(X, Y, cx, 0.6, 0.44 * s, 0.62)                     # body
+    img -= 0.25 * lung                                                              # lung fields
+    img += 0.05 * lung * texture * _smooth_noise(noise_rng, S, 24)                  # vessels
+    img += 0.25 * (np.abs(X - cx) < 0.05 * s) * (Y < a["base"] - 0.05)             # mediastinum
+    spine = np.abs(X - cx) < 0.032 * s
+    img += spine * (0.12 + 0.04 * np.cos(2 * math.pi * Y / 0.045))                  # vertebrae
+    img += 0.25 * heart
+    # posterior ribs: ten arcs a side, curving down away from the spine
+    out = np.abs(X - cx)
+    phase = (Y - top + 0.02 - 1.2 * np.clip(out - 0.04, 0, None) ** 2) / (0.062 * s)
+    rib = np.abs(phase - np.round(phase)) * 0.062 < 0.011
+    img += 0.07 * (rib & (phase > -0.5) & (phase < 9.5) & (out > 0.03) & (out < 0.165 * s + hw * 1.15))
+    img += extra
+    img += 0.03 * _smooth_noise(noise_rng, S, 6)                                   # uneven exposure
+    img = np.clip(img, 0, 1) ** a["gamma"]
+    img += noise_rng.normal(0, 0.012, (S, S)).astype(np.float32)                   # quantum noise
+    gray = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+    gray = gray.filter(ImageFilter.GaussianBlur(S / 512))                           # soft edges
+    return np.asarray(gray), masks
+
+
+def write_report(case: dict, rng) -> str:
+    """A free-text report for a case, in the FINDINGS / IMPRESSION style of real ones. `rng` chooses
+    only the phrasing, order and which normal findings are mentioned."""
+    f = case["findings"]
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    zone_words = {"upper": "upper", "middle": "mid", "lower": "lower"}
+    sentences, impression = [], []
+
+    def say(finding_sentence, impression_phrase):
+        sentences.append(finding_sentence)
+        impression.append(impression_phrase)
+
+    if "cardiomegaly" in f:
+        sev = f["cardiomegaly"]["size"]
+        say(pick([f"The heart is {sev}ly enlarged.", f"{sev.capitalize()} cardiomegaly.",
+                  f"The cardiac silhouette is {sev}ly enlarged."]), f"{sev.capitalize()} cardiomegaly.")
+    else:
+        sentences.append(pick(["Heart size is normal.", "The cardiac silhouette is within normal limits.",
+                               "Normal heart size."]))
+    if "pleural effusion" in f:
+        e = f["pleural effusion"]
+        say(pick([f"{e['size'].capitalize()} {e['side']} pleural effusion.",
+                  f"There is a {e['size']} {e['side']} pleural effusion.",
+                  f"A {e['size']} {e['side']}-sided pleural effusion is present."]),
+            f"{e['size'].capitalize()} {e['side']} pleural effusion.")
+    elif rng.random() < 0.7:
+        sentences.append(pick(["No pleural effusion.", "There is no pleural effusion.", "No effusion."]))
+    if "pneumothorax" in f:
+        p = f["pneumothorax"]
+        say(pick([f"{p['size'].capitalize()} {p['side']} pneumothorax.",
+                  f"There is a {p['size']} {p['side']} pneumothorax.",
+                  f"A {p['size']} {p['side']} apical pneumothorax is seen."]),
+            f"{p['size'].capitalize()} {p['side']} pneumothorax.")
+    elif rng.random() < 0.7:
+        sentences.append(pick(["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."]))
+    if "consolidation" in f:
+        c = f["consolidation"]
+        where = f"{c['side']} {zone_words[c['zone']]} zone"
+        say(pick([f"{c['size'].capitalize()} area of consolidation in the {where}.",
+                  f"There is a {c['size']} focal consolidation in the {where}.",
+                  f"A {c['size']} opacity in the {where} is consistent with consolidation."]),
+            f"{c['size'].capitalize()} {where} consolidation.")
+    elif rng.random() < 0.5:
+        sentences.append(pick(["No focal consolidation.", "There is no focal consolidation."]))
+    if "nodule" in f:
+        n = f["nodule"]
+        where = f"{n['side']} {zone_words[n['zone']]} zone"
+        say(pick([f"A {n['mm']} mm nodule is seen in the {where}.", f"There is a {n['mm']} mm {where} nodule.",
+                  f"{n['mm']} mm nodular opacity in the {where}."]),
+            f"{n['mm']} mm {where} nodule, recommend follow-up CT.")
+    if "atelectasis" in f:
+        t = f["atelectasis"]
+        where = {"lower": f"{t['side']} base", "middle": f"{t['side']} mid lung"}[t["zone"]]
+        say(pick([f"{t['size'].capitalize()} linear atelectasis at the {where}.",
+                  f"There is {t['size']} plate-like atelectasis at the {where}."]),
+            f"{t['size'].capitalize()} atelectasis at the {where}.")
+    if rng.random() < 0.5:
+        sentences.append(pick(["The mediastinal contours are unremarkable.", "Mediastinal contours are normal."]))
+    if rng.random() < 0.3:
+        sentences.append("No acute osseous abnormality.")
+    order = rng.permutation(len(sentences))
+    findings = " ".join(sentences[j] for j in order)
+    if impression:
+        rng.shuffle(impression)
+        impression_text = " ".join(impression)
+    else:
+        impression_text = pick(["No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
+                                "Normal chest radiograph."])
+    return f"FINDINGS: {findings} IMPRESSION: {impression_text}"
+
+
+def synth_labels(case: dict) -> np.ndarray:
+    """Multi-hot labels in FINDINGS order, float32 (K,)."""
+    return np.array([name in case["findings"] for name in FINDINGS], dtype=np.float32)
+
+
+def synth_report(i: int, seed: int = 0) -> str:
+    return write_report(synth_case(i, seed), np.random.default_rng([seed, i, 1]))
+
+
+def synth_record(i: int, size: int = 256, seed: int = 0) -> dict:
+    """Synthetic record i: image (size, size) uint8, report str, labels (K,), masks (K, size, size) bool."""
+    case = synth_case(i, seed)
+    image, masks = render_case(case, size, np.random.default_rng([seed, i, 2]))
+    return {"image": image, "report": synth_report(i, seed), "labels": synth_labels(case), "masks": masks}
+
+
+# -----------------------------------------------------------------------------
+# 3. Reports: WordPiece tokens, [CLS] first, 100 ids, masked (Sec. 3.1)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[MASK]")  # ids 0..3, as the released tokenizer
+
+
+def load_tokenizer(path):
+    """A `tokenizers` JSON file (e.g. the released mimic_wordpiece.json) or a BERT vocab.txt."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordPiece
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    try:
+        if path.endswith(".txt"):  # BERT style: one token a line, its id the line number
+            tok = Tokenizer(WordPiece.from_file(path, unk_token="[UNK]"))
+            tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        else:
+            tok = Tokenizer.from_file(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a tokenizer file ({type(e).__name__}: {e})") from None
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{path}: the tokenizer lacks the special tokens {missing}")
+    return tok
+
+
+def _released_pipeline(tok):
+    """The released tokenizer's text handling: lowercase, NFKD, accents stripped; split on whitespace,
+    punctuation and digits; '##' pieces glued back when decoding."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def train_tokenizer(reports, vocab_size: int = 30000):
+    """A WordPiece tokenizer for these reports, deterministically: [PAD] [UNK] [CLS] [MASK] = 0 1 2 3, every
+    character seen, alone and as a '##' continuation (so no word becomes [UNK]), then whole words by
+    frequency, ties in alphabetical order, up to vocab_size. Words left out are spelled in pieces.
+
+    Why not the `tokenizers` WordPiece trainer: it breaks ties between equal counts in hash order, so two
+    trainings on the same reports give different vocabularies (and two runs of one seed, different losses).
+    """
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+
+    probe = _released_pipeline(Tokenizer(WordPiece({"[UNK]": 0}, unk_token="[UNK]")))
+    counts = Counter()
+    for report in reports:
+        counts.update(w for w, _ in probe.pre_tokenizer.pre_tokenize_str(probe.normalizer.normalize_str(report)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    return _released_pipeline(Tokenizer(WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")))
+
+
+def encode_reports(tok, reports, max_len: int = 100) -> np.ndarray:
+    """(N, max_len) int32: [CLS] + the report's first max_len - 1 word pieces, then [PAD]."""
+    cls, pad = tok.token_to_id("[CLS]"), tok.token_to_id("[PAD]")
+    out = np.full((len(reports), max_len), pad, dtype=np.int32)
+    out[:, 0] = cls
+    for n, enc in enumerate(tok.encode_batch(list(reports), add_special_tokens=False)):
+        ids = enc.ids[: max_len - 1]
+        out[n, 1:1 + len(ids)] = ids
+    return out
+
+
+def mask_report(ids: np.ndarray, ratio: float, rng, mask_id: int, pad_id: int):
+    """Sec. 3.1: each real token (not [CLS] at 0, not [PAD]) becomes [MASK] with probability `ratio`,
+    at least one per report (no BERT 80/10/10 split). Returns tokens and labels (-100 = not scored)."""
+    real = ids != pad_id
+    real[0] = False
+    if not real.any():
+        raise BadRecord("a report with no token to mask")
+    chosen = real & (rng.random(len(ids)) < ratio)
+    if not chosen.any():
+        chosen[rng.choice(np.flatnonzero(real))] = True
+    return np.where(chosen, mask_id, ids), np.where(chosen, ids, -100)
+
+
+# -----------------------------------------------------------------------------
+# 4. Augmentation (SPEC.md section 1: RandomResizedCrop(448, scale 0.2-1, bicubic) + horizontal flip)
+
+
+def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A crop box (left, top, right, bottom) covering `scale` of the area with aspect in `ratio`;
+    ten tries, then the centre crop of the clamped aspect (the usual RandomResizedCrop recipe)."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            return x, y, x + w, y + h
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = (width, round(width / aspect)) if width / height <= aspect else (round(height * aspect), height)
+    x, y = (width - w) // 2, (height - h) // 2
+    return x, y, x + w, y + h
+
+
+def augment(img: Image.Image, size: int, rng, hflip: bool = True) -> np.ndarray:
+    """Random resized crop to size x size (PIL bicubic, antialiased when shrinking), then a coin-flip
+    mirror. Returns (size, size) uint8. Note: mirroring swaps the heart's side while the report still
+    says 'left' (the released recipe; train.py --no-hflip keeps laterality)."""
+    out = img.resize((size, size), Image.BICUBIC, box=random_resized_crop_box(*img.size, rng))
+    if hflip and rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out)
+
+
+# -----------------------------------------------------------------------------
+# 5. The records of a run, and the Dataset
+
+
+class SyntheticImages:
+    """Synthetic records 0..n-1, rendered on demand. A set of up to `cache_mb` is rendered once up front
+    and kept in memory (DataLoader workers share it), so each epoch only crops."""
+
+    def __init__(self, n: int, size: int, seed: int = 0, cache_mb: int = 512):
+        self.n, self.size, self.seed = n, size, seed
+        self.cache = None
+        if n * size * size <= cache_mb * 2**20:
+            self.cache = np.stack([self.render(i) for i in tqdm(range(n), desc="rendering synthetic records",
+                                                                 unit=" records", leave=False, disable=None)])
+
+    def __len__(self):
+        return self.n
+
+    def render(self, i: int) -> np.ndarray:
+        return render_case(synth_case(i, self.seed), self.size, np.random.default_rng([self.seed, i, 2]))[0]
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.cache[i] if self.cache is not None else self.render(i))
+
+    def where(self, i: int) -> str:
+        return f"synthetic record {i}"
+
+
+class ImageFiles:
+    """Image files named relative to `root`; `where` names the file and its CSV line for errors."""
+
+    def __init__(self, paths, root, csv_path=None, lines=None):
+        # a numpy byte array, not a list of str: DataLoader workers then share it without copying
+        self.paths = np.array([os.fsencode(p) for p in paths])
+        self.root, self.csv_path, self.lines = str(root), csv_path, lines
+
+    def __len__(self):
+        return len(self.paths)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.paths[i]))
+
+    def load(self, i: int) -> Image.Image:
+        try:
+            return load_image(self.path(i))
+        except BadRecord as e:
+            raise BadRecord(f"{e} [{self.where(i)}]") from None
+
+    def where(self, i: int) -> str:
+        return f"{self.csv_path}, line {self.lines[i]}" if self.csv_path else self.path(i)
+
+
+def read_training_csv(csv_path, image_root, skip_bad: bool = False):
+    """The released format: a CSV with columns image_path,report_content (one row per image), paths
+    relative to image_root. Checks up front what is cheap to check: the columns, empty reports and
+    missing image files. Returns (ImageFiles, reports, number of rows skipped)."""
+    csv_path = str(csv_path)
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"{csv_path}: no such CSV file")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{image_root}: the image root is not a folder")
+    paths, reports, lines, problems = [], [], [], []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"image_path", "report_content"} <= set(reader.fieldnames):
+            raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {reader.fieldnames}")
+        line = 2  # the line where the next row starts (the header is line 1)
+        for row in tqdm(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows", leave=False,
+                        disable=None):
+            start, line = line, reader.line_num + 1
+            path, report = (row["image_path"] or "").strip(), (row["report_content"] or "").strip()
+            if not path:
+                problems.append(f"{csv_path}, line {start}: empty image_path")
+            elif not report:
+                problems.append(f"{csv_path}, line {start}: empty report for {path}")
+            elif not os.path.isfile(os.path.join(image_root, path)):
+                problems.append(f"{csv_path}, line {start}: image {os.path.join(image_root, path)} does not exist")
+            else:
+                paths.append(path), reports.append(report), lines.append(start)
+    if problems and not skip_bad:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them):\n  {shown}")
+    if not paths:
+        raise BadRecord(f"{csv_path}: no usable rows")
+    return ImageFiles(paths, image_root, csv_path, lines), reports, len(problems)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Sample i of an epoch: the augmented image (1, S, S) uint8, the masked report (tokens, labels),
+    and the noise (L,) that decides its image mask.
+
+    Every random choice comes from a generator seeded with (seed, epoch, i), so a sample does not
+    depend on which process or worker draws it, nor on the batch it lands in: runs resume exactly, and
+    1 process x 256 and 4 processes x 64 see the same samples. Call set_epoch before each epoch's loader.
+    With skip_bad, an unreadable image is replaced by the next record and counted in 'skipped'.
+    """
+
+    def __init__(self, images, tokens: np.ndarray, crop_size: int, num_patches: int, text_mask_ratio: float,
+                 mask_id: int, pad_id: int, seed: int = 0, hflip: bool = True, skip_bad: bool = False):
+        self.images, self.tokens = images, tokens
+        self.crop_size, self.num_patches, self.text_mask_ratio = crop_size, num_patches, text_mask_ratio
+        self.mask_id, self.pad_id, self.seed, self.hflip, self.skip_bad = mask_id, pad_id, seed, hflip, skip_bad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i: int):
+        """Record i's image, or with skip_bad the next readable one's: (image, its index, records skipped)."""
+        for skipped in range(len(self)):
+            j = (i + skipped) % len(self)
+            try:
+                return self.images.load(j), j, skipped
+            except BadRecord as e:
+                if not self.skip_bad:
+                    raise
+                print(f"skipping: {e}", file=sys.stderr)
+        raise BadRecord("no readable image in the whole dataset")
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        img, j, skipped = self.load(i)
+        tokens, labels = mask_report(self.tokens[j], self.text_mask_ratio, rng, self.mask_id, self.pad_id)
+        return {"image": torch.from_numpy(augment(img, self.crop_size, rng, self.hflip).copy())[None],
+                "tokens": torch.from_numpy(tokens.astype(np.int64)),
+                "labels": torch.from_numpy(labels.astype(np.int64)),
+                "noise": torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),
+                "skipped": skipped}
+
+
+def full_view(img: Image.Image, size: int) -> np.ndarray:
+    """The whole image resized to size x size, no randomness: for pictures and checks."""
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+
+# -----------------------------------------------------------------------------
+# 6. Command line: write synthetic records to disk, pre-shrink a dataset, convert MIMIC-CXR
+
+
+def _write_atomic_csv(path, header, rows):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_synthetic(out, n: int, size: int = 512, seed: int = 0):
+    """Records 0..n-1 as files in the real formats: images/NNNNN.png, masks/NNNNN.png (bit k set where
+    finding k is), training.csv (the train split, image_path,report_content), and split lists
+    train_list.txt / val_list.txt / test_list.txt (80/10/10) plus train_1.txt and train_10.txt, each line
+    `images/NNNNN.png l1 ... lK` in FINDINGS order, like the released fine-tuning lists."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    bits = (1 << np.arange(len(FINDINGS), dtype=np.uint8))[:, None, None]
+    lines, csv_rows = [], []
+    for i in tqdm(range(n), desc="synthetic records", unit=" records"):
+        rec = synth_record(i, size, seed)
+        name = f"images/{i:05d}.png"
+        Image.fromarray(rec["image"]).save(out / name)
+        Image.fromarray((rec["masks"] * bits).sum(0).astype(np.uint8)).save(out / f"masks/{i:05d}.png")
+        lines.append(name + " " + " ".join(str(int(v)) for v in rec["labels"]))
+        csv_rows.append((name, rec["report"]))
+    n_train, n_val = int(0.8 * n), int(0.1 * n)
+    splits = {"train_list": lines[:n_train], "val_list": lines[n_train:n_train + n_val],
+              "test_list": lines[n_train + n_val:], "train_1": lines[:max(1, n_train // 100)],
+              "train_10": lines[:max(1, n_train // 10)]}
+    for name, rows in splits.items():
+        (out / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
+    _write_atomic_csv(out / "training.csv", ("image_path", "report_content"), csv_rows[:n_train])
+    (out / "findings.txt").write_text("\n".join(FINDINGS) + "\n")
+    print(f"wrote {n} records to {out} ({n_train} in training.csv); labels in the order of findings.txt")
+
+
+def _resize_one(job):
+    src, dst, size = job
+    try:
+        img = load_image(src)
+        scale = size / min(img.size)
+        if scale < 1:  # only ever shrink
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        fmt = "JPEG" if dst.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        tmp = dst.with_name(dst.name + ".tmp")
+        img.save(tmp, format=fmt, quality=95)
+        os.replace(tmp, dst)  # never leaves a half-written file that a rerun would take as done
+        return None
+    except Exception as e:
+        return f"{src}: {e}"
+
+
+def resize_dataset(src, dst, size: int = 512, workers: int | None = None):
+    """Copy every image under src to the same relative path under dst, shorter side shrunk to `size`,
+    8-bit gray (DICOM, TIFF and BMP files become PNG). Files already in dst are skipped."""
+    src, dst = Path(src), Path(dst)
+    jobs = []
+    for p in sorted(src.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        target = dst / p.relative_to(src)
+        if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            target = target.with_suffix(".png")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((p, target, size))
+    print(f"{len(jobs)} images to shrink under {src} (others already done)")
+    errors = []
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        for err in tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs), unit=" images"):
+            if err:
+                errors.append(err)
+    if errors:
+        print(f"{len(errors)} images failed:\n  " + "\n  ".join(errors[:20]), file=sys.stderr)
+    return errors
+
+
+SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]*):", re.M)
+
+
+def report_sections(text: str) -> dict:
+    """{'FINDINGS': '...', 'IMPRESSION': '...', ...} from a MIMIC-CXR report; whitespace collapsed."""
+    heads = list(SECTION_HEADER.finditer(text))
+    return {h.group(1).strip(): " ".join(text[h.end(): nxt.start() if nxt else len(text)].split())
+            for h, nxt in zip(heads, heads[1:] + [None])}
+
+
+def mimic_report_text(text: str) -> str:
+    """FINDINGS and IMPRESSION of a report, in that order, with their headers; '' when it has neither."""
+    sec = report_sections(text)
+    return " ".join(f"{name}: {sec[name]}" for name in ("FINDINGS", "IMPRESSION") if sec.get(name))
+
+
+def convert_mimic(reports_root, images_root, out_csv, metadata=None):
+    """MIMIC-CXR-JPG + the MIMIC-CXR reports -> training.csv (image_path relative to images_root).
+    reports_root holds files/pXX/pSUBJECT/sSTUDY.txt; images_root holds files/pXX/pSUBJECT/sSTUDY/*.jpg.
+    With the metadata CSV (mimic-cxr-2.0.0-metadata.csv[.gz]) only frontal views (PA, AP) are kept."""
+    reports_root, images_root = Path(reports_root), Path(images_root)
+    if metadata:
+        opener = gzip.open if str(metadata).endswith(".gz") else open
+        with opener(metadata, "rt", newline="") as f:
+            images = [Path("files", f"p{r['subject_id'][:2]}", f"p{r['subject_id']}", f"s{r['study_id']}",
+                           f"{r['dicom_id']}.jpg")
+                      for r in csv.DictReader(f) if r["ViewPosition"] in ("PA", "AP")]
+    else:
+        images = sorted(p.relative_to(images_root) for p in images_root.rglob("*.jpg"))
+    rows, missing_image, no_report, no_sections, cache = [], 0, 0, 0, {}
+    for rel in tqdm(images, desc="MIMIC-CXR records", unit=" images"):
+        if not (images_root / rel).is_file():
+            missing_image += 1
+            continue
+        study = rel.parent  # files/pXX/pSUBJECT/sSTUDY
+        if study not in cache:
+            report_file = reports_root / study.parent / f"{study.name}.txt"
+            cache[study] = mimic_report_text(report_file.read_text()) if report_file.is_file() else None
+        text = cache[study]
+        if text is None:
+            no_report += 1
+        elif not text:
+            no_sections += 1
+        else:
+            rows.append((rel.as_posix(), text))
+    _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
+    print(f"wrote {len(rows)} rows to {out_csv}; skipped {missing_image} missing images, {no_report} "
+          f"without a report file, {no_sections} whose report has neither FINDINGS nor IMPRESSION")
+    return len(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write synthetic records as files + training.csv + split lists")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("resize", help="pre-shrink a folder of images (shorter side), in parallel")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("mimic", help="MIMIC-CXR-JPG + reports -> training.csv")
+    p.add_argument("--reports", required=True, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt")
+    p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder holding files/pXX/...")
+    p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv[.gz]: keep PA/AP views")
+    p.add_argument("--out", default="training.csv")
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        write_synthetic(args.out, args.n, args.size, args.seed)
+    elif args.command == "resize":
+        sys.exit(1 if resize_dataset(args.src, args.dst, args.size, args.workers) else 0)
+    else:
+        convert_mimic(args.reports, args.images, args.out, args.metadata)
+
+
+if __name__ == "__main__":
+    main()

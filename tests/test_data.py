@@ -1,0 +1,400 @@
+"""data.py: synthetic records, image loading, CSV checks, tokenizer, report masking, augmentation."""
+import csv
+import gzip
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def needs_shared(name):
+    if not (SHARED / name).exists():
+        pytest.skip(f"../shared/data/{name} is not here")
+    return SHARED / name
+
+
+# -----------------------------------------------------------------------------
+# synthetic records
+
+
+def test_synthetic_records_are_deterministic_and_distinct():
+    a, b = data.synth_record(3, 128), data.synth_record(3, 128)
+    for k in ("image", "labels", "masks"):
+        assert np.array_equal(a[k], b[k])
+    assert a["report"] == b["report"]
+    c = data.synth_record(4, 128)
+    assert not np.array_equal(a["image"], c["image"]) and a["report"] != c["report"]
+    assert data.synth_record(3, 128, seed=1)["report"] != a["report"] or \
+        not np.array_equal(data.synth_record(3, 128, seed=1)["image"], a["image"])
+    assert a["image"].dtype == np.uint8 and a["image"].shape == (128, 128)
+    assert a["masks"].shape == (len(data.FINDINGS), 128, 128) and a["labels"].shape == (len(data.FINDINGS),)
+
+
+def test_synthetic_reports_masks_and_labels_agree_with_the_image():
+    present = {name: 0 for name in data.FINDINGS}
+    for i in range(120):
+        case, rec = data.synth_case(i), data.synth_record(i, 192)
+        report = rec["report"]
+        assert report.startswith("FINDINGS: ") and " IMPRESSION: " in report
+        for k, name in enumerate(data.FINDINGS):
+            f = case["findings"].get(name)
+            assert rec["labels"][k] == (f is not None)
+            assert rec["masks"][k].any() == (f is not None), (i, name)
+            if f is None:
+                continue
+            present[name] += 1
+            if "side" in f:  # PA view: the patient's right is on the image's left
+                cols = np.nonzero(rec["masks"][k])[1]
+                assert (cols.mean() < 96) == (f["side"] == "right"), (i, name)
+                assert f["side"] in report
+            if "size" in f:
+                assert f["size"] in report.lower()
+            if "mm" in f:
+                assert f"{f['mm']} mm" in report
+        if "pneumothorax" not in case["findings"]:
+            assert "large right pneumothorax" not in report.lower() and "small left pneumothorax" not in report.lower()
+        if not case["findings"]:
+            assert rec["masks"].sum() == 0
+    assert all(n >= 10 for n in present.values()), present  # every finding occurs
+
+
+def test_report_words_that_name_side_and_size_change_only_with_the_image():
+    case = data.synth_case(0)
+    case["findings"] = {"pleural effusion": {"side": "left", "size": "small", "where": [0, 0, 0]}}
+    flipped = {"anatomy": case["anatomy"], "findings": {"pleural effusion": {**case["findings"]["pleural effusion"],
+                                                                             "side": "right"}}}
+    bigger = {"anatomy": case["anatomy"], "findings": {"pleural effusion": {**case["findings"]["pleural effusion"],
+                                                                            "size": "large"}}}
+    k = data.FINDINGS.index("pleural effusion")
+    texts, images, masks = [], [], []
+    for c in (case, flipped, bigger):
+        texts.append(data.write_report(c, np.random.default_rng(7)))  # the same phrasing stream
+        img, m = data.render_case(c, 192, np.random.default_rng(7))
+        images.append(img), masks.append(m[k])
+    assert texts[1] == texts[0].replace("left", "right") != texts[0]
+    assert texts[2] == texts[0].replace("small", "large").replace("Small", "Large") != texts[0]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+    assert np.nonzero(masks[0])[1].mean() > 96 > np.nonzero(masks[1])[1].mean()  # left is on the image's right
+    assert masks[2].sum() > 2 * masks[0].sum()
+
+
+def test_cardiomegaly_is_a_wider_heart():
+    normal = [data.synth_case(i)["anatomy"]["ctr"] for i in range(60) if "cardiomegaly" not in data.synth_case(i)["findings"]]
+    big = [data.synth_case(i)["anatomy"]["ctr"] for i in range(60) if "cardiomegaly" in data.synth_case(i)["findings"]]
+    assert big and max(normal) < 0.5 < min(big)
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1", "I;16", "I", "F"])
+def test_every_image_mode_becomes_8_bit_gray(tmp_path, mode):
+    ramp = np.tile(np.linspace(0, 1, 40), (30, 1))
+    if mode == "I;16":
+        img = Image.fromarray((ramp * 4095).astype(np.uint16))  # 12-bit data in a 16-bit file
+    elif mode in ("I", "F"):
+        img = Image.fromarray((ramp * 1000 - 200).astype(np.int32 if mode == "I" else np.float32))
+    else:
+        img = Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("I", "F") else "x.png")
+    img.save(path)
+    out = data.load_image(path)
+    assert out.mode == "L" and out.size == (40, 30)
+    a = np.asarray(out).astype(int)
+    if mode != "1":  # a ramp stays a ramp, over the full 8-bit range for deep images (no clipping at 255)
+        assert a[:, 0].max() <= 3 and a[:, -1].min() >= 250 and (np.diff(a[0]) >= 0).all()
+
+
+def test_16_bit_film_matches_its_8_bit_rendering():
+    film16 = np.asarray(data.load_image(needs_shared("cxr_pa_real_16bit.png"))).astype(float)
+    film8 = np.asarray(data.load_image(SHARED / "cxr_pa_real.jpg")).astype(float)
+    assert film16.shape == film8.shape and np.abs(film16 - film8).mean() < 2
+
+
+def test_real_covid_films_in_every_format_load():
+    folder = needs_shared("covid19/images")
+    files = sorted(folder.iterdir())[::8]
+    for f in files:
+        img = data.load_image(f)
+        assert img.mode == "L" and min(img.size) > 100
+
+
+def test_corrupt_truncated_and_missing_images_are_named(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    full = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
+    for name, words in [("junk.png", "cannot read image"), ("cut.jpg", "cannot read image"),
+                        ("gone.png", "no such image file")]:
+        with pytest.raises(data.BadRecord, match=words) as e:
+            data.load_image(tmp_path / name)
+        assert name in str(e.value)
+
+
+def test_dicom_needs_pydicom_and_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "film.img"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # recognised by its preamble, not its name
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if not installed
+    with pytest.raises(data.BadRecord, match="pip install pydicom") as e:
+        data.load_image(path)
+    assert "film.img" in str(e.value)
+
+
+def test_dicom_monochrome1_is_inverted_and_rescaled(tmp_path, monkeypatch):
+    pixels = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    fake = types.ModuleType("pydicom")
+    fake.dcmread = lambda path: types.SimpleNamespace(pixel_array=pixels, PhotometricInterpretation="MONOCHROME1",
+                                                      RescaleSlope=2, RescaleIntercept=-100)
+    monkeypatch.setitem(sys.modules, "pydicom", fake)
+    (tmp_path / "a.dcm").write_bytes(b"")
+    out = np.asarray(data.load_image(tmp_path / "a.dcm"))
+    assert out.tolist() == [[255, 191], [127, 0]]  # stretched 0..255, then 0 = white turned over
+
+
+# -----------------------------------------------------------------------------
+# training.csv
+
+
+def write_csv(path, rows, header=("image_path", "report_content")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def test_training_csv_rows_and_line_numbers(tmp_path):
+    for n in range(3):
+        Image.new("L", (8, 8)).save(tmp_path / f"{n}.png")
+    write_csv(tmp_path / "t.csv", [("0.png", "FINDINGS: two\nlines."), ("1.png", "x"), ("2.png", "  ")])
+    with pytest.raises(data.BadRecord, match=r"t.csv, line 5: empty report for 2.png"):
+        data.read_training_csv(tmp_path / "t.csv", tmp_path)  # the quoted report spans lines 2-3
+    images, reports, bad = data.read_training_csv(tmp_path / "t.csv", tmp_path, skip_bad=True)
+    assert reports == ["FINDINGS: two\nlines.", "x"] and bad == 1 and len(images) == 2
+    assert images.where(1).endswith("line 4") and images.where(0).endswith("line 2")
+
+
+def test_training_csv_names_missing_files_and_columns(tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    write_csv(tmp_path / "t.csv", [("a.png", "ok"), ("missing.png", "ok")])
+    with pytest.raises(data.BadRecord, match=r"line 3: image .*missing.png does not exist"):
+        data.read_training_csv(tmp_path / "t.csv", tmp_path)
+    write_csv(tmp_path / "cols.csv", [("a.png", "ok")], header=("path", "text"))
+    with pytest.raises(data.BadRecord, match=r"cols.csv: needs the columns image_path,report_content"):
+        data.read_training_csv(tmp_path / "cols.csv", tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        data.read_training_csv(tmp_path / "nope.csv", tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer and report masking
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.train_tokenizer([data.synth_report(i) for i in range(200)], vocab_size=2000)
+
+
+def test_trained_tokenizer_matches_the_released_layout(tok, tmp_path):
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    ids = data.encode_reports(tok, ["Small LEFT pleural effusion.", ""], max_len=10)
+    assert ids.shape == (2, 10) and ids.dtype == np.int32
+    assert ids[0, 0] == 2 and [tok.id_to_token(int(i)) for i in ids[0, 1:6]] == ["small", "left", "pleural",
+                                                                              "effusion", "."]
+    assert (ids[0, 6:] == 0).all() and ids[1].tolist() == [2] + [0] * 9
+    long = data.encode_reports(tok, ["no effusion . " * 50], max_len=100)
+    assert (long != 0).all()  # truncated to exactly 100
+    tok.save(str(tmp_path / "t.json"))
+    assert data.load_tokenizer(tmp_path / "t.json").encode("normal heart size").ids == \
+        tok.encode("normal heart size").ids
+
+
+def test_tokenizer_training_is_deterministic_and_covers_every_character(tok):
+    again = data.train_tokenizer([data.synth_report(i) for i in range(200)], vocab_size=2000)
+    assert again.to_str() == tok.to_str()
+    small = data.train_tokenizer(["aa bb bb cc cc cc"], vocab_size=4 + 6 + 2)  # room for two words
+    assert [t for t, _ in sorted(small.get_vocab().items(), key=lambda kv: kv[1])][4:] == \
+        ["a", "b", "c", "##a", "##b", "##c", "cc", "bb"]  # characters, then words by frequency
+    assert small.encode("aa cc").tokens == ["a", "##a", "cc"]  # a word left out is spelled, not [UNK]
+
+
+def test_released_mimic_tokenizer_loads():
+    t = data.load_tokenizer(needs_shared("mimic_wordpiece.json"))
+    assert t.get_vocab_size() == 30000 and [t.token_to_id(s) for s in data.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    ids = data.encode_reports(t, ["Small left pleural effusion. No pneumothorax."])
+    assert ids[0, :9].tolist() == [2, 418, 247, 221, 203, 16, 152, 258, 16]
+
+
+def test_bert_vocab_txt_and_bad_tokenizer_files(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[MASK]", "no", "effusion", "eff", "##usion", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    t = data.load_tokenizer(tmp_path / "vocab.txt")
+    assert t.encode("No effusion.").tokens == ["no", "effusion", "."]
+    (tmp_path / "bad.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"bad.txt: the tokenizer lacks the special tokens"):
+        data.load_tokenizer(tmp_path / "bad.txt")
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(ValueError, match="junk.json: not a tokenizer file"):
+        data.load_tokenizer(tmp_path / "junk.json")
+
+
+def test_report_masking_statistics(tok):
+    ids = data.encode_reports(tok, [data.synth_report(i) for i in range(300)])
+    rng = np.random.default_rng(0)
+    masked = real = 0
+    for row in ids:
+        tokens, labels = data.mask_report(row, 0.5, rng, mask_id=3, pad_id=0)
+        chosen = labels != -100
+        assert chosen.sum() >= 1 and not chosen[0] and not chosen[row == 0].any()  # never [CLS] or [PAD]
+        assert (tokens[chosen] == 3).all() and (labels[chosen] == row[chosen]).all()
+        assert (tokens[~chosen] == row[~chosen]).all()
+        masked, real = masked + chosen.sum(), real + (row[1:] != 0).sum()
+    assert abs(masked / real - 0.5) < 0.02
+    one = np.array([2, 17, 0, 0])
+    for seed in range(20):  # a one-word report always has its word masked
+        assert data.mask_report(one, 0.5, np.random.default_rng(seed), 3, 0)[1].tolist() == [-100, 17, -100, -100]
+    with pytest.raises(data.BadRecord):
+        data.mask_report(np.array([2, 0, 0]), 0.5, rng, 3, 0)
+
+
+# -----------------------------------------------------------------------------
+# augmentation and the Dataset
+
+
+def test_random_resized_crop_box_follows_the_recipe():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        x0, y0, x1, y1 = data.random_resized_crop_box(300, 200, rng)
+        w, h = x1 - x0, y1 - y0
+        assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
+        assert 0.2 * 0.97 <= w * h / 60000 <= 1.0 and 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
+    # a strip too thin for any try: the centre crop of the clamped aspect
+    assert data.random_resized_crop_box(1000, 10, np.random.default_rng(0)) == (493, 0, 506, 10)
+
+
+def test_augment_is_a_crop_or_its_mirror():
+    img = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))  # dark left, bright right
+    flips = 0
+    for seed in range(40):
+        out = data.augment(img, 32, np.random.default_rng(seed))
+        assert out.shape == (32, 32) and out.dtype == np.uint8
+        flipped = out[:, 0].mean() > out[:, -1].mean()
+        flips += flipped
+        assert not flipped or out[:, 0].mean() > out[:, -1].mean()
+        unflipped = data.augment(img, 32, np.random.default_rng(seed), hflip=False)
+        assert unflipped[:, 0].mean() < unflipped[:, -1].mean()
+    assert 10 < flips < 30
+
+
+def make_dataset(images, tok, n_tokens=None, **kw):
+    reports = [data.synth_report(i) for i in range(len(images))]
+    tokens = data.encode_reports(tok, reports)
+    return data.PretrainDataset(images, tokens, crop_size=64, num_patches=16, text_mask_ratio=0.5, mask_id=3,
+                                pad_id=0, **kw)
+
+
+def test_dataset_samples_depend_on_seed_epoch_and_index_only(tok):
+    ds = make_dataset(data.SyntheticImages(6, 96), tok)
+    a, b = ds[2], ds[2]
+    assert a["image"].shape == (1, 64, 64) and a["image"].dtype == torch.uint8
+    assert a["tokens"].shape == (100,) and a["noise"].shape == (16,) and a["skipped"] == 0
+    for k in ("image", "tokens", "labels", "noise"):
+        assert torch.equal(a[k], b[k])
+    ds.set_epoch(1)
+    c = ds[2]
+    assert not torch.equal(a["noise"], c["noise"]) and not torch.equal(a["labels"], c["labels"])
+
+
+def test_dataset_skips_or_names_a_bad_image(tmp_path, tok):
+    for n in range(3):
+        Image.fromarray(data.synth_record(n, 96)["image"]).save(tmp_path / f"{n}.png")
+    write_csv(tmp_path / "t.csv", [(f"{n}.png", data.synth_report(n)) for n in range(3)])
+    images, reports, _ = data.read_training_csv(tmp_path / "t.csv", tmp_path)
+    (tmp_path / "1.png").write_bytes(b"broken after the check")
+    strict = make_dataset(images, tok)
+    with pytest.raises(data.BadRecord, match=r"1.png: cannot read image .*t.csv, line 3"):
+        strict[1]
+    lenient = make_dataset(images, tok, skip_bad=True)
+    sample = lenient[1]
+    assert sample["skipped"] == 1 and sample["image"].shape == (1, 64, 64)
+
+
+# -----------------------------------------------------------------------------
+# command line: synth, resize, mimic
+
+
+def test_synth_writes_records_in_the_real_formats(tmp_path):
+    data.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "96"])
+    rows = list(csv.DictReader(open(tmp_path / "training.csv")))
+    assert len(rows) == 16 and rows[3]["report_content"] == data.synth_report(3)
+    images, reports, bad = data.read_training_csv(tmp_path / "training.csv", tmp_path)
+    assert len(images) == 16 and bad == 0
+    rec = data.synth_record(3, 96)
+    assert np.array_equal(np.asarray(images.load(3)), rec["image"])
+    bits = np.asarray(Image.open(tmp_path / "masks" / "00003.png"))
+    for k in range(len(data.FINDINGS)):
+        assert np.array_equal((bits >> k) & 1, rec["masks"][k].astype(np.uint8))
+    test = (tmp_path / "test_list.txt").read_text().splitlines()
+    assert len(test) == 2 and test[0].split()[0] == "images/00018.png"
+    assert [float(v) for v in test[0].split()[1:]] == data.synth_record(18, 96)["labels"].tolist()
+    assert len((tmp_path / "train_10.txt").read_text().splitlines()) == 1
+
+
+def test_resize_shrinks_skips_done_files_and_reports_bad_ones(tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    Image.fromarray(np.full((400, 300), 3000, dtype=np.uint16)).save(src / "a" / "deep.png")
+    Image.new("L", (100, 80)).save(src / "small.jpg")
+    (src / "bad.jpg").write_bytes(b"junk")
+    errors = data.resize_dataset(src, tmp_path / "dst", size=150, workers=1)
+    assert len(errors) == 1 and "bad.jpg" in errors[0]
+    deep = Image.open(tmp_path / "dst" / "a" / "deep.png")
+    assert deep.mode == "L" and deep.size == (150, 200)
+    assert Image.open(tmp_path / "dst" / "small.jpg").size == (100, 80)  # never enlarged
+    assert not list((tmp_path / "dst").rglob("*.tmp"))
+    assert len(data.resize_dataset(src, tmp_path / "dst", size=150, workers=1)) == 1  # only the bad one again
+
+
+MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ with cough
+
+ FINDINGS:
+ The lungs are clear.  No pleural effusion
+ or pneumothorax.
+
+ IMPRESSION:  No acute cardiopulmonary process.
+"""
+
+
+def test_mimic_converter_keeps_findings_impression_and_frontal_views(tmp_path):
+    study = Path("files/p10/p10000032/s50414267")
+    (tmp_path / "jpg" / study).mkdir(parents=True)
+    for name in ("front", "side"):
+        Image.new("L", (8, 8)).save(tmp_path / "jpg" / study / f"{name}.jpg")
+    (tmp_path / "reports" / study.parent).mkdir(parents=True)
+    (tmp_path / "reports" / study.parent / "s50414267.txt").write_text(MIMIC_REPORT)
+    other = Path("files/p10/p10000032/s50000001")  # a report with neither section
+    (tmp_path / "jpg" / other).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "jpg" / other / "x.jpg")
+    (tmp_path / "reports" / other.parent / "s50000001.txt").write_text("INDICATION: pain.")
+    with gzip.open(tmp_path / "meta.csv.gz", "wt") as f:
+        f.write("dicom_id,subject_id,study_id,ViewPosition\nfront,10000032,50414267,PA\n"
+                "side,10000032,50414267,LATERAL\nx,10000032,50000001,AP\n")
+    out = tmp_path / "training.csv"
+    data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
+               "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert rows == [{"image_path": f"{study.as_posix()}/front.jpg",
+                     "report_content": "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. "
+                                       "IMPRESSION: No acute cardiopulmonary process."}]
+    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 2  # no metadata: every view

@@ -1,0 +1,224 @@
+"""train.py: the schedule, checkpoints, resume exactness, DDP equivalence, a NaN stop, and end-to-end runs."""
+import csv
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from mrm import MRM, ViT, load_pretrained
+
+ROOT = Path(__file__).resolve().parent.parent
+# a few seconds a run on a 2-core CPU: 16 synthetic records, batches of 4, the tiny model
+SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0.5",
+         "--num_workers", "0", "--log_every", "1"]
+
+
+def run(out, *flags):
+    train.main([*SMALL, "--out", str(out), *flags])
+    return torch.load(Path(out) / "ckpt.pt", weights_only=True)
+
+
+def log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def test_lr_schedule_key_points():
+    lr, lo = 1e-3, 1e-5
+    assert train.lr_at(0, 100, 20, lr, lo) == 0
+    assert train.lr_at(10, 100, 20, lr, lo) == pytest.approx(lr / 2)
+    assert train.lr_at(20, 100, 20, lr, lo) == pytest.approx(lr)
+    assert train.lr_at(60, 100, 20, lr, lo) == pytest.approx((lr + lo) / 2)
+    assert train.lr_at(40, 100, 20, lr, lo) == pytest.approx(lo + (lr - lo) * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.lr_at(100, 100, 20, lr, lo) == pytest.approx(lo)
+    assert train.lr_at(0, 10, 0, lr) == lr  # no warm-up
+
+
+def test_weight_decay_spares_biases_norms_and_1d_parameters():
+    model = MRM(train.model_config(train.resolve(train.TrainConfig()), data.train_tokenizer(["a b c"], 100)))
+    decay, no_decay = train.param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
+    assert any(names[id(p)].endswith("norm1.bias") for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(p.requires_grad for p in model.parameters())
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "pos_embed" in n and "report" not in n)
+
+
+def test_help_lists_every_flag_with_its_default():
+    text = " ".join(train.build_parser().format_help().split())
+    for f in train.fields(train.TrainConfig):
+        assert f"--{f.name}" in text
+    assert "--epochs EPOCHS passes over the records (default: from --preset: base 200, tiny 10)" in text and "--no-hflip" in text
+    assert "--mask_ratio MASK_RATIO of the image patches removed (Table 5b) (default: 0.75)" in text
+
+
+def test_end_to_end_on_csv_records_with_outputs(tmp_path):
+    data.main(["synth", "--out", str(tmp_path / "records"), "--n", "20", "--size", "128"])
+    ckpt = run(tmp_path / "out", "--data", str(tmp_path / "records" / "training.csv"))
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["config"]["data"].endswith("training.csv")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    lines = log(tmp_path / "out")
+    assert [l["step"] for l in lines] == list(range(1, 9))
+    assert set(lines[0]) >= {"step", "lr", "loss", "loss_mim", "loss_mlm", "images_per_s"}
+    assert all(math.isfinite(l["loss"]) for l in lines)
+    assert (tmp_path / "out" / "recon.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    # the encoder loads from it for fine-tuning, every tensor of a matching tiny ViT
+    vit = ViT(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+    assert load_pretrained(vit, tmp_path / "out" / "ckpt.pt", verbose=False)["missing"] == []
+
+
+def test_the_default_tiny_run_learns(tmp_path):
+    """A shortened default run (its data, model and learning rate): the loss falls clearly."""
+    train.main(["--out", str(tmp_path), "--num_records", "256", "--epochs", "3", "--num_workers", "0",
+                "--log_every", "1", "--save_every", "3"])
+    losses = [l["loss"] for l in log(tmp_path)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    full = run(tmp_path / "full", "--epochs", "3")
+    # the same run, killed in the middle of its third epoch (after the epoch-2 checkpoint)
+    real_lr_at = train.lr_at
+
+    def crash_at_step_9(step, *args):
+        if step == 9:
+            raise KeyboardInterrupt
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(train, "lr_at", crash_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", "--epochs", "3")
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["epoch"] == 2
+    train.main(["--resume", str(tmp_path / "cut" / "ckpt.pt")])  # nothing else: the run's settings are saved
+    resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["step"] == full["step"] == 12
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    assert full["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    assert [l["loss"] for l in log(tmp_path / "full")] == [l["loss"] for l in log(tmp_path / "cut")]
+
+
+def test_resume_takes_the_saved_settings_and_reports_changes(tmp_path, capsys):
+    run(tmp_path, "--epochs", "1", "--mask_ratio", "0.5")
+    cfg, ckpt = train.parse_config(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "2"])
+    assert cfg.mask_ratio == 0.5 and cfg.epochs == 2 and cfg.batch_size == 4 and ckpt["epoch"] == 1
+    assert "epochs 1 -> 2" in capsys.readouterr().out
+
+
+def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
+    run(tmp_path, "--epochs", "1")
+    whole = (tmp_path / "ckpt.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.pt: not a readable PyTorch checkpoint"):
+        train.main(["--resume", str(tmp_path / "cut.pt")])
+    torch.save({"model": ViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2).state_dict()},
+               tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"weights.pt: not a train.py checkpoint .* use --init"):
+        train.main(["--resume", str(tmp_path / "weights.pt")])
+
+
+def test_a_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real_forward, calls = MRM.forward, []
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) > 4 and self.training:  # epoch 2 of 4 steps an epoch
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MRM, "forward", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--epochs", "3")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 5 (epoch 2)" in err and "left as it was" in err
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(str(path), {"a": torch.ones(3)})
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def dies_midway(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError):
+        train.save_checkpoint(str(path), {"a": torch.zeros(3)})
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the old checkpoint is intact
+
+
+def test_bad_rows_stop_before_training_or_are_skipped(tmp_path):
+    data.main(["synth", "--out", str(tmp_path / "r"), "--n", "20", "--size", "128"])
+    csv_path = tmp_path / "r" / "training.csv"
+    rows = list(csv.reader(open(csv_path)))
+    rows.append(["images/missing.png", "FINDINGS: x."])
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    (tmp_path / "r" / "images" / "00002.png").write_bytes(b"corrupt")  # found only when read
+    with pytest.raises(data.BadRecord, match=r"training.csv, line 18: image .*missing.png does not exist"):
+        run(tmp_path / "o1", "--data", str(csv_path))
+    assert not (tmp_path / "o1" / "ckpt.pt").exists()
+    run(tmp_path / "o2", "--data", str(csv_path), "--skip_bad")
+    assert sum(l.get("skipped_images", 0) for l in log(tmp_path / "o2")) >= 1
+
+
+def test_accumulation_and_two_process_ddp_equal_one_big_batch(tmp_path):
+    """Batch 4 in one step == 2 micro-batches of 2 == 2 gloo processes of 2 (Eq. 1 normalised over the
+    whole step), over two steps.
+
+    Gradients are compared through AdamW's moments (exp_avg = 0.09 g1 + 0.1 g2). Parameters are compared
+    to 1e-6 at a small learning rate: AdamW divides by sqrt(v) + eps, so where a gradient is float noise
+    (the key bias: softmax ignores a constant added to every key, its true gradient is 0) the update is
+    about lr * noise / eps, different in every run. That limits the lr at which 1e-6 can hold, not DDP."""
+    flags = ["--num_records", "8", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--blr", "5e-4"]
+    one = run(tmp_path / "one", *flags, "--batch_size", "4")
+    accum = run(tmp_path / "accum", *flags, "--batch_size", "2", "--accum_iter", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / "train.py"), *SMALL, *flags, "--batch_size", "2", "--out", str(tmp_path / "ddp")],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    torch.manual_seed(0)  # train.py's seed, before it builds the model
+    tok = data.load_tokenizer(tmp_path / "one" / "tokenizer.json")
+    init = MRM(train.model_config(train.resolve(train.TrainConfig()), tok)).state_dict()
+    assert one["step"] == accum["step"] == ddp["step"] == 2
+    moved = max((one["model"][k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1e-5  # the runs really trained: 10 x the tolerance below
+    for other in (accum, ddp):
+        for k, v in one["model"].items():
+            torch.testing.assert_close(other["model"][k], v, rtol=0, atol=1e-6, msg=k)
+        for i, s in one["optimizer"]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):  # equal to 1e-5 of each tensor's largest entry
+                torch.testing.assert_close(other["optimizer"]["state"][i][moment], s[moment], rtol=1e-4,
+                                           atol=1e-5 * s[moment].abs().max().item())
+    assert [l["loss"] for l in log(tmp_path / "ddp")] == pytest.approx([l["loss"] for l in log(tmp_path / "one")])
+
+
+def test_init_loads_encoder_weights(tmp_path):
+    vit = ViT(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
+    torch.save({"model": vit.state_dict()}, tmp_path / "mae.pth")
+    ckpt = run(tmp_path / "o", "--epochs", "1", "--init", str(tmp_path / "mae.pth"), "--blr", "0")
+    for k, v in vit.state_dict().items():
+        assert torch.equal(ckpt["model"]["encoder." + k], v), k
+
+
+def test_fp16_grad_scaler_path_runs_on_cpu(tmp_path):
+    ckpt = run(tmp_path, "--epochs", "1", "--amp", "fp16")
+    assert ckpt["scaler"]["scale"] > 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
