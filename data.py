@@ -33,6 +33,11 @@ class BadRecord(ValueError):
     """A record that cannot be used: the message names the file (and CSV line) and the problem."""
 
 
+def progress(iterable, **kw):
+    """A tqdm bar at a terminal, only in the first process under torchrun."""
+    return tqdm(iterable, leave=False, disable=None if os.environ.get("RANK", "0") == "0" else True, **kw)
+
+
 # -----------------------------------------------------------------------------
 # 1. Images: every format becomes one 8-bit gray channel
 
@@ -190,8 +195,9 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
             extra += 0.3 * m
         elif name == "pneumothorax":  # lung edge pulled in from the chest wall; no markings outside it
             c = {"small": 0.15, "large": 0.35}[f["size"]]
-            collapsed = _lung(X, Y, lx - lateral * c * hw * 0.6, hw * (1 - c), top + 0.1 * c, base)
-            edge = collapsed & ~_lung(X, Y, lx - lateral * c * hw * 0.6, hw * (1 - c) - 0.006, top + 0.1 * c + 0.006, base)
+            shifted = lx - lateral * c * hw * 0.6
+            collapsed = _lung(X, Y, shifted, hw * (1 - c), top + 0.1 * c, base)
+            edge = collapsed & ~_lung(X, Y, shifted, hw * (1 - c) - 0.006, top + 0.1 * c + 0.006, base)
             m = inside & ~collapsed
             texture[m] = 0.0
             extra += -0.06 * m + 0.15 * (edge & inside)
@@ -244,71 +250,59 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
     return np.asarray(gray), masks
 
 
+# Per finding: sentences when present, its impression line, sentences when absent, and how often a
+# report says it is absent. Fields: {size} {Size} {side} {where} {mm}, filled from the case.
+REPORT_TEMPLATES = {
+    "cardiomegaly": (["The heart is {size}ly enlarged.", "{Size} cardiomegaly.",
+                      "The cardiac silhouette is {size}ly enlarged."], "{Size} cardiomegaly.",
+                     ["Heart size is normal.", "The cardiac silhouette is within normal limits.", "Normal heart size."],
+                     1.0),
+    "pleural effusion": (["{Size} {side} pleural effusion.", "There is a {size} {side} pleural effusion.",
+                          "A {size} {side}-sided pleural effusion is present."], "{Size} {side} pleural effusion.",
+                         ["No pleural effusion.", "There is no pleural effusion.", "No effusion."], 0.7),
+    "pneumothorax": (["{Size} {side} pneumothorax.", "There is a {size} {side} pneumothorax.",
+                      "A {size} {side} apical pneumothorax is seen."], "{Size} {side} pneumothorax.",
+                     ["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."], 0.7),
+    "consolidation": (["{Size} area of consolidation in the {where}.", "There is a {size} focal consolidation in the "
+                       "{where}.", "A {size} opacity in the {where} is consistent with consolidation."],
+                      "{Size} {where} consolidation.", ["No focal consolidation.", "There is no focal consolidation."],
+                      0.5),
+    "nodule": (["A {mm} mm nodule is seen in the {where}.", "There is a {mm} mm {where} nodule.",
+                "{mm} mm nodular opacity in the {where}."], "{mm} mm {where} nodule, recommend follow-up CT.", [], 0.0),
+    "atelectasis": (["{Size} linear atelectasis at the {where}.",
+                     "There is {size} plate-like atelectasis at the {where}."], "{Size} atelectasis at the {where}.", [],
+                    0.0),
+}
+
+
 def write_report(case: dict, rng) -> str:
     """A free-text report for a case, in the FINDINGS / IMPRESSION style of real ones. `rng` chooses
-    only the phrasing, order and which normal findings are mentioned."""
-    f = case["findings"]
+    only the phrasing, the order and which absences are mentioned, never from a finding's attributes."""
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
-    zone_words = {"upper": "upper", "middle": "mid", "lower": "lower"}
     sentences, impression = [], []
-
-    def say(finding_sentence, impression_phrase):
-        sentences.append(finding_sentence)
-        impression.append(impression_phrase)
-
-    if "cardiomegaly" in f:
-        sev = f["cardiomegaly"]["size"]
-        say(pick([f"The heart is {sev}ly enlarged.", f"{sev.capitalize()} cardiomegaly.",
-                  f"The cardiac silhouette is {sev}ly enlarged."]), f"{sev.capitalize()} cardiomegaly.")
-    else:
-        sentences.append(pick(["Heart size is normal.", "The cardiac silhouette is within normal limits.",
-                               "Normal heart size."]))
-    if "pleural effusion" in f:
-        e = f["pleural effusion"]
-        say(pick([f"{e['size'].capitalize()} {e['side']} pleural effusion.",
-                  f"There is a {e['size']} {e['side']} pleural effusion.",
-                  f"A {e['size']} {e['side']}-sided pleural effusion is present."]),
-            f"{e['size'].capitalize()} {e['side']} pleural effusion.")
-    elif rng.random() < 0.7:
-        sentences.append(pick(["No pleural effusion.", "There is no pleural effusion.", "No effusion."]))
-    if "pneumothorax" in f:
-        p = f["pneumothorax"]
-        say(pick([f"{p['size'].capitalize()} {p['side']} pneumothorax.",
-                  f"There is a {p['size']} {p['side']} pneumothorax.",
-                  f"A {p['size']} {p['side']} apical pneumothorax is seen."]),
-            f"{p['size'].capitalize()} {p['side']} pneumothorax.")
-    elif rng.random() < 0.7:
-        sentences.append(pick(["No pneumothorax.", "There is no pneumothorax.", "No evidence of pneumothorax."]))
-    if "consolidation" in f:
-        c = f["consolidation"]
-        where = f"{c['side']} {zone_words[c['zone']]} zone"
-        say(pick([f"{c['size'].capitalize()} area of consolidation in the {where}.",
-                  f"There is a {c['size']} focal consolidation in the {where}.",
-                  f"A {c['size']} opacity in the {where} is consistent with consolidation."]),
-            f"{c['size'].capitalize()} {where} consolidation.")
-    elif rng.random() < 0.5:
-        sentences.append(pick(["No focal consolidation.", "There is no focal consolidation."]))
-    if "nodule" in f:
-        n = f["nodule"]
-        where = f"{n['side']} {zone_words[n['zone']]} zone"
-        say(pick([f"A {n['mm']} mm nodule is seen in the {where}.", f"There is a {n['mm']} mm {where} nodule.",
-                  f"{n['mm']} mm nodular opacity in the {where}."]),
-            f"{n['mm']} mm {where} nodule, recommend follow-up CT.")
-    if "atelectasis" in f:
-        t = f["atelectasis"]
-        where = {"lower": f"{t['side']} base", "middle": f"{t['side']} mid lung"}[t["zone"]]
-        say(pick([f"{t['size'].capitalize()} linear atelectasis at the {where}.",
-                  f"There is {t['size']} plate-like atelectasis at the {where}."]),
-            f"{t['size'].capitalize()} atelectasis at the {where}.")
+    for name, (present, summary, absent, p_absent) in REPORT_TEMPLATES.items():
+        f = case["findings"].get(name)
+        if f is None:
+            if absent and rng.random() < p_absent:
+                sentences.append(pick(absent))
+            continue
+        size = f.get("size", "")
+        if name == "atelectasis":
+            where = f"{f['side']} " + {"lower": "base", "middle": "mid lung"}[f["zone"]]
+        elif "zone" in f:
+            where = f"{f['side']} " + {"upper": "upper", "middle": "mid", "lower": "lower"}[f["zone"]] + " zone"
+        else:
+            where = ""
+        fill = dict(size=size, Size=size.capitalize(), side=f.get("side", ""), where=where, mm=f.get("mm", ""))
+        sentences.append(pick(present).format(**fill))
+        impression.append(summary.format(**fill))
     if rng.random() < 0.5:
         sentences.append(pick(["The mediastinal contours are unremarkable.", "Mediastinal contours are normal."]))
     if rng.random() < 0.3:
         sentences.append("No acute osseous abnormality.")
-    order = rng.permutation(len(sentences))
-    findings = " ".join(sentences[j] for j in order)
+    findings = " ".join(sentences[j] for j in rng.permutation(len(sentences)))
     if impression:
-        rng.shuffle(impression)
-        impression_text = " ".join(impression)
+        impression_text = " ".join(impression[j] for j in rng.permutation(len(impression)))
     else:
         impression_text = pick(["No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
                                 "Normal chest radiograph."])
@@ -460,8 +454,8 @@ class SyntheticImages:
         self.n, self.size, self.seed = n, size, seed
         self.cache = None
         if n * size * size <= cache_mb * 2**20:
-            self.cache = np.stack([self.render(i) for i in tqdm(range(n), desc="rendering synthetic records",
-                                                                 unit=" records", leave=False, disable=None)])
+            self.cache = np.stack([self.render(i) for i in progress(range(n), desc="rendering synthetic records",
+                                                                     unit=" records")])
 
     def __len__(self):
         return self.n
@@ -510,23 +504,29 @@ def read_training_csv(csv_path, image_root, skip_bad: bool = False):
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{image_root}: the image root is not a folder")
     paths, reports, lines, problems = [], [], [], []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"image_path", "report_content"} <= set(reader.fieldnames):
-            raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {reader.fieldnames}")
-        line = 2  # the line where the next row starts (the header is line 1)
-        for row in tqdm(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows", leave=False,
-                        disable=None):
-            start, line = line, reader.line_num + 1
-            path, report = (row["image_path"] or "").strip(), (row["report_content"] or "").strip()
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or not {"image_path", "report_content"} <= set(header):
+            raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {header}")
+        col_path, col_report = header.index("image_path"), header.index("report_content")
+        start = reader.line_num + 1  # the line where the next row starts
+        for row in progress(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
+            row_start, start = start, reader.line_num + 1
+            if not row:  # a blank line
+                continue
+            path = row[col_path].strip() if len(row) > col_path else ""
+            report = row[col_report].strip() if len(row) > col_report else ""
             if not path:
-                problems.append(f"{csv_path}, line {start}: empty image_path")
+                problems.append(f"{csv_path}, line {row_start}: empty image_path")
             elif not report:
-                problems.append(f"{csv_path}, line {start}: empty report for {path}")
+                problems.append(f"{csv_path}, line {row_start}: empty report for {path}")
             elif not os.path.isfile(os.path.join(image_root, path)):
-                problems.append(f"{csv_path}, line {start}: image {os.path.join(image_root, path)} does not exist")
+                problems.append(f"{csv_path}, line {row_start}: image {os.path.join(image_root, path)} does not exist")
             else:
-                paths.append(path), reports.append(report), lines.append(start)
+                paths.append(path)
+                reports.append(report)
+                lines.append(row_start)
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them):\n  {shown}")
@@ -679,9 +679,11 @@ def report_sections(text: str) -> dict:
 
 
 def mimic_report_text(text: str) -> str:
-    """FINDINGS and IMPRESSION of a report, in that order, with their headers; '' when it has neither."""
+    """FINDINGS and IMPRESSION of a report, in that order, with their headers (some reports have one
+    'FINDINGS AND IMPRESSION' section); '' when it has none of them."""
     sec = report_sections(text)
-    return " ".join(f"{name}: {sec[name]}" for name in ("FINDINGS", "IMPRESSION") if sec.get(name))
+    return " ".join(f"{name}: {sec[name]}" for name in ("FINDINGS", "FINDINGS AND IMPRESSION", "IMPRESSION")
+                    if sec.get(name))
 
 
 def convert_mimic(reports_root, images_root, out_csv, metadata=None):

@@ -308,18 +308,22 @@ class ReportDecoder(nn.Module):
         """(B, T) bool, True at the real, visible tokens: they get the image feature; [MASK] and [PAD] don't."""
         return (tokens != self.mask_token_id) & (tokens != self.pad_token_id)
 
+    def embed(self, tokens):
+        """(B, T) -> (B, T, d): token + position embedding, LayerNorm."""
+        T = tokens.shape[1]
+        if T > self.pos_embed.shape[1]:
+            raise ValueError(f"report of {T} tokens is longer than max_text_len={self.pos_embed.shape[1]}")
+        return self.embed_norm(self.token_embed(tokens) + self.pos_embed[:, :T])
+
     def mean_visible_embedding(self, tokens):
-        """(B, T) -> (B, d): mean token embedding of the visible real tokens (multi-modal image restoration)."""
+        """(B, T) -> (B, d): mean embedding of the visible real tokens (multi-modal image restoration)."""
         visible = self.hybrid_positions(tokens).unsqueeze(-1)  # (B, T, 1)
-        return (self.token_embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
+        return (self.embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
 
     def forward(self, tokens, image_feature, predict_at=None):
         """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d).
         Returns logits (M, V) at the M positions where predict_at (B, T) is True, or (B, T, V) if None."""
-        T = tokens.shape[1]
-        if T > self.pos_embed.shape[1]:
-            raise ValueError(f"report of {T} tokens is longer than max_text_len={self.pos_embed.shape[1]}")
-        x = self.embed_norm(self.token_embed(tokens) + self.pos_embed[:, :T])  # (B, T, d)
+        x = self.embed(tokens)  # (B, T, d)
         x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
         attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
         for block in self.blocks:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -43,7 +44,7 @@ class TrainConfig:
     # data
     preset: str = "tiny"             # model size: tiny (CPU demo) or base (the paper's ViT-B/16)
     data: str = "synthetic"          # 'synthetic' (built in, no download) or a training.csv path
-    image_root: str = ""             # folder the CSV's image_path values are relative to
+    image_root: str = ""             # folder the CSV's image_path values are relative to (default: the CSV's folder)
     tokenizer: str = ""              # tokenizers JSON or BERT vocab.txt; empty: train a WordPiece on the reports
     vocab_size: int = 30000          # of a tokenizer trained here
     num_records: int | None = None   # synthetic records
@@ -134,11 +135,16 @@ def save_checkpoint(path: str, state: dict):
     """Write to a temporary file, flush it to disk, then rename over the old one: a crash at any moment
     leaves either the old checkpoint or the new one, never a half-written file."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
@@ -158,7 +164,7 @@ def load_checkpoint(path: str) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Data
+# Data and model
 
 
 def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
@@ -170,8 +176,8 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
         images = data.SyntheticImages(cfg.num_records, size=min(2 * hr, 512), seed=cfg.seed)
         reports = [data.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
     else:
-        images, reports, n_bad = data.read_training_csv(cfg.data, cfg.image_root or os.path.dirname(cfg.data),
-                                                        cfg.skip_bad)
+        root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data))
+        images, reports, n_bad = data.read_training_csv(cfg.data, root, cfg.skip_bad)
         if n_bad and rank == 0:
             print(f"skipped {n_bad} bad rows of {cfg.data}")
     tok_path = os.path.join(cfg.out, "tokenizer.json")
@@ -179,9 +185,9 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     elif cfg.tokenizer:
         tok = data.load_tokenizer(cfg.tokenizer)
-    else:  # train once (rank 0), the other ranks read it
+    else:  # built once (rank 0), the other ranks read it
         if rank == 0:
-            print(f"training a WordPiece tokenizer on {len(reports)} reports")
+            print(f"building a WordPiece vocabulary from {len(reports)} reports")
             data.train_tokenizer(reports, cfg.vocab_size).save(tok_path)
         if dist.is_initialized():
             dist.barrier()
@@ -189,6 +195,9 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
     if rank == 0 and (cfg.tokenizer or ckpt is not None):
         tok.save(tok_path)
     tokens = data.encode_reports(tok, reports, mcfg.max_text_len)
+    empty = np.flatnonzero(tokens[:, 1] == tok.token_to_id("[PAD]"))  # nothing after [CLS]: nothing to mask
+    if len(empty):
+        raise data.BadRecord(f"{len(empty)} reports have no token: " + "; ".join(images.where(i) for i in empty[:5]))
     dataset = data.PretrainDataset(images, tokens, hr, (mcfg.img_size // mcfg.patch_size) ** 2,
                                    mcfg.text_mask_ratio, tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"),
                                    seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad)
@@ -203,22 +212,76 @@ def model_config(cfg: TrainConfig, tok) -> MRMConfig:
         fusion=cfg.fusion, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
 
 
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
+    (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+
 # -----------------------------------------------------------------------------
 # The reconstruction picture (Fig. 3): masked input, restored image, original; masked, restored and
 # original report, restored words green where right and red where wrong.
 
 
+@torch.no_grad()
+def reconstruct(model: MRM, dataset: data.PretrainDataset, n: int = 4) -> dict:
+    """Run the model on the first n records, whole images, fixed masks. Returns images (B, 1, 2H, 2W) in
+    [0, 1]: 'masked' input, 'restored' (restored patches + visible ones, if there is an image decoder),
+    'original'; and token rows: 'tokens' (masked report), 'restored_ids', 'right' (bool), 'labels'."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    hr, p = 2 * cfg.img_size, cfg.patch_size
+    rng = np.random.default_rng(0)  # the same records and masks every time: pictures compare across epochs
+    imgs, toks, labels = [], [], []
+    for i in range(min(n, len(dataset))):
+        img, j, _ = dataset.load(i)
+        imgs.append(data.full_view(img, hr))
+        t, l = data.mask_report(dataset.tokens[j], cfg.text_mask_ratio, rng, dataset.mask_id, dataset.pad_id)
+        toks.append(t)
+        labels.append(l)
+    images = torch.from_numpy(np.stack(imgs))[:, None].to(device)
+    tokens, labels = torch.from_numpy(np.stack(toks)).long(), torch.from_numpy(np.stack(labels)).long()
+    noise = torch.from_numpy(rng.random((len(imgs), dataset.num_patches), dtype=np.float32))
+    was_training = model.training
+    model.eval()
+    out = model(images, tokens.to(device), labels.to(device), noise=noise)
+    model.train(was_training)
+    high, low, _ = model.prepare_images(images)
+    G = cfg.img_size // p
+    # where the picture shows a prediction: the removed patches (every patch when nothing is removed,
+    # as the loss then scores them all)
+    shown = out["mask"] if cfg.mask_ratio > 0 else torch.ones_like(out["mask"])
+    shown = shown.reshape(-1, 1, G, G).repeat_interleave(2 * p, 2).repeat_interleave(2 * p, 3)
+    result = {"masked": F.interpolate(low, scale_factor=2, mode="nearest") * (1 - shown) + 0.5 * shown,
+              "original": high, "tokens": tokens, "labels": labels}
+    if "pred" in out:
+        pred, size = out["pred"].float(), 2 * p if cfg.super_resolution else p
+        if cfg.norm_pix_loss:  # the decoder predicts normalised patches: undo with the target's statistics
+            target = patchify(high if cfg.super_resolution else low, size)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        restored = unpatchify(pred, size, high.shape[1])
+        if not cfg.super_resolution:
+            restored = F.interpolate(restored, scale_factor=2, mode="bicubic")
+        result["restored"] = (restored * shown + high * (1 - shown)).clamp(0, 1)
+    if "mlm_logits" in out:  # the guesses, in the row-major order of labels != -100
+        scored = labels != -100
+        result["restored_ids"] = tokens.masked_scatter(scored, out["mlm_logits"].argmax(-1).cpu())
+        result["right"] = result["restored_ids"] == torch.where(scored, labels, tokens)
+    return result
+
+
 def words(tok, ids, colours=None) -> list[tuple[str, str]]:
-    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [PAD] dropped."""
+    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [CLS] and [PAD] dropped."""
     out = []
     for n, i in enumerate(ids):
         t = tok.id_to_token(int(i))
         if t == "[PAD]":
             break
-        if t == "[CLS]":
-            continue
-        colour = colours[n] if colours else "black"
-        out.append((t[2:], colour) if t.startswith("##") else (" " + t, colour))
+        if t != "[CLS]":
+            out.append((t[2:] if t.startswith("##") else " " + t, colours[n] if colours else "black"))
     return out
 
 
@@ -229,84 +292,40 @@ def draw_words(draw, font, x, y, width, title, pieces) -> int:
     y += line_h
     cx = x
     for text, colour in pieces:
-        w = draw.textlength(text, font=font)
-        if cx + w > x + width and cx > x:
-            cx, y = x, y + line_h
-            text = text.lstrip()
-            w = draw.textlength(text, font=font)
+        if cx + draw.textlength(text, font=font) > x + width and cx > x:
+            cx, y, text = x, y + line_h, text.lstrip()
         draw.text((cx, y), text, fill=colour, font=font)
-        cx += w
+        cx += draw.textlength(text, font=font)
     return y + line_h + 6
 
 
-@torch.no_grad()
-def save_recon(model: MRM, dataset: data.PretrainDataset, tok, path: str, n: int = 4, panel: int = 256):
-    cfg, device = model.cfg, next(model.parameters()).device
-    hr, p = 2 * cfg.img_size, cfg.patch_size
-    rng = np.random.default_rng(0)  # the same records and masks every time: pictures compare across epochs
-    imgs, toks, labels = [], [], []
-    for i in range(min(n, len(dataset))):
-        img, j, _ = dataset.load(i)
-        imgs.append(data.full_view(img, hr))
-        t, l = data.mask_report(dataset.tokens[j], cfg.text_mask_ratio, rng, dataset.mask_id, dataset.pad_id)
-        toks.append(t), labels.append(l)
-    images = torch.from_numpy(np.stack(imgs))[:, None].to(device)
-    tokens, labels = torch.from_numpy(np.stack(toks)).long().to(device), torch.from_numpy(np.stack(labels)).long()
-    noise = torch.from_numpy(rng.random((len(imgs), dataset.num_patches), dtype=np.float32))
-    was_training = model.training
-    model.eval()
-    out = model(images, tokens, labels.to(device), noise=noise)
-    model.train(was_training)
-    high, low, _ = model.prepare_images(images)
-    G = cfg.img_size // p
-    mask = out["mask"].reshape(-1, 1, G, G)
-    # masked input: the low-res image with its removed patches gray, shown at the high-res size
-    mask_hr = mask.repeat_interleave(2 * p, 2).repeat_interleave(2 * p, 3)
-    shown_low = torch.nn.functional.interpolate(low, scale_factor=2, mode="nearest")
-    columns = [shown_low * (1 - mask_hr) + 0.5 * mask_hr]
-    if "pred" in out:
-        pred = out["pred"].float()
-        size = 2 * p if cfg.super_resolution else p
-        if cfg.norm_pix_loss:  # the decoder predicts normalised patches: undo with the target's statistics
-            target = patchify(high if cfg.super_resolution else low, size)
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-        restored = unpatchify(pred, size, high.shape[1])
-        if not cfg.super_resolution:
-            restored = torch.nn.functional.interpolate(restored, scale_factor=2, mode="bicubic")
-        columns.append((restored * mask_hr + high * (1 - mask_hr)).clamp(0, 1))  # restored + visible
-    columns.append(high)
-
+def save_recon(model: MRM, dataset: data.PretrainDataset, tok, path: str, panel: int = 256, text_w: int = 720):
+    r = reconstruct(model, dataset)
+    columns = [r[k] for k in ("masked", "restored", "original") if k in r]
     font = ImageFont.load_default(size=13)
-    text_w = 720
     rows = []
-    for b in range(len(imgs)):
+    for b in range(len(r["tokens"])):
         row = Image.new("RGB", (len(columns) * panel + text_w, 2 * panel), "white")
         for c, col in enumerate(columns):
-            arr = (col[b, 0].float().cpu().numpy() * 255).round().astype(np.uint8)
+            arr = (col[b, 0].cpu().numpy() * 255).round().astype(np.uint8)
             row.paste(Image.fromarray(arr).resize((panel, panel), Image.BICUBIC), (c * panel, 0))
-        draw = ImageDraw.Draw(row)
-        x, y = len(columns) * panel + 10, 4
-        y = draw_words(draw, font, x, y, text_w - 20, "masked report", words(tok, tokens[b].cpu()))
-        if "mlm_logits" in out:
-            guess = out["mlm_logits"].argmax(-1).cpu()
-            where = (labels != -100).nonzero().tolist()  # row-major, the order of mlm_logits
-            restored_ids, colours = tokens[b].cpu().clone(), ["black"] * tokens.shape[1]
-            for (bb, t), g in zip(where, guess):
-                if bb == b:
-                    restored_ids[t] = g
-                    colours[t] = "green" if g == labels[bb, t] else "red"
+        draw, x = ImageDraw.Draw(row), len(columns) * panel + 10
+        y = draw_words(draw, font, x, 4, text_w - 20, "masked report", words(tok, r["tokens"][b]))
+        if "restored_ids" in r:
+            scored = r["labels"][b] != -100
+            colours = ["black" if not s else "green" if ok else "red" for s, ok in zip(scored, r["right"][b])]
             y = draw_words(draw, font, x, y, text_w - 20, "restored (green right, red wrong)",
-                           words(tok, restored_ids, colours))
-        orig = torch.where(labels[b] != -100, labels[b], tokens[b].cpu())
-        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, orig))
+                           words(tok, r["restored_ids"][b], colours))
+        original = torch.where(r["labels"][b] != -100, r["labels"][b], r["tokens"][b])
+        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, original))
         rows.append(row.crop((0, 0, row.width, max(panel, y))))
-    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows) + 24), "white")
-    ImageDraw.Draw(sheet).text((10, 4), "masked input | " + ("restored | " if "pred" in out else "") + "original",
-                               fill="gray", font=font)
+    sheet = Image.new("RGB", (rows[0].width, sum(row.height for row in rows) + 24), "white")
+    title = " | ".join(k for k in ("masked input", "restored", "original") if k.split()[0] in r)
+    ImageDraw.Draw(sheet).text((10, 4), title, fill="gray", font=font)
     y = 24
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
     sheet.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
@@ -319,12 +338,38 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int) -> torch.Tensor:
+    """One optimizer step over accumulation micro-batches. Returns (loss, loss_mim, loss_mlm, images
+    skipped), the losses as means over the step and every process (one host sync)."""
+    accum = len(micro)
+    # Eq. 1 averages over the masked tokens of the whole step; reports differ in length, so each
+    # micro-batch divides its summed cross entropy by the mean count per micro-batch over every
+    # process and micro-step. Then 1 x 256, 4 x 64 and 4 x 32 x 2 take the same gradient.
+    n_masked = sum((b["labels"] != -100).sum() for b in micro).to(device, torch.float32)
+    denominator = all_reduce_sum(n_masked) / (world * accum)
+    sums = torch.zeros(4, device=device)
+    for k, b in enumerate(micro):
+        # gradients are all-reduced once, after the last micro-batch
+        with ddp.no_sync() if ddp is not None and k < accum - 1 else nullcontext():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                out = net(b["image"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
+                          b["labels"].to(device, non_blocking=True), noise=b["noise"], mlm_denominator=denominator)
+            scaler.scale(out["loss"] / accum).backward()
+        sums[:3] += torch.stack([out["loss"], out["loss_mim"], out["loss_mlm"]]).detach().float() / accum
+        sums[3] += b["skipped"].sum()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    sums = all_reduce_sum(sums).tolist()
+    return [v / world for v in sums[:3]] + [int(sums[3])]
+
+
+def checkpoint_state(model, optimizer, scaler, epoch, step, cfg, mcfg, tok, device) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step, "config": asdict(cfg), "model_config": mcfg.to_dict(),
+            "tokenizer": tok.to_str(),
+            "rng": {"torch": torch.get_rng_state(),  # the data's randomness is seeded per sample: not here
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
 
 def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
@@ -344,31 +389,31 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     if ckpt is not None:
         mcfg = MRMConfig.from_dict(ckpt["model_config"])
         dataset, tok = build_data(cfg, mcfg, ckpt, rank)
-    else:
-        probe = MRMConfig.from_preset(cfg.preset, text_mask_ratio=cfg.text_mask_ratio)  # sizes the data needs
-        dataset, tok = build_data(cfg, probe, None, rank)
+    else:  # the data needs the sizes; the model then needs the tokenizer's vocabulary
+        sizes = MRMConfig.from_preset(cfg.preset, text_mask_ratio=cfg.text_mask_ratio)
+        dataset, tok = build_data(cfg, sizes, None, rank)
         mcfg = model_config(cfg, tok)
     model = MRM(mcfg).to(device)
     if cfg.init and ckpt is None:
         load_pretrained(model.encoder, cfg.init, verbose=main_process)
-
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    start_epoch, step = 0, 0
+    start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when the run had no fp16
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.is_initialized() else model
-    if cfg.compile:
-        net = torch.compile(net)
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    ddp = None
+    if dist.is_initialized():
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(ddp or model) if cfg.compile else ddp or model  # saved and drawn through `model`
 
     # the same sampler with or without torchrun: the data order is a function of (seed, epoch) only
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -379,7 +424,9 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         raise ValueError(f"{len(dataset)} records are too few for {world} x {cfg.batch_size} x {cfg.accum_iter}")
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     lr = cfg.blr * eff_batch / 256
-    total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    # the schedule runs in epochs; a resumed run on another batch size or GPU count picks it up there
+    step, total = start_epoch * steps_per_epoch, cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     log_path = os.path.join(cfg.out, "log.jsonl")
     if main_process:
         print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -387,9 +434,8 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
               f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}, {world} process(es)")
         print(f"effective batch {eff_batch} = {world} x {cfg.batch_size} x {cfg.accum_iter}, lr {lr:.3g}, "
               f"{steps_per_epoch} steps/epoch, epochs {start_epoch}..{cfg.epochs}")
-        if ckpt is not None:  # drop what the interrupted run logged after its checkpoint
-            kept = [l for l in open(log_path)] if os.path.exists(log_path) else []
-            kept = [l for l in kept if json.loads(l)["step"] <= step]
+        if ckpt is not None and os.path.exists(log_path):  # drop what the stopped run logged after its checkpoint
+            kept = [line for line in open(log_path) if json.loads(line)["epoch"] <= start_epoch]
             with open(log_path, "w") as f:
                 f.writelines(kept)
 
@@ -398,42 +444,22 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)  # the loader's workers start below, with this epoch's seed
         batches = iter(loader)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main_process,
-                   leave=False, dynamic_ncols=True)
-        tick, seen, skipped = time.perf_counter(), 0, 0
+        # the bar on rank 0 at a terminal; in a log file, the line printed after each epoch
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=None if main_process else True, leave=False, dynamic_ncols=True)
+        epoch_start = tick = time.perf_counter()
+        seen = skipped = 0
         for _ in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, lr, cfg.min_lr)
             micro = [next(batches) for _ in range(cfg.accum_iter)]
-            # Eq. 1 averages over the masked tokens of the whole step; reports differ in length, so each
-            # micro-batch divides its summed cross entropy by the mean count per micro-batch over every
-            # process and micro-step. Then 1 x 256, 4 x 64 and 4 x 32 x 2 take the same gradient.
-            n_masked = sum((b["labels"] != -100).sum() for b in micro).to(device, torch.float32)
-            denominator = all_reduce_sum(n_masked) / (world * cfg.accum_iter)
-            sums = torch.zeros(3, device=device)
-            for k, b in enumerate(micro):
-                last_micro = k == cfg.accum_iter - 1
-                sync = nullcontext() if last_micro or not isinstance(net, DistributedDataParallel) else net.no_sync()
-                with sync:
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        out = net(b["image"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
-                                  b["labels"].to(device, non_blocking=True), noise=b["noise"],
-                                  mlm_denominator=denominator)
-                    scaler.scale(out["loss"] / cfg.accum_iter).backward()
-                sums += torch.stack([out["loss"], out["loss_mim"], out["loss_mlm"]]).detach().float() / cfg.accum_iter
-                skipped += int(b["skipped"].sum())
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss, loss_mim, loss_mlm = (all_reduce_sum(sums) / world).tolist()  # one host sync a step
+            loss, loss_mim, loss_mlm, n_skipped = train_step(net, ddp, micro, optimizer, scaler, dtype, device, world)
+            step, seen, skipped = step + 1, seen + eff_batch, skipped + n_skipped
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss is {loss} at step {step} (epoch {epoch + 1}); stopping. The last "
                                     f"good checkpoint in {cfg.out} is left as it was: lower --blr, or --amp bf16/off")
-            seen += eff_batch
-            if main_process:
-                bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 last = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
@@ -442,22 +468,18 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                     last["skipped_images"] = skipped
                 tick, seen = now, 0
                 if main_process:
-                    bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
-                                    img_s=f"{last['images_per_s']:.0f}")
                     with open(log_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
         bar.close()
         if main_process:
+            seconds = time.perf_counter() - epoch_start
             print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, loss {loss:.4f} (image {loss_mim:.4f}, "
-                  f"report {loss_mlm:.4f})" + (f", {skipped} unreadable images skipped" if skipped else ""))
-        if main_process and ((epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "config": asdict(cfg), "model_config": mcfg.to_dict(),
-                "tokenizer": tok.to_str(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}})
-            save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
+                  f"report {loss_mlm:.4f}), {seconds:.0f} s, {steps_per_epoch * eff_batch / seconds:.0f} images/s"
+                  + (f", {skipped} unreadable images skipped" if skipped else ""))
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
+                                checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
+                save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
         if dist.is_initialized():
             dist.barrier()  # no rank runs ahead of the checkpoint
     if dist.is_initialized():
@@ -486,8 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"]}
-# each flag's help is the comment beside its field above
+# each flag's help is the comment beside its field in TrainConfig
 HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainConfig), flags=re.M))
+# what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
+# the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
+RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
+                     "save_every", "log_every", "skip_bad"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
@@ -497,6 +523,10 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     ckpt = load_checkpoint(given["resume"])
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
     changed = {k: (saved.get(k), v) for k, v in given.items() if k != "resume" and saved.get(k) != v}
+    refused = sorted(changed.keys() - RESUME_MAY_CHANGE)
+    if refused:
+        raise ValueError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
+                         "(start a new run, with --init to begin from these weights)")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
     return TrainConfig(**{**saved, **given}), ckpt

@@ -87,8 +87,9 @@ def test_report_words_that_name_side_and_size_change_only_with_the_image():
 
 
 def test_cardiomegaly_is_a_wider_heart():
-    normal = [data.synth_case(i)["anatomy"]["ctr"] for i in range(60) if "cardiomegaly" not in data.synth_case(i)["findings"]]
-    big = [data.synth_case(i)["anatomy"]["ctr"] for i in range(60) if "cardiomegaly" in data.synth_case(i)["findings"]]
+    cases = [data.synth_case(i) for i in range(60)]
+    normal = [c["anatomy"]["ctr"] for c in cases if "cardiomegaly" not in c["findings"]]
+    big = [c["anatomy"]["ctr"] for c in cases if "cardiomegaly" in c["findings"]]
     assert big and max(normal) < 0.5 < min(big)
 
 
@@ -180,6 +181,13 @@ def test_training_csv_rows_and_line_numbers(tmp_path):
     images, reports, bad = data.read_training_csv(tmp_path / "t.csv", tmp_path, skip_bad=True)
     assert reports == ["FINDINGS: two\nlines.", "x"] and bad == 1 and len(images) == 2
     assert images.where(1).endswith("line 4") and images.where(0).endswith("line 2")
+
+
+def test_training_csv_blank_lines_and_byte_order_mark(tmp_path):
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_text("\ufeffimage_path,report_content\na.png,ok\n\n\nb.png,ok\n", encoding="utf-8")
+    with pytest.raises(data.BadRecord, match=r"t.csv, line 5: image .*b.png does not exist"):
+        data.read_training_csv(tmp_path / "t.csv", tmp_path)
 
 
 def test_training_csv_names_missing_files_and_columns(tmp_path):
@@ -285,12 +293,12 @@ def test_augment_is_a_crop_or_its_mirror():
     flips = 0
     for seed in range(40):
         out = data.augment(img, 32, np.random.default_rng(seed))
+        unflipped = data.augment(img, 32, np.random.default_rng(seed), hflip=False)  # the same crop
         assert out.shape == (32, 32) and out.dtype == np.uint8
-        flipped = out[:, 0].mean() > out[:, -1].mean()
-        flips += flipped
-        assert not flipped or out[:, 0].mean() > out[:, -1].mean()
-        unflipped = data.augment(img, 32, np.random.default_rng(seed), hflip=False)
         assert unflipped[:, 0].mean() < unflipped[:, -1].mean()
+        flipped = not np.array_equal(out, unflipped)
+        assert np.array_equal(out, unflipped[:, ::-1] if flipped else unflipped)
+        flips += flipped
     assert 10 < flips < 30
 
 
@@ -398,3 +406,5 @@ def test_mimic_converter_keeps_findings_impression_and_frontal_views(tmp_path):
                      "report_content": "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. "
                                        "IMPRESSION: No acute cardiopulmonary process."}]
     assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 2  # no metadata: every view
+    assert data.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.") == \
+        "FINDINGS AND IMPRESSION: Clear."

@@ -107,6 +107,19 @@ def test_masking_generator_and_per_sample():
     assert not torch.equal(a[0], a[1])  # each sample has its own mask
 
 
+def test_masking_from_given_noise():
+    noise = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    ids_keep, mask, ids_restore = random_masking(1, 4, 0.5, noise=noise)
+    assert ids_keep.tolist() == [[1, 3]] and mask.tolist() == [[1, 0, 1, 0]]
+    with pytest.raises(ValueError, match=r"mask noise must be \(2, 4\), got \(1, 4\)"):
+        random_masking(2, 4, 0.5, noise=noise)
+    cfg = tiny_cfg()
+    images, tokens, labels = make_batch(cfg)
+    noise = torch.rand(2, (cfg.img_size // cfg.patch_size) ** 2)
+    out = MRM(cfg)(images, tokens, labels, noise=noise)
+    assert torch.equal(out["mask"], random_masking(2, noise.shape[1], cfg.mask_ratio, noise=noise)[1])
+
+
 # ----------------------------------------------------------------------------- losses
 
 def test_mim_loss_by_hand_and_only_masked():
@@ -140,6 +153,16 @@ def test_mlm_loss_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
     want = (-math.log(math.e**2 / (math.e**2 + 1)) + math.log(2)) / 2
     assert mlm_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_mlm_loss_with_a_shared_denominator():
+    """train.py divides each micro-batch's summed cross entropy by the mean count over the whole step."""
+    logits, targets = torch.zeros(3, 4), torch.tensor([0, 1, 2])
+    assert mlm_loss(logits, targets, denominator=6).item() == pytest.approx(3 * math.log(4) / 6)
+    assert mlm_loss(logits[:0], targets[:0], denominator=6).item() == 0  # a micro-batch may have none
+    # two halves, each divided by the mean count 1.5, average to the mean over all three tokens
+    halves = (mlm_loss(logits[:1], targets[:1], 1.5) + mlm_loss(logits[1:], targets[1:], 1.5)) / 2
+    assert halves.item() == pytest.approx(mlm_loss(logits, targets).item())
 
 
 # ----------------------------------------------------------------------------- the model
@@ -279,6 +302,20 @@ def test_report_decoder_knows_word_order():
     a = dec(torch.tensor([[2, 10, 11, 3]]), feature)[0, 3]
     b = dec(torch.tensor([[2, 11, 10, 3]]), feature)[0, 3]  # same words, swapped: the learned positions tell
     assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_words_are_not_drowned_by_the_image_feature():
+    """At init the image feature (a projection of post-norm encoder features) is far larger than a
+    normal(0, 0.02) embedding; the embedding LayerNorm keeps two different words apart after it is added."""
+    cfg = tiny_cfg()
+    model = MRM(cfg)
+    images, tokens, labels = make_batch(cfg)
+    _, _, x = model.prepare_images(images)
+    feature = model.fusion_proj(global_pool(model.encoder(x)[:, 1:]))[:1]  # (1, d), as in forward
+    dec = model.report_decoder
+    words = torch.tensor([[2, 10], [2, 11]])
+    hybrid = dec.embed(words) + feature.unsqueeze(1)
+    assert F.cosine_similarity(hybrid[0, 1], hybrid[1, 1], dim=0) < 0.9
 
 
 def test_report_padding_is_invisible():
