@@ -30,6 +30,7 @@ def test_synthetic_records_are_deterministic_and_distinct():
     for k in ("image", "labels", "masks"):
         assert np.array_equal(a[k], b[k])
     assert a["report"] == b["report"]
+    assert a["report"] == data.write_report(data.synth_case(3), np.random.default_rng([0, 3, 1]))  # own stream
     c = data.synth_record(4, 128)
     assert not np.array_equal(a["image"], c["image"]) and a["report"] != c["report"]
     assert data.synth_record(3, 128, seed=1)["report"] != a["report"] or \
@@ -61,6 +62,10 @@ def test_synthetic_reports_masks_and_labels_agree_with_the_image():
                 assert f"{f['mm']} mm" in report
         if "pneumothorax" not in case["findings"]:
             assert "large right pneumothorax" not in report.lower() and "small left pneumothorax" not in report.lower()
+        for name, denials in [("pneumothorax", ["no pneumothorax", "no evidence of pneumothorax"]),
+                              ("pleural effusion", ["no pleural effusion", "no effusion"])]:
+            if name in case["findings"]:  # a present finding is never denied
+                assert not any(d in report.lower() for d in denials), (i, name)
         if not case["findings"]:
             assert rec["masks"].sum() == 0
     assert all(n >= 10 for n in present.values()), present  # every finding occurs
@@ -84,6 +89,15 @@ def test_report_words_that_name_side_and_size_change_only_with_the_image():
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
     assert np.nonzero(masks[0])[1].mean() > 96 > np.nonzero(masks[1])[1].mean()  # left is on the image's right
     assert masks[2].sum() > 2 * masks[0].sum()
+
+
+def test_zone_moves_a_finding_down_the_lung():
+    anatomy, k = data.synth_case(0)["anatomy"], data.FINDINGS.index("nodule")
+    rows = []
+    for zone in ("upper", "middle", "lower"):
+        case = {"anatomy": anatomy, "findings": {"nodule": {"side": "right", "zone": zone, "mm": 20, "where": [0, 0, 0]}}}
+        rows.append(np.nonzero(data.render_case(case, 192, np.random.default_rng(0))[1][k])[0].mean())
+    assert rows[0] < rows[1] < rows[2]
 
 
 def test_cardiomegaly_is_a_wider_heart():
@@ -159,6 +173,8 @@ def test_dicom_monochrome1_is_inverted_and_rescaled(tmp_path, monkeypatch):
     (tmp_path / "a.dcm").write_bytes(b"")
     out = np.asarray(data.load_image(tmp_path / "a.dcm"))
     assert out.tolist() == [[255, 191], [127, 0]]  # stretched 0..255, then 0 = white turned over
+    fake.dcmread = lambda path: types.SimpleNamespace(pixel_array=pixels)  # no tag: MONOCHROME2, as is
+    assert np.asarray(data.load_image(tmp_path / "a.dcm")).tolist() == [[0, 64], [128, 255]]
 
 
 # -----------------------------------------------------------------------------
@@ -198,8 +214,11 @@ def test_training_csv_names_missing_files_and_columns(tmp_path):
     write_csv(tmp_path / "cols.csv", [("a.png", "ok")], header=("path", "text"))
     with pytest.raises(data.BadRecord, match=r"cols.csv: needs the columns image_path,report_content"):
         data.read_training_csv(tmp_path / "cols.csv", tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match="nope.csv: no such CSV file"):
         data.read_training_csv(tmp_path / "nope.csv", tmp_path)
+    write_csv(tmp_path / "none.csv", [("gone.png", "x")])
+    with pytest.raises(data.BadRecord, match="none.csv: no usable rows"):
+        data.read_training_csv(tmp_path / "none.csv", tmp_path, skip_bad=True)
 
 
 # -----------------------------------------------------------------------------
@@ -232,6 +251,17 @@ def test_tokenizer_training_is_deterministic_and_covers_every_character(tok):
     assert [t for t, _ in sorted(small.get_vocab().items(), key=lambda kv: kv[1])][4:] == \
         ["a", "b", "c", "##a", "##b", "##c", "cc", "bb"]  # characters, then words by frequency
     assert small.encode("aa cc").tokens == ["a", "##a", "cc"]  # a word left out is spelled, not [UNK]
+    tie = data.train_tokenizer(["bb aa"], vocab_size=4 + 4 + 1)  # room for one of two equally common words
+    assert tie.token_to_id("aa") == 8 and tie.token_to_id("bb") is None
+
+
+def test_encoding_adds_cls_itself_whatever_the_tokenizer_file_says(tok):
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    bert_like = Tokenizer.from_str(tok.to_str())  # e.g. a JSON file with BERT's "[CLS] $A [SEP]" template
+    bert_like.post_processor = TemplateProcessing(single="[CLS] $A [MASK]", special_tokens=[("[CLS]", 2), ("[MASK]", 3)])
+    assert np.array_equal(data.encode_reports(bert_like, ["no effusion ."]), data.encode_reports(tok, ["no effusion ."]))
 
 
 def test_released_mimic_tokenizer_loads():
@@ -284,6 +314,11 @@ def test_random_resized_crop_box_follows_the_recipe():
         w, h = x1 - x0, y1 - y0
         assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
         assert 0.2 * 0.97 <= w * h / 60000 <= 1.0 and 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
+    boxes = np.array([data.random_resized_crop_box(1000, 1000, rng) for _ in range(4000)])
+    aspect = (boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1])
+    assert abs((aspect > 1).mean() - 0.5) < 0.03  # log-uniform aspect: as many wide as tall
+    small = np.array([data.random_resized_crop_box(10, 10, rng) for _ in range(500)])
+    assert ((small[:, 2] == 10) & (small[:, 0] > 0)).any() and ((small[:, 3] == 10) & (small[:, 1] > 0)).any()
     # a strip too thin for any try: the centre crop of the clamped aspect
     assert data.random_resized_crop_box(1000, 10, np.random.default_rng(0)) == (493, 0, 506, 10)
 
@@ -330,9 +365,12 @@ def test_dataset_skips_or_names_a_bad_image(tmp_path, tok):
     strict = make_dataset(images, tok)
     with pytest.raises(data.BadRecord, match=r"1.png: cannot read image .*t.csv, line 3"):
         strict[1]
+    (tmp_path / "2.png").write_bytes(b"broken too")
     lenient = make_dataset(images, tok, skip_bad=True)
-    sample = lenient[1]
-    assert sample["skipped"] == 1 and sample["image"].shape == (1, 64, 64)
+    sample = lenient[1]  # records 1 and 2 unreadable: the next readable one is record 0, with its report
+    assert sample["skipped"] == 2 and sample["image"].shape == (1, 64, 64)
+    original = torch.where(sample["labels"] != -100, sample["labels"], sample["tokens"])
+    assert torch.equal(original, torch.from_numpy(lenient.tokens[0]).long())
 
 
 # -----------------------------------------------------------------------------
@@ -345,11 +383,11 @@ def test_synth_writes_records_in_the_real_formats(tmp_path):
     assert len(rows) == 16 and rows[3]["report_content"] == data.synth_report(3)
     images, reports, bad = data.read_training_csv(tmp_path / "training.csv", tmp_path)
     assert len(images) == 16 and bad == 0
-    rec = data.synth_record(3, 96)
-    assert np.array_equal(np.asarray(images.load(3)), rec["image"])
-    bits = np.asarray(Image.open(tmp_path / "masks" / "00003.png"))
-    for k in range(len(data.FINDINGS)):
-        assert np.array_equal((bits >> k) & 1, rec["masks"][k].astype(np.uint8))
+    assert np.array_equal(np.asarray(images.load(3)), data.synth_record(3, 96)["image"])
+    for i in range(20):  # some records have overlapping findings: every bit survives
+        bits, masks = np.asarray(Image.open(tmp_path / "masks" / f"{i:05d}.png")), data.synth_record(i, 96)["masks"]
+        for k in range(len(data.FINDINGS)):
+            assert np.array_equal((bits >> k) & 1, masks[k].astype(np.uint8))
     test = (tmp_path / "test_list.txt").read_text().splitlines()
     assert len(test) == 2 and test[0].split()[0] == "images/00018.png"
     assert [float(v) for v in test[0].split()[1:]] == data.synth_record(18, 96)["labels"].tolist()
@@ -368,7 +406,9 @@ def test_resize_shrinks_skips_done_files_and_reports_bad_ones(tmp_path):
     assert deep.mode == "L" and deep.size == (150, 200)
     assert Image.open(tmp_path / "dst" / "small.jpg").size == (100, 80)  # never enlarged
     assert not list((tmp_path / "dst").rglob("*.tmp"))
+    (tmp_path / "dst" / "small.jpg").write_bytes(b"done")
     assert len(data.resize_dataset(src, tmp_path / "dst", size=150, workers=1)) == 1  # only the bad one again
+    assert (tmp_path / "dst" / "small.jpg").read_bytes() == b"done"  # files already there are left alone
 
 
 MIMIC_REPORT = """                                 FINAL REPORT
@@ -395,16 +435,21 @@ def test_mimic_converter_keeps_findings_impression_and_frontal_views(tmp_path):
     (tmp_path / "jpg" / other).mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "jpg" / other / "x.jpg")
     (tmp_path / "reports" / other.parent / "s50000001.txt").write_text("INDICATION: pain.")
+    ap = Path("files/p10/p10000032/s50000002")  # an AP view with a report: kept
+    (tmp_path / "jpg" / ap).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "jpg" / ap / "y.jpg")
+    (tmp_path / "reports" / ap.parent / "s50000002.txt").write_text("FINDINGS: Clear.")
     with gzip.open(tmp_path / "meta.csv.gz", "wt") as f:
         f.write("dicom_id,subject_id,study_id,ViewPosition\nfront,10000032,50414267,PA\n"
-                "side,10000032,50414267,LATERAL\nx,10000032,50000001,AP\n")
+                "side,10000032,50414267,LATERAL\nx,10000032,50000001,AP\ny,10000032,50000002,AP\n")
     out = tmp_path / "training.csv"
     data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
                "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out)])
     rows = list(csv.DictReader(open(out)))
     assert rows == [{"image_path": f"{study.as_posix()}/front.jpg",
                      "report_content": "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. "
-                                       "IMPRESSION: No acute cardiopulmonary process."}]
-    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 2  # no metadata: every view
+                                       "IMPRESSION: No acute cardiopulmonary process."},
+                    {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
+    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 3  # no metadata: every view
     assert data.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.") == \
         "FINDINGS AND IMPRESSION: Clear."

@@ -39,6 +39,7 @@ def test_lr_schedule_key_points():
     assert train.lr_at(40, 100, 20, lr, lo) == pytest.approx(lo + (lr - lo) * (1 + math.cos(math.pi / 4)) / 2)
     assert train.lr_at(100, 100, 20, lr, lo) == pytest.approx(lo)
     assert train.lr_at(0, 10, 0, lr) == lr  # no warm-up
+    assert train.lr_at(150, 100, 20, lr, lo) == pytest.approx(lo)  # past the end (a resumed, larger batch)
 
 
 def test_weight_decay_spares_biases_norms_and_1d_parameters():
@@ -84,6 +85,18 @@ def test_the_default_tiny_run_learns(tmp_path):
     losses = [l["loss"] for l in log(tmp_path)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, (first, last)
+
+
+def test_each_epoch_reshuffles_and_redraws(tmp_path, monkeypatch):
+    seen, real = {}, data.PretrainDataset.__getitem__
+
+    def spy(self, i):
+        seen.setdefault(self.epoch, []).append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(data.PretrainDataset, "__getitem__", spy)
+    run(tmp_path, "--save_every", "9")
+    assert sorted(seen) == [0, 1] and sorted(seen[0]) == sorted(seen[1]) == list(range(16)) and seen[0] != seen[1]
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -143,14 +156,15 @@ def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
         train.main(["--resume", str(tmp_path / "weights.pt")])
 
 
-def test_a_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys, poison):
     real_forward, calls = MRM.forward, []
 
     def poisoned(self, *args, **kwargs):
         out = real_forward(self, *args, **kwargs)
         calls.append(1)
         if len(calls) > 4 and self.training:  # epoch 2 of 4 steps an epoch
-            out["loss"] = out["loss"] * float("nan")
+            out["loss"] = out["loss"] * float(poison)
         return out
 
     monkeypatch.setattr(MRM, "forward", poisoned)
@@ -158,7 +172,7 @@ def test_a_nan_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkey
         run(tmp_path, "--epochs", "3")
     assert e.value.code == 1
     err = capsys.readouterr().err
-    assert "the loss is nan at step 5 (epoch 2)" in err and "left as it was" in err
+    assert f"the loss is {poison} at step 5 (epoch 2)" in err and "left as it was" in err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert not list(tmp_path.glob("*.tmp*"))
@@ -224,7 +238,8 @@ def test_accumulation_and_two_process_ddp_equal_one_big_batch(tmp_path):
             for moment in ("exp_avg", "exp_avg_sq"):  # equal to 1e-5 of each tensor's largest entry
                 torch.testing.assert_close(other["optimizer"]["state"][i][moment], s[moment], rtol=1e-4,
                                            atol=1e-5 * s[moment].abs().max().item())
-    assert [l["loss"] for l in log(tmp_path / "ddp")] == pytest.approx([l["loss"] for l in log(tmp_path / "one")])
+    for other in ("accum", "ddp"):  # the logged losses are the step's means too
+        assert [l["loss"] for l in log(tmp_path / other)] == pytest.approx([l["loss"] for l in log(tmp_path / "one")])
 
 
 def test_init_loads_encoder_weights(tmp_path):
