@@ -45,8 +45,8 @@ class TrainConfig:
     preset: str = "tiny"             # model size: tiny (CPU demo) or base (the paper's ViT-B/16)
     data: str = "synthetic"          # 'synthetic' (built in, no download) or a training.csv path
     image_root: str = ""             # folder the CSV's image_path values are relative to (default: the CSV's folder)
-    tokenizer: str = ""              # tokenizers JSON or BERT vocab.txt; empty: train a WordPiece on the reports
-    vocab_size: int = 30000          # of a tokenizer trained here
+    tokenizer: str = ""              # tokenizers JSON or BERT vocab.txt; empty: build a WordPiece from the reports
+    vocab_size: int = 30000          # of a vocabulary built here
     num_records: int | None = None   # synthetic records
     hflip: bool = True               # mirror half the crops (SPEC); mirroring makes 'left'/'right' ambiguous
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
@@ -448,7 +448,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=None if main_process else True, leave=False, dynamic_ncols=True)
         epoch_start = tick = time.perf_counter()
-        seen = skipped = 0
+        seen = skipped = speed = 0
         for _ in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, lr, cfg.min_lr)
@@ -458,18 +458,19 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"the loss is {loss} at step {step} (epoch {epoch + 1}); stopping. The last "
                                     f"good checkpoint in {cfg.out} is left as it was: lower --blr, or --amp bf16/off")
-            bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if step % cfg.log_every == 0 or step == total:
                 now = time.perf_counter()
+                speed = seen / (now - tick)
                 last = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                        "loss_mim": loss_mim, "loss_mlm": loss_mlm, "images_per_s": seen / (now - tick)}
+                        "loss_mim": loss_mim, "loss_mlm": loss_mlm, "images_per_s": speed}
                 if skipped:
                     last["skipped_images"] = skipped
                 tick, seen = now, 0
                 if main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{speed:.0f}", refresh=False)
         bar.close()
         if main_process:
             seconds = time.perf_counter() - epoch_start

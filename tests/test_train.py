@@ -208,6 +208,16 @@ def test_bad_rows_stop_before_training_or_are_skipped(tmp_path):
     assert sum(l.get("skipped_images", 0) for l in log(tmp_path / "o2")) >= 1
 
 
+def test_a_report_with_no_token_is_named_before_training(tmp_path):
+    from PIL import Image
+    Image.new("L", (64, 64)).save(tmp_path / "a.png")
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image_path", "report_content"), ("a.png", "\x07\x08")])  # control characters
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[MASK]", "a"]) + "\n")
+    with pytest.raises(data.BadRecord, match=r"1 reports have no token: .*t.csv, line 2"):
+        run(tmp_path / "o", "--data", str(tmp_path / "t.csv"), "--tokenizer", str(tmp_path / "vocab.txt"))
+
+
 def test_accumulation_and_two_process_ddp_equal_one_big_batch(tmp_path):
     """Batch 4 in one step == 2 micro-batches of 2 == 2 gloo processes x 2 micro-batches of 1 (with
     no_sync and a loader worker) (Eq. 1 normalised over the whole step), over two steps.
