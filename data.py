@@ -461,7 +461,7 @@ class SyntheticImages:
         return self.n
 
     def render(self, i: int) -> np.ndarray:
-        return render_case(synth_case(i, self.seed), self.size, np.random.default_rng([self.seed, i, 2]))[0]
+        return synth_record(i, self.size, self.seed)["image"]
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.cache[i] if self.cache is not None else self.render(i))

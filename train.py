@@ -338,7 +338,7 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int) -> torch.Tensor:
+def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int) -> list:
     """One optimizer step over accumulation micro-batches. Returns (loss, loss_mim, loss_mlm, images
     skipped), the losses as means over the step and every process (one host sync)."""
     accum = len(micro)
