@@ -7,7 +7,7 @@ Read top to bottom:
   3. reports: WordPiece tokenizer (load or train), encoding to 100 ids, masking (Sec. 3.1);
   4. augmentation (SPEC.md section 1): random resized crop to 448, bicubic, horizontal flip;
   5. the records of a run (synthetic or `training.csv`) and the Dataset that train.py reads;
-  6. command line: `python data.py synth | resize | mimic ...` (see `python data.py -h`).
+  6. command line: `python data.py synth | resize | mimic | siim-masks ...` (see `python data.py -h`).
 
 A training sample is a uint8 image; float conversion, normalisation and 3 channels happen on the
 training device (mrm.MRM.prepare_images), so the loader moves a quarter of the bytes.
@@ -721,6 +721,58 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None):
     return len(rows)
 
 
+def decode_rle(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
+    """One SIIM-ACR run-length string -> (height, width) bool mask. Pairs 'offset length': each offset
+    counts from the end of the previous run (from pixel 0 for the first), pixels numbered down the
+    columns (column-major); '-1' means no pneumothorax."""
+    values = [int(v) for v in rle.split()]
+    flat = np.zeros(height * width, dtype=bool)
+    if values == [-1]:
+        return flat.reshape(width, height).T
+    if len(values) % 2:
+        raise ValueError(f"odd number of values in run-length string {rle[:40]!r}")
+    end = 0
+    for offset, length in zip(values[0::2], values[1::2]):
+        start = end + offset
+        if offset < 0 or length <= 0 or start + length > flat.size:
+            raise ValueError(f"run {offset} {length} falls outside a {height}x{width} image")
+        flat[start:start + length] = True
+        end = start + length
+    return flat.reshape(width, height).T  # column-major: consecutive pixels run down a column
+
+
+def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
+    """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
+    out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
+    runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
+    with open(rle_csv, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        header = [h.strip() for h in next(rows, [])]
+        if header[:2] != ["ImageId", "EncodedPixels"]:
+            raise BadRecord(f"{rle_csv}: expected the header 'ImageId, EncodedPixels', got {header}")
+        for row in rows:
+            if not row:
+                continue
+            if len(row) < 2:
+                raise BadRecord(f"{rle_csv}, line {rows.line_num}: expected 'ImageId, EncodedPixels', got {row}")
+            runs.setdefault(row[0].strip(), []).append((rows.line_num, row[1].strip()))
+    os.makedirs(out, exist_ok=True)
+    positive = 0
+    for image_id, regions in progress(runs.items(), desc="masks", total=len(runs)):
+        mask = np.zeros((size, size), dtype=bool)
+        for line, rle in regions:
+            try:
+                mask |= decode_rle(rle, size, size)
+            except ValueError as e:
+                raise BadRecord(f"{rle_csv}, line {line}: {e}") from None
+        positive += bool(mask.any())
+        path = os.path.join(out, f"{image_id}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(f"{path}.tmp.png")
+        os.replace(f"{path}.tmp.png", path)  # a stopped run never leaves a half-written mask
+    print(f"wrote {len(runs)} masks to {out} ({positive} with pneumothorax)")
+    return len(runs)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -739,11 +791,17 @@ def main(argv=None):
     p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder holding files/pXX/...")
     p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv[.gz]: keep PA/AP views")
     p.add_argument("--out", default="training.csv")
+    p = sub.add_parser("siim-masks", help="SIIM-ACR train-rle.csv -> one <ImageId>.png mask per image")
+    p.add_argument("--rle", required=True, help="Kaggle's train-rle.csv")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=1024, help="image side the run lengths refer to")
     args = parser.parse_args(argv)
     if args.command == "synth":
         write_synthetic(args.out, args.n, args.size, args.seed)
     elif args.command == "resize":
         sys.exit(1 if resize_dataset(args.src, args.dst, args.size, args.workers) else 0)
+    elif args.command == "siim-masks":
+        write_siim_masks(args.rle, args.out, args.size)
     else:
         convert_mimic(args.reports, args.images, args.out, args.metadata)
 

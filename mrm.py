@@ -213,18 +213,32 @@ class ViT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) normalised image; ids_keep: (B, K) indices of the patches to encode, or None."""
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) normalised image; ids_keep: (B, K) indices of the patches to encode, or None.
+        Returns the input tokens (B, 1 + K, D), [CLS] first."""
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"ViT expects {self.img_size}x{self.img_size} input, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
         if ids_keep is not None:  # MRM: only the visible low-res patches enter the encoder
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + K, D)
+        return torch.cat([cls, x], dim=1)  # (B, 1 + K, D)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x, ids_keep)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def hidden_states(self, x: torch.Tensor, after: list[int]) -> list[torch.Tensor]:
+        """Fine-tuning: the tokens (B, 1 + L, D) after each block in `after` (1-based), before the final
+        norm (classification pools first and normalises after; segmentation taps blocks 4, 6, 8, 12)."""
+        x, out = self.embed(x), []
+        for k, block in enumerate(self.blocks[:max(after)], start=1):
+            x = block(x)
+            if k in after:
+                out.append(x)
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -533,6 +547,20 @@ class MRM(nn.Module):
 # Loading MAE's, the released MRM's and this project's checkpoints
 
 
+def interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + g*g, D) position table, [CLS] first -> (1, 1 + grid*grid, D), the grid part resized
+    bicubically, as the released fine-tuning does for a new input size (e.g. 14 x 14 -> 32 x 32 at 512 px).
+    The same size returns the table itself."""
+    g = math.isqrt(table.shape[1] - 1)
+    if g * g != table.shape[1] - 1:
+        raise ValueError(f"position table of {table.shape[1]} tokens is not [CLS] + a square grid")
+    if g == grid:
+        return table
+    patches = table[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)], dim=1)
+
+
 def _compact(keys) -> list[str]:
     """['blocks.0.norm1.weight', 'blocks.1.norm1.weight'] -> ['blocks.{0-1}.norm1.weight']: exact, but short."""
     groups = {}
@@ -571,11 +599,16 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
 
 
+def _cls_and_grid(table: torch.Tensor) -> bool:
+    return table.ndim == 3 and math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
+
+
 def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
     """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
     holding the ViT as `.encoder`), matching names across layouts:
       MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
       this project:       {'model': {'encoder.cls_token', 'image_decoder.decoder_blocks.0...', ...}}
+    A position table for another input size is interpolated (interpolate_pos_embed), not skipped.
     Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
     The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
     with the released helper's slip, see get_2d_sincos_pos_embed), which is what its decoder was trained with.
@@ -585,13 +618,19 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: not a model checkpoint (expected a state dict, or a dict with one under 'model')")
     target = module.state_dict()
-    loaded, unexpected, mismatched = {}, [], []
+    loaded, unexpected, mismatched, resized = {}, [], [], []
     for key, value in sd.items():
         key = ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))  # DDP, compile
         options = [key, "encoder." + key, "image_decoder." + key, key.removeprefix("encoder.")]
         name = next((k for k in options if k in target), None)
         if name is None:
             unexpected.append(key)
+        elif name.endswith("pos_embed") and target[name].shape[1] != value.shape[1] and \
+                target[name].shape[2:] == value.shape[2:] and _cls_and_grid(value) and _cls_and_grid(target[name]):
+            # another input size (segmentation at 512 px): resize the grid instead of dropping the table
+            grid = math.isqrt(target[name].shape[1] - 1)
+            loaded[name] = interpolate_pos_embed(value, grid)
+            resized.append(f"{name} {math.isqrt(value.shape[1] - 1)}^2 -> {grid}^2")
         elif target[name].shape != value.shape:
             mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target[name].shape)}")
         else:
@@ -603,7 +642,8 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
     if verbose:
         print(f"loaded {len(loaded)}/{len(target)} tensors of {type(module).__name__} from {path}")
         for title, keys in [("missing (left as initialised)", _compact(missing)),
-                            ("unexpected (ignored)", _compact(unexpected)), ("shape mismatch (skipped)", mismatched)]:
+                            ("unexpected (ignored)", _compact(unexpected)), ("shape mismatch (skipped)", mismatched),
+                            ("position table interpolated (bicubic)", resized)]:
             if keys:
                 print(f"  {title}: " + ", ".join(keys))
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "resized": resized}

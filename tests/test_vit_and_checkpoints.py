@@ -115,7 +115,7 @@ def test_load_mae_checkpoint_with_pickled_namespace(tmp_path, capsys):
     report = load_pretrained(vit, path)
     said = capsys.readouterr().out
     assert "weights_only=False" in said  # the fallback is announced, not silent
-    assert report == {"missing": [], "unexpected": [], "mismatched": []}
+    assert report == {"missing": [], "unexpected": [], "mismatched": [], "resized": []}
     assert torch.equal(vit.blocks[11].mlp.fc2.weight, sd["blocks.11.mlp.fc2.weight"])
 
 
@@ -151,7 +151,7 @@ def test_own_checkpoint_round_trip_and_wrapper_prefixes(tmp_path):
     torch.save({"model": {"module._orig_mod." + k: v for k, v in src.state_dict().items()},
                 "config": cfg.to_dict()}, path)
     dst = MRM(MRMConfig.from_dict(torch.load(path, weights_only=True)["config"]))
-    assert load_pretrained(dst, path) == {"missing": [], "unexpected": [], "mismatched": []}
+    assert load_pretrained(dst, path) == {"missing": [], "unexpected": [], "mismatched": [], "resized": []}
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(a, b), k
     vit = ViT(cfg.img_size, cfg.patch_size, 3, cfg.embed_dim, cfg.depth, cfg.num_heads)

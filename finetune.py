@@ -1,0 +1,838 @@
+"""Fine-tune the pre-trained encoder (SPEC.md section 3): multi-label classification scored by ROC-AUC
+(NIH ChestX-ray14, CheXpert, RSNA Pneumonia, COVID-19; Tables 1-3) and pneumothorax segmentation
+scored by Dice (SIIM-ACR).
+
+    python finetune.py                                    # synthetic findings, tiny model, CPU: minutes
+    python finetune.py --dataset nih --ratio 1 --init MRM.pth \\
+        --splits splits/NIH_ChestX-ray --image_root NIH/images   # Table 2, 1% labels
+    python finetune.py --task segment --dataset siim --ratio 10 --init MRM.pth \\
+        --splits splits/SIIM-ACR_Pneumothorax --image_root siim/dicom-images-train --mask_root siim/masks
+
+Every flag is a field of FinetuneConfig (`python finetune.py --help`). Writes to --out: results.json
+(test scores of the model selected on validation), log.jsonl, and per learning rate lr_<lr>/best.pt
+(the selected weights) and lr_<lr>/last.pt (to continue with --resume). One process, as the paper's
+classification runs (one GPU); mixed precision on a GPU.
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import data
+from mrm import MRMConfig, ViT, load_pretrained
+from train import amp_dtype, lr_at, save_checkpoint
+
+# Label columns of the released split lists (SPEC.md section 3), so tables print names, not indices.
+LABEL_NAMES = {
+    "nih": ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"),
+    "chexpert": ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
+    "rsna": ("Pneumonia",),
+    "covid": ("COVID-19",),          # COVID-19 vs other pneumonia
+    "viral": ("Viral pneumonia",),   # viral vs bacterial pneumonia
+    "siim": ("Pneumothorax",),
+    "synthetic": data.FINDINGS,
+}
+# Released classification schedules: (warm-up steps, total steps, lr) by dataset and label %, batch 96.
+SCHEDULES = {
+    ("nih", 1): (50, 3000, 3e-2), ("nih", 10): (500, 30000, 3e-3), ("nih", 100): (5000, 200000, 3e-3),
+    ("chexpert", 1): (150, 2000, 3e-3), ("chexpert", 10): (1500, 60000, 5e-4),
+    ("chexpert", 100): (15000, 200000, 5e-4),
+    ("rsna", 1): (50, 2000, 3e-3), ("rsna", 10): (200, 10000, 5e-4), ("rsna", 100): (2000, 50000, 5e-4),
+    ("covid", 100): (50, 1000, 3e-2), ("viral", 100): (50, 1000, 3e-2),
+    # ours: the synthetic demo (tiny encoder, batch 32), sized to finish within 5 minutes on a 2-core CPU
+    ("synthetic", 1): (20, 300, 1e-1), ("synthetic", 10): (20, 300, 1e-1), ("synthetic", 100): (20, 300, 1e-1),
+}
+CLASSIFY_BATCH = 96
+# Segmentation: AdamW lr 2e-5, weight decay 0.05, layer decay 0.65 (SPEC.md section 3). The paper gives no
+# step counts; warm-up 1,500 then 20,000 steps of batch 16 is ours (mmseg's usual warm-up, ~40 epochs of
+# SIIM's 7,969 training images). The tiny preset's line is the synthetic demo's.
+SEG_RECIPES = {
+    "base": dict(warmup_steps=1500, steps=20000, lr=2e-5, batch_size=16),
+    "tiny": dict(warmup_steps=50, steps=600, lr=1e-3, batch_size=32),
+}
+SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
+SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
+
+
+@dataclass
+class FinetuneConfig:
+    # what to learn
+    task: str = "classify"           # classify (ROC-AUC) or segment (Dice)
+    dataset: str = "synthetic"       # synthetic, nih, chexpert, rsna, covid, viral, siim, or custom (labels l1..lK)
+    ratio: int = 100                 # label % whose released schedule applies (1, 10, 100); with --splits, its train list
+    splits: str = ""                 # folder of released split lists: train_1/train_10/train_list by --ratio, val_list, test_list
+    train_list: str = ""             # lines 'relative/path l1 ... lK' (segmentation: image ids)
+    val_list: str = ""
+    test_list: str = ""
+    image_root: str = ""             # folder the list paths are relative to (default: the list's folder)
+    mask_root: str = ""              # segmentation: <id>.png masks, e.g. from `python data.py siim-masks`
+    label_fraction: float = 1.0      # train on a seeded random subset of the train list (datasets without 1%/10% lists)
+    num_records: int = 2000          # synthetic: training records (all synthetic splits are unseen in pre-training)
+    num_val: int = 500               # synthetic: validation records
+    num_test: int = 1000             # synthetic: test records
+    seg_findings: str = "pneumothorax"  # synthetic segmentation: findings whose masks are the target, comma-separated
+    # model
+    init: str = "auto"               # checkpoint: ours (train.py), MAE's or the released MRM.pth; none = scratch; auto: out/ckpt.pt if present
+    preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
+    input_size: int = 0              # 0: the encoder's pre-training size (classification), 512 for base segmentation
+    drop_path: float = 0.1           # stochastic depth of the encoder
+    linear_probe: bool = False       # freeze the encoder, train the new norm and head only
+    # optimisation (None: from the schedule of --dataset and --ratio)
+    lr: float | None = None
+    lr_grid: str = ""                # comma-separated lrs (e.g. 3e-2,3e-3,5e-4): run each, keep the best on validation
+    steps: int | None = None         # optimizer steps
+    warmup_steps: int | None = None
+    epochs: float | None = None      # instead of --steps: passes over the train list (warm-up scaled alike)
+    batch_size: int | None = None
+    eval_every: int | None = None    # steps between validations (default: 10 per run)
+    amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
+    num_workers: int = 2             # data loading processes
+    out: str = "out/finetune"        # results.json, log.jsonl, lr_<lr>/best.pt and last.pt
+    resume: bool = False             # continue each lr's run from its last.pt in --out
+    seed: int = 0                    # init of the new layers, data order, crops, label subset
+
+
+# -----------------------------------------------------------------------------
+# Metrics: pure numpy, checked against hand-worked values in tests/test_finetune.py
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first index of each tie group
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of ranks start+1 .. end
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """ROC-AUC per label: (N,) or (N, K) 0/1 truths and scores -> a float or (K,). Exact with ties: the
+    Mann-Whitney statistic on average ranks, i.e. P(score of a positive > a negative) + P(tie) / 2.
+    NaN for a label whose truths hold one class."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim == 1:
+        return roc_auc(y_true[:, None], y_score[:, None])[0]
+    aucs = np.full(y_true.shape[1], np.nan)
+    for k in range(y_true.shape[1]):
+        positive = y_true[:, k] > 0.5
+        n_pos, n_neg = positive.sum(), (~positive).sum()
+        if n_pos and n_neg:
+            ranks = _average_ranks(y_score[:, k])
+            aucs[k] = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return aucs
+
+
+def mean_auc(aucs: np.ndarray, names, split: str = "") -> float:
+    """The mean over labels that have both classes; a label left out is named in a warning."""
+    for name, auc in zip(names, aucs):
+        if np.isnan(auc):
+            warnings.warn(f"{split} label {name!r} has one class only: its AUC is undefined, left out of the mean")
+    return float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
+
+
+def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool predictions and truths -> (N,) Dice, 2|P & T| / (|P| + |T|). An empty truth scores 1
+    if the prediction is empty too, else 0 (the SIIM-ACR rule)."""
+    pred, target = np.asarray(pred, bool).reshape(len(pred), -1), np.asarray(target, bool).reshape(len(target), -1)
+    both = (pred & target).sum(1)
+    total = pred.sum(1) + target.sum(1)
+    return np.where(total == 0, 1.0, 2 * both / np.maximum(total, 1))
+
+
+# -----------------------------------------------------------------------------
+# Data: split lists (or synthetic records), training and test views
+
+
+def read_split_list(path: str, image_root: str, num_labels: int | None = None):
+    """A released split list: lines 'relative/path l1 ... lK'. Checks every line's label count and that
+    every image exists, naming the list and line. Returns (data.ImageFiles, labels (N, K) float32)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    paths, labels, lines = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                values = [float(v) for v in parts[1:]]
+            except ValueError:
+                values = [math.nan]
+            if not all(math.isfinite(v) for v in values):
+                raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
+            if num_labels is None:
+                num_labels = len(values)
+            if len(values) != num_labels or num_labels == 0:
+                raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
+            paths.append(parts[0])
+            labels.append(values)
+            lines.append(line_no)
+    if not paths:
+        raise data.BadRecord(f"{path}: the split list is empty")
+    missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        shown = "; ".join(f"line {n}: {os.path.join(root, p)}" for n, p in missing[:5])
+        raise data.BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
+    return data.ImageFiles(paths, root, csv_path=path, lines=lines), np.array(labels, dtype=np.float32)
+
+
+def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random fraction of n records (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    k = max(1, round(fraction * n))
+    return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
+
+
+class Subset:
+    """Records `ids` of an image source (ImageFiles, SyntheticFilms, ...), re-indexed 0..len-1."""
+
+    def __init__(self, source, ids):
+        self.source, self.ids = source, np.asarray(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, i):
+        return self.source.load(int(self.ids[i]))
+
+    def load_mask(self, i):
+        return self.source.load_mask(int(self.ids[i]))
+
+    def where(self, i):
+        return self.source.where(int(self.ids[i]))
+
+
+class SyntheticFilms:
+    """Synthetic records first..first+n-1 rendered once into memory, with their labels and masks."""
+
+    def __init__(self, first: int, n: int, size: int, findings=(), seed: int = 0):
+        self.first = first
+        keep = [data.FINDINGS.index(f) for f in findings]
+        images, masks, labels = [], [], []
+        for i in data.progress(range(first, first + n), desc="rendering synthetic records", unit=" records"):
+            rec = data.synth_record(i, size, seed)
+            images.append(rec["image"])
+            labels.append(rec["labels"])
+            if keep:
+                masks.append(rec["masks"][keep].any(0))
+        self.images, self.labels = np.stack(images), np.stack(labels).astype(np.float32)
+        self.masks = np.stack(masks) if keep else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return Image.fromarray(self.images[i])
+
+    def load_mask(self, i):
+        return Image.fromarray(self.masks[i].astype(np.uint8) * 255)
+
+    def where(self, i):
+        return f"synthetic record {self.first + i}"
+
+
+class MaskFiles:
+    """Segmentation masks <mask_root>/<id>.png, 0 = background, anything else = the finding."""
+
+    def __init__(self, ids, mask_root):
+        self.ids, self.root = list(ids), mask_root
+
+    def load_mask(self, i):
+        path = os.path.join(self.root, f"{self.ids[i]}.png")
+        try:
+            return data.load_image(path)
+        except data.BadRecord as e:
+            raise data.BadRecord(f"{e} (the mask of image {self.ids[i]})") from None
+
+
+def _stem(p: str) -> str:
+    return os.path.splitext(os.path.basename(p))[0]
+
+
+def read_id_list(path: str, image_root: str, mask_root: str):
+    """A SIIM split list (one image id a line, or a path whose stem is the id). Finds each id's image under
+    image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    ids = [_stem(line.split()[0]) for line in open(path, encoding="utf-8") if line.strip()]
+    found = {}
+    for folder, _, files in os.walk(image_root):
+        for name in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in data.IMAGE_SUFFIXES:
+                found.setdefault(stem, os.path.relpath(os.path.join(folder, name), image_root))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise data.BadRecord(f"{path}: {len(missing)} of {len(ids)} image ids have no image under {image_root}: "
+                             + ", ".join(missing[:5]))
+    no_mask = [i for i in ids if not os.path.exists(os.path.join(mask_root, f"{i}.png"))]
+    if no_mask:
+        raise data.BadRecord(f"{path}: {len(no_mask)} of {len(ids)} image ids have no {mask_root}/<id>.png mask "
+                             "(python data.py siim-masks writes them): " + ", ".join(no_mask[:5]))
+    return data.ImageFiles([found[i] for i in ids], image_root), MaskFiles(ids, mask_root)
+
+
+def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
+    """RandomResizedCrop(size) + horizontal flip (SPEC.md section 3), the mask (if any) cropped alike with
+    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
+    box = data.random_resized_crop_box(*img.size, rng, scale=scale)
+    flip = rng.random() < 0.5
+    out = []
+    for picture, resample in ((img, Image.BICUBIC), (mask, Image.NEAREST)):
+        if picture is None:
+            out.append(None)
+            continue
+        picture = picture.resize((size, size), resample, box=box)
+        out.append(np.asarray(picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture))
+    return out
+
+
+def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, center_crop: bool = True):
+    """Resize(size) + CenterCrop(size) in one resampling: the centred square of the shorter side, resized
+    (segmentation, center_crop=False: the whole image, so every pixel is scored)."""
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop else (0, 0, w, h)
+    image = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+    return image, None if mask is None else np.asarray(mask.resize((size, size), Image.NEAREST, box=box))
+
+
+class StepSampler(Sampler):
+    """Training positions from start_step * batch to steps * batch. Position p is record perm_e[p % n] of
+    epoch e = p // n, and p also seeds that sample's crop: so the run is a function of the seed alone,
+    and a run resumed at a step draws exactly what the stopped one would have."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start_step: int = 0):
+        self.n, self.batch_size, self.steps, self.seed, self.start_step = n, batch_size, steps, seed, start_step
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.batch_size
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        for p in range(self.start_step * self.batch_size, self.steps * self.batch_size):
+            if p // self.n != epoch:
+                epoch = p // self.n
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            yield int(perm[p % self.n]), p
+
+
+class FinetuneDataset(Dataset):
+    """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn
+    with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
+
+    def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0):
+        self.images, self.size, self.labels, self.masks, self.seed = images, size, labels, masks, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key) -> dict:
+        i, position = key if isinstance(key, tuple) else (key, None)
+        img = self.images.load(i)
+        mask = self.masks.load_mask(i) if self.masks is not None else None
+        if mask is not None and mask.size != img.size:  # SIIM masks are 1024 px; the image may be shrunk
+            mask = mask.resize(img.size, Image.NEAREST)
+        if position is None:
+            image, mask = eval_view(img, self.size, mask, center_crop=mask is None)
+        else:
+            rng = np.random.default_rng([self.seed, position])
+            # segmentation keeps at least half the image: a pneumothorax sits at the lung's edge
+            image, mask = train_view(img, self.size, rng, (0.08, 1.0) if mask is None else (0.5, 1.0), mask)
+        target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
+        return {"image": torch.from_numpy(image.copy())[None], "target": target}
+
+
+# -----------------------------------------------------------------------------
+# Models: the encoder plus a classification head or a segmentation head
+
+
+class Classifier(nn.Module):
+    """Encoder, mean of the patch tokens, new LayerNorm (fc_norm), Linear head (SPEC.md section 3)."""
+
+    def __init__(self, encoder: ViT, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.norm.requires_grad_(False)  # unused: pooling comes first, then fc_norm (MAE's global pool)
+        dim = encoder.cls_token.shape[-1]
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_labels)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # near 0: every label starts at p = 0.5
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):  # x: (B, 3, S, S) normalised -> logits (B, K)
+        tokens = self.encoder.hidden_states(x, [len(self.encoder.blocks)])[-1]  # (B, 1 + L, D)
+        return self.head(self.fc_norm(tokens[:, 1:].mean(dim=1)))
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class Segmenter(nn.Module):
+    """ViT tokens after blocks 4, 6, 8, 12 (a third, half, two thirds and all of the depth) -> a pyramid at
+    x4, x2, x1, x0.5 of the patch grid -> a light UPerNet head (lateral convs, top-down fusion, pyramid
+    pooling on the coarsest level) -> one logit per pixel at the input size (SPEC.md section 3)."""
+
+    def __init__(self, encoder: ViT, channels: int | None = None, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.norm.requires_grad_(False)  # unused: the taps are taken before it
+        d, depth = encoder.cls_token.shape[-1], len(encoder.blocks)
+        c = channels or d // 3  # 256 for ViT-B: lighter than UPerNet's usual 512
+        self.taps = [depth // 3, depth // 2, 2 * depth // 3, depth]
+        up = lambda: nn.ConvTranspose2d(d, d, kernel_size=2, stride=2)  # noqa: E731
+        self.rescale = nn.ModuleList([nn.Sequential(up(), nn.BatchNorm2d(d), nn.GELU(), up()),  # x4
+                                      up(), nn.Identity(), nn.MaxPool2d(2)])  # x2, x1, x0.5
+        self.lateral = nn.ModuleList([conv_bn_relu(d, c, 1) for _ in range(3)])
+        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(d, c, 1)) for s in pool_scales])
+        self.ppm_out = conv_bn_relu(d + len(pool_scales) * c, c, 3)
+        self.fpn = nn.ModuleList([conv_bn_relu(c, c, 3) for _ in range(3)])
+        self.fuse = conv_bn_relu(4 * c, c, 3)
+        self.classifier = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x):  # x: (B, 3, S, S) normalised -> logits (B, 1, S, S)
+        g = self.encoder.grid_size
+        grids = [t[:, 1:].transpose(1, 2).unflatten(2, (g, g)) for t in self.encoder.hidden_states(x, self.taps)]
+        pyramid = [r(t) for r, t in zip(self.rescale, grids)]  # (B, D, 4g), (B, D, 2g), (B, D, g), (B, D, g/2)
+        top = pyramid[3]
+        pooled = [F.interpolate(p(top), size=top.shape[-2:], mode="bilinear", align_corners=False) for p in self.ppm]
+        levels = [lat(p) for lat, p in zip(self.lateral, pyramid[:3])] + [self.ppm_out(torch.cat([top] + pooled, 1))]
+        for i in (3, 2, 1):  # top-down: each level gains the coarser one's context
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear",
+                                                          align_corners=False)
+        outs = [conv(lv) for conv, lv in zip(self.fpn, levels[:3])] + [levels[3]]
+        size = outs[0].shape[-2:]  # 4g: a quarter of the input
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
+        logits = self.classifier(self.fuse(torch.cat(outs, dim=1)))  # (B, 1, 4g, 4g)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.25):
+    """Binary focal loss (RetinaNet's), mean over pixels: easy background pixels weigh little."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_true = p * target + (1 - p) * (1 - target)
+    weight = alpha * target + (1 - alpha) * (1 - target)
+    return (weight * (1 - p_true) ** gamma * ce).mean()
+
+
+def dice_loss(logits, target, smooth: float = 1.0):
+    """1 - soft Dice per image, averaged: the overlap term the metric rewards."""
+    p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> list[dict]:
+    """AdamW groups with layer-wise lr decay: the head at the full lr, block i of the encoder at
+    decay^(depth - i), the patch embedding at decay^(depth + 1); no weight decay on 1-D parameters."""
+    depth = len(model.encoder.blocks)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = depth + 1  # head
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith("encoder."):
+            layer = 0  # patch embedding, [CLS]
+        wd = 0.0 if p.ndim == 1 else weight_decay
+        group = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": decay ** (depth + 1 - layer)})
+        group["params"].append(p)
+    return list(groups.values())
+
+
+def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0) -> float:
+    """Linear warm-up, then polynomial decay to 0 (mmseg's schedule for the segmentation runs)."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * (1 - min(step - warmup, total - warmup) / max(1, total - warmup)) ** power
+
+
+# -----------------------------------------------------------------------------
+# Putting a run together
+
+
+def resolve_lists(cfg: FinetuneConfig) -> FinetuneConfig:
+    """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
+    if cfg.task not in ("classify", "segment"):
+        raise ValueError(f"--task must be classify or segment, got {cfg.task!r}")
+    if cfg.splits:
+        if cfg.ratio not in SPLIT_FILES:
+            raise ValueError(f"--ratio must be one of {sorted(SPLIT_FILES)} with --splits, got {cfg.ratio}")
+        for field, name in (("train_list", SPLIT_FILES[cfg.ratio]), ("val_list", "val_list.txt"),
+                            ("test_list", "test_list.txt")):
+            if not getattr(cfg, field):
+                setattr(cfg, field, os.path.join(cfg.splits, name))
+    return cfg
+
+
+def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> FinetuneConfig:
+    """Fill steps, warm-up, lr and batch from the released schedule of (--dataset, --ratio), or for
+    segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
+    if cfg.task == "segment":
+        r = SEG_RECIPES[preset]
+        warmup, steps, lr, batch = r["warmup_steps"], r["steps"], r["lr"], r["batch_size"]
+    else:
+        schedule = SCHEDULES.get((cfg.dataset, cfg.ratio))
+        if schedule is None and ((cfg.steps is None and cfg.epochs is None) or (cfg.lr is None and not cfg.lr_grid)):
+            raise ValueError(f"no released schedule for --dataset {cfg.dataset} --ratio {cfg.ratio}: "
+                             "give --steps (or --epochs) and --lr (or --lr_grid)")
+        warmup, steps, lr = schedule or (0, 1, None)
+        batch = 32 if cfg.dataset == "synthetic" else CLASSIFY_BATCH
+    cfg.batch_size = cfg.batch_size or batch
+    cfg.lr = cfg.lr if cfg.lr is not None else lr
+    if cfg.epochs is not None:
+        cfg.steps = max(1, round(cfg.epochs * n_train / cfg.batch_size))
+    elif cfg.steps is None:
+        cfg.steps = steps
+    if cfg.warmup_steps is None:
+        cfg.warmup_steps = warmup if cfg.steps == steps else round(warmup / steps * cfg.steps)
+    cfg.eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+    return cfg
+
+
+def pick_init(cfg: FinetuneConfig) -> str:
+    if cfg.init == "auto":
+        default = "out/ckpt.pt"
+        if os.path.exists(default):
+            return default
+        print(f"no {default} (from `python train.py`): fine-tuning from scratch; --init PATH picks weights")
+        return "none"
+    return cfg.init
+
+
+def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
+    """The encoder's sizes: from this project's checkpoint (it records them), else the preset."""
+    if init != "none":
+        try:  # ours hold tensors and plain values only; MAE's and the released file are left to load_pretrained
+            ckpt = torch.load(init, map_location="cpu", weights_only=True)
+        except Exception:
+            ckpt = None
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
+            sizes = MRMConfig.from_dict(ckpt["model_config"])
+            if cfg.preset not in ("auto", "") and MRMConfig.from_preset(cfg.preset).embed_dim != sizes.embed_dim:
+                raise ValueError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {cfg.preset}")
+            return sizes
+    preset = cfg.preset if cfg.preset not in ("auto", "") else "tiny" if cfg.dataset == "synthetic" else "base"
+    return MRMConfig.from_preset(preset)
+
+
+def build_splits(cfg: FinetuneConfig, size: int) -> tuple[dict, tuple]:
+    """{'train', 'val', 'test'} FinetuneDatasets and the label names."""
+    cfg = resolve_lists(cfg)
+    segment = cfg.task == "segment"
+    if cfg.dataset == "synthetic" and not cfg.train_list:
+        findings = [f.strip() for f in cfg.seg_findings.split(",")] if segment else []
+        unknown = [f for f in findings if f not in data.FINDINGS]
+        if unknown:
+            raise ValueError(f"--seg_findings: unknown {unknown}; choose from {data.FINDINGS}")
+        render = min(2 * size, 512)  # as pre-training saw them: crops of a larger film
+        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
+        splits, first = {}, SYNTH_START
+        for name, n in counts.items():
+            films = SyntheticFilms(first, n, render, findings)
+            splits[name] = (films, films.labels, films if segment else None)
+            first += n
+        names = ("+".join(findings),) if segment else data.FINDINGS
+    else:
+        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
+        empty = [k for k, v in lists.items() if not v]
+        if empty:
+            raise ValueError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
+        splits = {}
+        for name, path in lists.items():
+            if segment:
+                images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
+                                             cfg.mask_root)
+                splits[name] = (images, None, masks)
+            else:
+                expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
+                images, labels = read_split_list(path, cfg.image_root, expected)
+                splits[name] = (images, labels, None)
+        k = splits["train"][1].shape[1] if not segment else 1
+        names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
+    images, labels, masks = splits["train"]
+    if cfg.label_fraction < 1:
+        keep = label_subset(len(images), cfg.label_fraction, cfg.seed)
+        images = Subset(images, keep)
+        labels = labels[keep] if labels is not None else None
+        masks = Subset(masks, keep) if masks is not None else None
+        splits["train"] = (images, labels, masks)
+    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed)
+                for name, (img, lab, msk) in splits.items()}
+    return datasets, names
+
+
+def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: int, size: int, verbose=True):
+    """The encoder at input `size` (its position table interpolated from the checkpoint's if the size
+    differs), loaded from `init`, under a new classification or segmentation head."""
+    encoder = ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
+                  sizes.mlp_ratio, drop_path_rate=cfg.drop_path)
+    if init != "none":
+        report = load_pretrained(encoder, init, verbose=False)
+        if verbose:  # the pre-training decoders are expected to go unused: count them, list what matters
+            total = len(encoder.state_dict())
+            unused = {}
+            for key in report["unexpected"]:
+                unused[key.split(".")[0]] = unused.get(key.split(".")[0], 0) + 1
+            print(f"encoder: {total - len(report['missing'])}/{total} tensors from {init}"
+                  + "".join(f"; position table {r}" for r in report["resized"])
+                  + ("; unused: " + ", ".join(f"{k} ({n})" for k, n in unused.items()) if unused else ""))
+            for title, keys in (("missing, left as initialised", report["missing"]),
+                                ("shape mismatch, skipped", report["mismatched"])):
+                if keys:
+                    print(f"  {title}: " + ", ".join(keys))
+    model = Classifier(encoder, num_labels) if cfg.task == "classify" else Segmenter(encoder)
+    if cfg.linear_probe:
+        encoder.requires_grad_(False)
+    return model
+
+
+def to_input(images: torch.Tensor, device, sizes: MRMConfig) -> torch.Tensor:
+    """(B, 1, S, S) uint8 -> (B, 3, S, S) normalised floats, on the device (the loader ships bytes)."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return ((x - sizes.pixel_mean) / sizes.pixel_std).expand(-1, sizes.in_chans, -1, -1)
+
+
+@torch.no_grad()
+def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype, desc: str):
+    """Classification: (AUC per label (K,), scores (N, K)); segmentation: (Dice per image (N,), None)."""
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    scores, truths = [], []
+    for batch in data.progress(loader, desc=desc):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(to_input(batch["image"], device, sizes)).float()
+        if cfg.task == "classify":
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+        else:  # a pixel is the finding where its logit is above 0 (p > 0.5)
+            scores.append(dice_per_image((logits[:, 0] > 0).cpu().numpy(), batch["target"].numpy()))
+            continue
+        truths.append(batch["target"].numpy())
+    model.train(was_training)
+    if cfg.task == "classify":
+        scores = np.concatenate(scores)
+        return roc_auc(np.concatenate(truths), scores), scores
+    return np.concatenate(scores), None
+
+
+def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
+    """The one number a run is judged by: mean AUC over labels, or mean Dice over images."""
+    return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every"}
+
+
+def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
+        device, dtype) -> dict:
+    """Fine-tune at one learning rate; keep the weights with the best validation score in run_dir/best.pt.
+    Returns {'lr', 'val', 'step', 'checkpoint'}."""
+    os.makedirs(run_dir, exist_ok=True)
+    best_path, last_path, log_path = (os.path.join(run_dir, f) for f in ("best.pt", "last.pt", "log.jsonl"))
+    classify = cfg.task == "classify"
+    torch.manual_seed(cfg.seed)  # the new head's init, drop-path
+    model = build_model(cfg, sizes, init, len(names), datasets["train"].size).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if classify:  # SPEC.md section 3: SGD, momentum 0.9, no weight decay
+        optimizer = torch.optim.SGD([{"params": params, "lr_scale": 1.0}], lr=lr, momentum=0.9, weight_decay=0.0)
+    else:  # AdamW, weight decay 0.05, layer-wise lr decay 0.65
+        optimizer = torch.optim.AdamW(layer_decay_groups(model, 0.05, 0.65), lr=lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    config = {**asdict(cfg), "lr": lr}
+    step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
+    if cfg.resume and os.path.exists(last_path):
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and state["config"].get(k) != config[k])
+        if changed:
+            raise ValueError(f"{last_path}: --resume continues the same run; changed: "
+                             + ", ".join(f"{k} {state['config'].get(k)!r} -> {config[k]!r}" for k in changed))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best"]
+        print(f"{last_path}: resuming at step {step}/{cfg.steps}")
+        if os.path.exists(log_path):  # drop what the stopped run logged after this checkpoint
+            kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    if step >= cfg.steps:
+        return best
+
+    train_set = datasets["train"]
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        sampler=StepSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step=step),
+                        pin_memory=device.type == "cuda")
+    batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
+    if step:
+        torch.set_rng_state(state["rng"])  # drop-path continues where the stopped run left it
+    schedule = lr_at if classify else poly_lr_at  # cosine (classification), polynomial (segmentation)
+    model.train()
+    if cfg.linear_probe:
+        model.encoder.eval()  # frozen: no drop-path either
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"lr {lr:g}", leave=False, dynamic_ncols=True, disable=None)
+    loss_sum = torch.zeros((), device=device)
+    for batch in batches:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step, cfg.steps, cfg.warmup_steps, lr) * group["lr_scale"]
+        x, target = to_input(batch["image"], device, sizes), batch["target"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        if classify:  # BCE-with-logits per label, in fp32
+            loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        else:  # focal + dice (Sec. 4.6)
+            mask = target[:, None].float()
+            loss = focal_loss(logits.float(), mask) + dice_loss(logits.float(), mask)
+        scaler.scale(loss).backward()
+        if classify:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum += loss.detach()
+        bar.update()
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        # a validation: the only host sync of the loop
+        train_loss = loss_sum.item() / (step - (step - 1) // cfg.eval_every * cfg.eval_every)
+        loss_sum.zero_()
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. "
+                                f"{best_path} and {last_path} are left as they were: lower the lr, or --amp off")
+        values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
+        val = summary(values, names, cfg, "validation")
+        if val > best["val"]:
+            best.update(val=val, step=step)
+            save_checkpoint(best_path, {"model": model.state_dict(), "step": step, "val": val, "config": config,
+                                        "model_config": sizes.to_dict(), "labels": list(names)})
+        save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(), "step": step, "best": best, "config": config,
+                                    "rng": torch.get_rng_state()})
+        record = {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
+                  ("val_auc_mean" if classify else "val_dice"): val}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best['val']:.4f}")
+    bar.close()
+    print(f"lr {lr:g}: best validation {'mean AUC' if classify else 'Dice'} {best['val']:.4f} at step {best['step']}")
+    return best
+
+
+def print_table(names, values, title: str):
+    width = max(len(n) for n in list(names) + [title]) + 2
+    print(f"{title:<{width}}{'AUC':>7}")
+    for name, v in zip(names, values):
+        print(f"{name:<{width}}{v:7.4f}")
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = amp_dtype(cfg, device)
+    init = pick_init(cfg)
+    sizes = encoder_sizes(cfg, init)
+    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
+    size = cfg.input_size or (sizes.img_size if cfg.task == "classify" else 512 if preset == "base" else 2 * sizes.img_size)
+    if size % sizes.patch_size:
+        raise ValueError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    datasets, names = build_splits(cfg, size)
+    cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
+    lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
+    print(f"fine-tuning ({cfg.task}) {preset} encoder from {init} at {size} px on {cfg.dataset}: "
+          f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
+          f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
+          f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}")
+    os.makedirs(cfg.out, exist_ok=True)
+    runs = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
+            for lr in lrs]
+    chosen = max(runs, key=lambda r: r["val"])  # selected on validation only
+
+    # the test split, scored once, with the selected weights
+    model = build_model(cfg, sizes, "none", len(names), size).to(device)
+    model.load_state_dict(torch.load(chosen["checkpoint"], map_location="cpu", weights_only=True)["model"])
+    values, _ = evaluate(model, datasets["test"], cfg, sizes, device, dtype, "test")
+    test = summary(values, names, cfg, "test")
+    results = {"task": cfg.task, "dataset": cfg.dataset, "init": init, "selected_lr": chosen["lr"],
+               "best_step": chosen["step"], "checkpoint": chosen["checkpoint"],
+               "val_by_lr": {f"{r['lr']:g}": r["val"] for r in runs},
+               "sizes": {k: len(d) for k, d in datasets.items()}, "config": asdict(cfg)}
+    clean = lambda v: None if np.isnan(v) else float(v)  # noqa: E731 (JSON has no NaN)
+    if cfg.task == "classify":
+        results.update(val_auc_mean=chosen["val"], test_auc={n: clean(v) for n, v in zip(names, values)},
+                       test_auc_mean=clean(test))
+        print_table(list(names) + ["mean"], list(values) + [test], f"test ({len(datasets['test'])} images)")
+    else:
+        results.update(val_dice=chosen["val"], test_dice=test)
+        print(f"test Dice {test:.4f} over {len(values)} images")
+    path = os.path.join(cfg.out, "results.json")
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+    print(f"selected lr {chosen['lr']:g} (step {chosen['step']}); results in {path}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Command line: the flags are FinetuneConfig's fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # each flag's help is the comment beside its field ('%' doubled for argparse)
+    helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(FinetuneConfig), flags=re.M))
+    for f in fields(FinetuneConfig):
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
+        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=text,
+                                choices=CHOICES.get(f.name))
+    return parser
+
+
+CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
+           "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"]}
+
+
+def main(argv=None):
+    cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        run(cfg)
+    except (NonFiniteLoss, data.BadRecord, FileNotFoundError) as e:
+        print(f"finetune.py: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""finetune.py: metrics against hand-worked values, the data views, the heads, and whole runs on synthetic data."""
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import finetune
+from finetune import FinetuneConfig, dice_per_image, label_subset, roc_auc
+from mrm import ViT, get_2d_sincos_pos_embed, interpolate_pos_embed, load_pretrained
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def test_roc_auc_by_hand():
+    # positives 0.35 and 0.8, negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    # a positive tied with a negative counts half: (0.5 + 1 + 1 + 1) / 4
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == 0.875
+    assert roc_auc([0, 1, 1, 0, 1], [0.3] * 5) == 0.5  # all tied
+    assert roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
+    # three tied positives and a negative inside the tie: ranks 1, 3, 3, 3, 5 -> (3 + 3 + 5 - 6) / 6... by pairs:
+    # positives 0.5, 0.5, 0.9 vs negatives 0.1, 0.5: (1 + .5) + (1 + .5) + (1 + 1) = 5 of 6
+    assert roc_auc([1, 1, 1, 0, 0], [0.5, 0.5, 0.9, 0.1, 0.5]) == pytest.approx(5 / 6)
+
+
+def test_roc_auc_per_label_and_single_class():
+    y = np.array([[0, 1], [1, 1], [0, 1], [1, 1]])
+    s = np.array([[0.1, 0.3], [0.9, 0.2], [0.2, 0.1], [0.8, 0.4]])
+    aucs = roc_auc(y, s)
+    assert aucs[0] == 1.0 and math.isnan(aucs[1])  # label 2 has positives only
+    with pytest.warns(UserWarning, match="'Edema' has one class only"):
+        assert finetune.mean_auc(aucs, ["Cardiomegaly", "Edema"], "test") == 1.0
+
+
+def test_roc_auc_matches_pair_counting():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = rng.integers(0, 10, 200) / 10  # many ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert roc_auc(y, s) == pytest.approx(pairs, abs=1e-12)
+
+
+def test_dice_per_image_by_hand():
+    pred = np.zeros((4, 2, 2), bool)
+    target = np.zeros((4, 2, 2), bool)
+    # 0: both empty -> 1; 1: empty truth, a false alarm -> 0; 2: missed finding -> 0
+    pred[1, 0, 0] = True
+    target[2, 1, 1] = True
+    # 3: two predicted pixels, two true ones, one shared -> 2 * 1 / (2 + 2)
+    pred[3, 0, :] = True
+    target[3, :, 0] = True
+    assert dice_per_image(pred, target).tolist() == [1.0, 0.0, 0.0, 0.5]
+
+
+def test_segmentation_losses_by_hand():
+    logits, target = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    # p = 0.5 everywhere: alpha * (1 - p)^2 * ln 2
+    assert finetune.focal_loss(logits, target).item() == pytest.approx(0.25 * 0.25 * math.log(2))
+    # soft Dice with p = 0.5 on 4 true pixels: 1 - (2 * 2 + 1) / (2 + 4 + 1)
+    assert finetune.dice_loss(logits, target).item() == pytest.approx(1 - 5 / 7)
+    assert finetune.dice_loss(torch.full((1, 1, 2, 2), 30.0), target).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_poly_lr():
+    assert finetune.poly_lr_at(0, 100, 10, 1.0) == 0.0
+    assert finetune.poly_lr_at(5, 100, 10, 1.0) == 0.5
+    assert finetune.poly_lr_at(10, 100, 10, 1.0) == 1.0
+    assert finetune.poly_lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert finetune.poly_lr_at(100, 100, 10, 1.0) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def test_decode_rle_column_major_runs():
+    # pixels numbered down the columns of a 3 x 3 image; offsets count from the previous run's end
+    m = data.decode_rle("1 2 3 1", 3, 3)  # pixels 1, 2 and 6
+    assert m.astype(int).tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0]]
+    assert not data.decode_rle("-1", 3, 3).any()
+    with pytest.raises(ValueError, match="outside"):
+        data.decode_rle("8 2", 3, 3)
+    with pytest.raises(ValueError, match="odd"):
+        data.decode_rle("1 2 3", 3, 3)
+
+
+def test_siim_masks_union_rows(tmp_path):
+    csv = tmp_path / "train-rle.csv"
+    csv.write_text("ImageId, EncodedPixels\n"
+                   "a, 0 2\n"        # first region of a: pixels 0, 1 (column 0, rows 0-1)
+                   "b, -1\n"
+                   "a, 12 4\n")      # second region of a: pixels 12..15 (column 3)
+    assert data.write_siim_masks(csv, tmp_path / "masks", size=4) == 2
+    a = np.asarray(Image.open(tmp_path / "masks" / "a.png"))
+    expected = np.zeros((4, 4), np.uint8)
+    expected[0:2, 0] = 255
+    expected[:, 3] = 255
+    assert (a == expected).all()
+    assert not np.asarray(Image.open(tmp_path / "masks" / "b.png")).any()
+    csv.write_text("ImageId, EncodedPixels\na, 0 2\nc, 99 1\n")
+    with pytest.raises(data.BadRecord, match="line 3"):
+        data.write_siim_masks(csv, tmp_path / "masks", size=4)
+    csv.write_text("id,rle\na, 0 2\n")
+    with pytest.raises(data.BadRecord, match="header"):
+        data.write_siim_masks(csv, tmp_path / "masks", size=4)
+
+
+def test_label_fraction_subset_sizes():
+    assert len(label_subset(78467, 0.01, 0)) == 785  # NIH's 1% list has 785 images
+    assert len(label_subset(1000, 0.1, 0)) == 100
+    assert len(label_subset(7, 0.01, 0)) == 1  # never empty
+    a, b = label_subset(1000, 0.1, 0), label_subset(1000, 0.1, 1)
+    assert (a == label_subset(1000, 0.1, 0)).all() and not (a == b).all()  # seeded
+    assert len(np.unique(a)) == len(a) and (np.diff(a) > 0).all()
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError):
+            label_subset(10, bad, 0)
+
+
+def write_list(tmp_path, lines, images=("a.png", "b.png")):
+    for name in images:
+        Image.new("L", (40, 30), 100).save(tmp_path / name)
+    path = tmp_path / "list.txt"
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_read_split_list_and_its_errors(tmp_path):
+    files, labels = finetune.read_split_list(write_list(tmp_path, ["a.png 0 1", "", "b.png 1 0 "]), "")
+    assert len(files) == 2 and labels.tolist() == [[0, 1], [1, 0]]
+    assert "line 3" in files.where(1)
+    with pytest.raises(data.BadRecord, match=r"list.txt, line 2: expected 2 labels, got 1"):
+        finetune.read_split_list(write_list(tmp_path, ["a.png 0 1", "b.png 1"]), "")
+    with pytest.raises(data.BadRecord, match="line 1: labels must be numbers"):
+        finetune.read_split_list(write_list(tmp_path, ["a.png 0 nan"]), "")
+    with pytest.raises(data.BadRecord, match=r"1 of 2 images missing .*line 2: .*c.png"):
+        finetune.read_split_list(write_list(tmp_path, ["a.png 1", "c.png 0"]), "")
+    with pytest.raises(data.BadRecord, match="expected 14 labels"):
+        finetune.read_split_list(write_list(tmp_path, ["a.png 0 1"]), "", num_labels=14)
+    with pytest.raises(data.BadRecord, match="empty"):
+        finetune.read_split_list(write_list(tmp_path, []), "")
+
+
+def test_step_sampler_epochs_and_resume():
+    full = list(finetune.StepSampler(n=5, batch_size=2, steps=6, seed=3))
+    assert [p for _, p in full] == list(range(12))
+    for epoch in range(2):  # each epoch is a permutation of the records
+        assert sorted(i for i, _ in full[5 * epoch:5 * epoch + 5]) == list(range(5))
+    assert list(finetune.StepSampler(5, 2, 6, seed=3, start_step=4)) == full[8:]
+
+
+def test_train_view_crops_mask_with_image():
+    img = np.zeros((60, 80), np.uint8)
+    img[:, :30] = 255  # bright left part, which the mask marks
+    image, mask = Image.fromarray(img), Image.fromarray((img > 0).astype(np.uint8) * 255)
+    flips = 0
+    for seed in range(20):
+        a, m = finetune.train_view(image, 32, np.random.default_rng(seed), (0.5, 1.0), mask)
+        assert a.shape == m.shape == (32, 32)
+        agree = ((a > 127) == (m > 0)).mean()
+        assert agree > 0.95
+        flips += m[:, -1].mean() > m[:, 0].mean()  # the marked side moved right
+    assert 0 < flips < 20
+
+
+def test_test_view_is_centre_square():
+    img = np.zeros((40, 80), np.uint8)
+    img[:, 20:60] = 200  # the centred 40 x 40 square
+    out, _ = finetune.eval_view(Image.fromarray(img), 20)
+    # bicubic reads a pixel beyond the box at its edges: the border columns blend a little black in
+    assert (out[:, 1:-1] >= 199).all() and (out > 150).all()
+
+
+# -----------------------------------------------------------------------------
+# Models
+
+
+def test_classifier_head_init_and_pooling():
+    torch.manual_seed(0)
+    enc = ViT(32, 8, 3, 48, 2, 3)
+    model = finetune.Classifier(enc, 14)
+    w = model.head.weight
+    # trunc_normal_(std=2e-5) cuts at +-2 absolute (as MAE's timm call): in effect normal(0, 2e-5)
+    assert w.std().item() == pytest.approx(2e-5, rel=0.2) and w.abs().max().item() < 1e-4
+    assert (model.head.bias == 0).all()
+    x = torch.randn(2, 3, 32, 32)
+    probs = torch.sigmoid(model(x))
+    assert probs.shape == (2, 14) and (probs - 0.5).abs().max() < 1e-3  # every label starts near 0.5
+    # GAP of the last block's patch tokens (not [CLS], not the encoder's final norm), then fc_norm
+    tokens = enc.hidden_states(x, [2])[0]
+    assert torch.allclose(model(x), model.head(model.fc_norm(tokens[:, 1:].mean(1))))
+    hidden = enc.hidden_states(x, [1, 2])
+    assert torch.allclose(enc.norm(hidden[1]), enc(x), atol=1e-6)
+
+
+def test_position_table_interpolation():
+    table = torch.from_numpy(get_2d_sincos_pos_embed(16, 4, cls_token=True))[None]
+    assert interpolate_pos_embed(table, 4) is table  # same size: the table itself
+    big = interpolate_pos_embed(table, 8)
+    assert big.shape == (1, 65, 16) and torch.equal(big[:, 0], table[:, 0])  # [CLS] row kept
+    grid = big[0, 1:].reshape(8, 8, 16)
+    # a constant table stays constant under bicubic resizing
+    const = torch.ones(1, 17, 4)
+    assert torch.allclose(interpolate_pos_embed(const, 6), torch.ones(1, 37, 4), atol=1e-6)
+    assert torch.isfinite(grid).all()
+
+
+def test_load_pretrained_interpolates_position_table(tmp_path, capsys):
+    torch.manual_seed(0)
+    small = ViT(32, 8, 3, 48, 2, 3)
+    path = tmp_path / "w.pt"
+    torch.save({"model": small.state_dict()}, path)
+    big = ViT(64, 8, 3, 48, 2, 3)
+    report = load_pretrained(big, path)
+    assert report["resized"] == ["pos_embed 4^2 -> 8^2"] and not report["mismatched"]
+    assert torch.equal(big.pos_embed, interpolate_pos_embed(small.pos_embed, 8))
+    assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    assert "position table interpolated" in capsys.readouterr().out
+
+
+def test_segmenter_shapes_and_taps():
+    enc = ViT(64, 8, 3, 48, 12, 3)
+    model = finetune.Segmenter(enc).eval()
+    assert model.taps == [4, 6, 8, 12]  # SPEC: blocks 4, 6, 8, 12
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
+    out.sum().backward()
+    assert enc.blocks[11].mlp.fc2.weight.grad is not None and enc.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_layer_decay_groups():
+    enc = ViT(32, 8, 3, 48, 12, 3)
+    model = finetune.Segmenter(enc)
+    groups = finetune.layer_decay_groups(model, 0.05, 0.65)
+    scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert scale[id(model.classifier.weight)] == (1.0, 0.05)
+    assert scale[id(enc.blocks[11].attn.qkv.weight)] == (pytest.approx(0.65), 0.05)
+    assert scale[id(enc.blocks[0].attn.qkv.bias)] == (pytest.approx(0.65 ** 12), 0.0)
+    assert scale[id(enc.patch_embed.proj.weight)] == (pytest.approx(0.65 ** 13), 0.05)
+    assert id(enc.pos_embed) not in scale and id(enc.norm.weight) not in scale  # frozen / unused
+
+
+# -----------------------------------------------------------------------------
+# Whole runs on synthetic records (tiny model, a few steps)
+
+
+def small_config(tmp_path, **kw) -> FinetuneConfig:
+    base = dict(init="none", num_records=32, num_val=16, num_test=24, steps=4, eval_every=2, batch_size=8,
+                num_workers=0, out=str(tmp_path / "ft"))
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_classification_end_to_end(tmp_path):
+    results = finetune.run(small_config(tmp_path))
+    assert set(results["test_auc"]) == set(data.FINDINGS)
+    assert 0 <= results["test_auc_mean"] <= 1 and results["sizes"] == {"train": 32, "val": 16, "test": 24}
+    saved = json.loads(Path(tmp_path / "ft" / "results.json").read_text())
+    assert saved["test_auc_mean"] == results["test_auc_mean"]
+    best = torch.load(results["checkpoint"], weights_only=True)
+    assert best["step"] == results["best_step"] and best["labels"] == list(data.FINDINGS)
+    log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
+    assert [r["step"] for r in log] == [2, 4]
+
+
+def test_lr_grid_selects_on_validation_and_tests_once(tmp_path, monkeypatch):
+    calls = []
+    evaluate = finetune.evaluate
+
+    def counted(model, dataset, cfg, sizes, device, dtype, desc):
+        calls.append(desc)
+        return evaluate(model, dataset, cfg, sizes, device, dtype, desc)
+
+    monkeypatch.setattr(finetune, "evaluate", counted)
+    results = finetune.run(small_config(tmp_path, lr_grid="0.1,0.001", steps=2, eval_every=1))
+    assert calls.count("test") == 1 and calls.count("validation") == 4
+    val = results["val_by_lr"]
+    assert results["selected_lr"] == float(max(val, key=val.get))
+    assert os.path.exists(tmp_path / "ft" / "lr_0.1" / "best.pt") and os.path.exists(tmp_path / "ft" / "lr_0.001" / "best.pt")
+
+
+def test_label_fraction_run_and_linear_probe(tmp_path):
+    cfg = small_config(tmp_path, label_fraction=0.25, linear_probe=True, steps=2)
+    results = finetune.run(cfg)
+    assert results["sizes"]["train"] == 8
+    best = torch.load(results["checkpoint"], weights_only=True)["model"]
+    # the frozen encoder did not move: compare with the model rebuilt from the same seed
+    torch.manual_seed(cfg.seed)
+    same_init = finetune.build_model(cfg, finetune.encoder_sizes(cfg, "none"), "none", 6, 64).state_dict()
+    assert torch.equal(best["encoder.blocks.0.attn.qkv.weight"], same_init["encoder.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(best["head.weight"], same_init["head.weight"])
+
+
+def test_segmentation_end_to_end(tmp_path):
+    results = finetune.run(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
+                                        num_records=16, num_val=8, num_test=8, steps=2, eval_every=1))
+    assert 0 <= results["test_dice"] <= 1 and "val_dice" in results
+    best = torch.load(results["checkpoint"], weights_only=True)["model"]
+    assert best["encoder.pos_embed"].shape == (1, 1 + 16 * 16, 192)  # tiny: 64 -> 128 px, grid 8 -> 16
+
+
+def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
+    import train
+
+    pre = tmp_path / "pre"
+    train.train(train.TrainConfig(num_records=32, epochs=1, batch_size=16, num_workers=0, out=str(pre)))
+    results = finetune.run(small_config(tmp_path, init=str(pre / "ckpt.pt"), steps=2))
+    said = capsys.readouterr().out
+    assert f"encoder: 78/78 tensors from {pre / 'ckpt.pt'}; unused: image_decoder (" in said
+    assert "missing" not in said
+    assert results["init"] == str(pre / "ckpt.pt")
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), steps=4))
+    evaluate, calls = finetune.evaluate, []
+
+    def stop_on_second_validation(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4))
+    monkeypatch.setattr(finetune, "evaluate", evaluate)
+    assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 2
+    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True))
+    a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_auc"] == whole["test_auc"]
+    assert len(open(tmp_path / "cut" / "lr_0.1" / "log.jsonl").readlines()) == 2
+    with pytest.raises(ValueError, match="changed: batch_size 8 -> 4"):
+        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True, batch_size=4))
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path, steps=4)
+    to_input, calls = finetune.to_input, []
+
+    def poisoned(images, device, sizes):
+        calls.append(1)
+        x = to_input(images, device, sizes)
+        return x * float("nan") if len(calls) > 4 else x  # steps 1-2, 2 validation batches, then NaN
+
+    monkeypatch.setattr(finetune, "to_input", poisoned)
+    with pytest.raises(finetune.NonFiniteLoss, match="loss is nan"):
+        finetune.run(cfg)
+    last = torch.load(tmp_path / "ft" / "lr_0.1" / "last.pt", weights_only=False)
+    assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+# -----------------------------------------------------------------------------
+# Real films (skipped without ../shared/data)
+
+
+@pytest.mark.skipif(not (SHARED / "covid19").exists(), reason="../shared/data/covid19 is absent")
+def test_covid19_split_loads_every_film():
+    root = SHARED / "covid19" / "images"
+    modes = set()
+    for split in ("train", "val", "test"):
+        files, labels = finetune.read_split_list(str(SHARED / "covid19" / "covid1" / f"iscovid_{split}.txt"), str(root), 1)
+        ds = finetune.FinetuneDataset(files, 64, labels)
+        for i in range(len(ds)):
+            with Image.open(files.path(i)) as im:
+                modes.add(im.mode)
+            train_item, test_item = ds[(i, i)], ds[i]
+            assert train_item["image"].shape == test_item["image"].shape == (1, 64, 64)
+            assert train_item["image"].dtype == torch.uint8
+    assert {"RGB", "L"} <= modes
