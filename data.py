@@ -450,9 +450,10 @@ def augment(img: Image.Image, size: int, rng, hflip: bool = True) -> np.ndarray:
 
 
 def mirror(img: Image.Image, rng, hflip: bool) -> np.ndarray:
-    if hflip and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(img)
+    """The coin-flip mirror, as a numpy view (read-only, like any array of a PIL image): the copy that
+    makes a tensor of it then does the flip, instead of PIL writing a flipped image first."""
+    out = np.asarray(img)
+    return out[:, ::-1] if hflip and rng.random() < 0.5 else out
 
 
 def draft_scale(box, size: int) -> int:

@@ -212,6 +212,21 @@ def model_config(cfg: TrainConfig, tok) -> MRMConfig:
         fusion=cfg.fusion, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
 
 
+def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
+    """(sampler, DataLoader). The same sampler with or without torchrun: the data order is a function
+    of (seed, epoch) only. Workers live across epochs (the dataset reads each new epoch from shared
+    memory), and pinned batches copy to the GPU asynchronously."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
+    return sampler, loader
+
+
+def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) of SPEC.md section 2; fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device):
     """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
     (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
@@ -406,8 +421,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         load_pretrained(model.encoder, cfg.init, verbose=main_process)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.weight_decay, device)
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -423,12 +437,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net = torch.compile(ddp or model) if cfg.compile else ddp or model  # saved and drawn through `model`
 
-    # the same sampler with or without torchrun: the data order is a function of (seed, epoch) only
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    # workers live across epochs (the dataset reads each new epoch from shared memory); pinned batches
-    # copy to the GPU asynchronously
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
+    sampler, loader = build_loader(dataset, cfg, world, rank, device)
     steps_per_epoch = len(loader) // cfg.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} records are too few for {world} x {cfg.batch_size} x {cfg.accum_iter}")
