@@ -37,8 +37,11 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     else:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        env.update(cpu=names[0] if names else platform.machine(), cores=len(os.sched_getaffinity(0)))
+        names = []
+        if os.path.exists("/proc/cpuinfo"):  # Linux
+            names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        env.update(cpu=names[0] if names else platform.processor() or platform.machine(), cores=cores)
     return env
 
 
@@ -65,10 +68,16 @@ def synthetic_batch(cfg: MRMConfig, batch_size: int, rng) -> dict:
             "skipped": torch.zeros(batch_size, dtype=torch.int64)}
 
 
+# the released WordPiece vocabulary (base); the one `python train.py` builds from the synthetic reports (tiny)
+VOCAB = {"base": 30000, "tiny": 150}
+
+
 def bench_step(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = MRMConfig.from_preset(args.preset, vocab_size=args.vocab_size)
+    cfg = MRMConfig.from_preset(args.preset, vocab_size=args.vocab_size or VOCAB[args.preset])
     model = MRM(cfg).to(device)
     optimizer = train.build_optimizer(model, 0.05, device)
     for group in optimizer.param_groups:
@@ -109,6 +118,7 @@ def bench_step(args) -> dict:
         peak, peak_of = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
     img_per_s = args.batch_size / step_s
     return report({"bench": "step", "preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,
+                   "vocab_size": cfg.vocab_size,
                    "compile": args.compile, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
                    "peak_mem_gb": round(peak / 2**30, 3), "peak_mem_of": peak_of,
                    "gflop_per_img": round(gflop_per_img, 2),
@@ -139,8 +149,10 @@ def released_pipeline(path, size: int, rng) -> torch.Tensor:
 
 
 def bench_data(args) -> dict:
-    core = args.core if args.core is not None else max(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})  # one core, and torch's own threads kept to it
+    core = None
+    if hasattr(os, "sched_setaffinity"):  # Linux: one core for this process; elsewhere one thread only
+        core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     files = data.ImageFiles([os.path.basename(args.image)], os.path.dirname(os.path.abspath(args.image)))
     pipelines = {  # ours: exactly what PretrainDataset does with an image file, (1, S, S) uint8
@@ -210,10 +222,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--vocab_size", type=int, default=30000, help="the released WordPiece vocabulary's size")
+    p.add_argument("--vocab_size", type=int, default=None, help="default: base 30000 (the released WordPiece), "
+                   "tiny 150 (what python train.py builds from the synthetic reports)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p = sub.add_parser("data", help="one record's image pipeline on one core: ours and the released one",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True)

@@ -223,8 +223,11 @@ def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch
 
 
 def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) of SPEC.md section 2; fused (one kernel for all parameters) on CUDA."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
+    """AdamW (0.9, 0.95) of SPEC.md section 2, fused: one kernel over all parameters (4x faster than the
+    default on this project's 2-core CPU: README, Performance), and with fp16 its GradScaler's inf check
+    stays on the device."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device):
