@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -21,7 +22,7 @@ def test_step_reports_speed_flops_and_a_finite_loss():
     assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_gb"] > 0 and np.isfinite(r["loss"])
     # the tiny model is about 0.7 GFLOP per record for forward + backward (README, Performance)
     assert 0.3 < r["gflop_per_img"] < 1.5
-    assert r["mfu"] == round(r["gflop_per_img"] * r["img_per_s"] / 1e3, 4)
+    assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"] / 1e3, rel=0.02, abs=2e-4)  # 1 TFLOP/s peak
 
 
 def test_synthetic_batch_is_what_the_loader_gives():
