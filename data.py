@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -83,21 +84,28 @@ def load_dicom(path) -> Image.Image:
     return Image.fromarray(gray)
 
 
-def load_image(path) -> Image.Image:
-    """Read one radiograph as an 8-bit gray PIL image, or raise BadRecord naming the file."""
-    path = str(path)
+@contextmanager
+def named_errors(path):
+    """Any failure while reading `path` becomes a BadRecord that names the file."""
     try:
-        if is_dicom(path):
-            return load_dicom(path)
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here and not later
-            return to_gray8(img)
+        yield
     except BadRecord:
         raise
     except FileNotFoundError:
         raise BadRecord(f"{path}: no such image file") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise BadRecord(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def load_image(path) -> Image.Image:
+    """Read one radiograph as an 8-bit gray PIL image, or raise BadRecord naming the file."""
+    path = str(path)
+    with named_errors(path):
+        if is_dicom(path):
+            return load_dicom(path)
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here and not later
+            return to_gray8(img)
 
 
 # -----------------------------------------------------------------------------
@@ -436,10 +444,50 @@ def augment(img: Image.Image, size: int, rng, hflip: bool = True) -> np.ndarray:
     """Random resized crop to size x size (PIL bicubic, antialiased when shrinking), then a coin-flip
     mirror. Returns (size, size) uint8. Note: mirroring swaps the heart's side while the report still
     says 'left' (the released recipe; train.py --no-hflip keeps laterality)."""
+    # crop and resize in one call: PIL resamples straight from the box, with no cropped copy in between
     out = img.resize((size, size), Image.BICUBIC, box=random_resized_crop_box(*img.size, rng))
-    if hflip and rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+    return mirror(out, rng, hflip)
+
+
+def mirror(img: Image.Image, rng, hflip: bool) -> np.ndarray:
+    """The coin-flip mirror, as a numpy view (read-only, like any array of a PIL image): the copy that
+    makes a tensor of it then does the flip, instead of PIL writing a flipped image first."""
+    out = np.asarray(img)
+    return out[:, ::-1] if hflip and rng.random() < 0.5 else out
+
+
+def draft_scale(box, size: int) -> int:
+    """The largest JPEG decoding reduction (8, 4, 2 or 1) that leaves the crop box at least size x size
+    pixels, so the bicubic resize still only shrinks or keeps: 2 for a 1000 x 900 crop to 448."""
+    shorter = min(box[2] - box[0], box[3] - box[1])
+    for s in (8, 4, 2):
+        if shorter >= s * size:
+            return s
+    return 1
+
+
+def load_crop(path, size: int, rng, hflip: bool = True) -> np.ndarray:
+    """augment(load_image(path), size, rng, hflip), with the same draws from rng, but a JPEG is decoded
+    only as finely as its crop needs: the box is drawn from the header's size, then libjpeg decodes the
+    file at 1/s scale (DCT scaling, PIL's `draft`, s = draft_scale) and straight to gray, and the crop is
+    resized from that. Pixels differ from the full decode by about one gray level (tested); other
+    formats give exactly augment(load_image(path)). Returns (size, size) uint8."""
+    path = str(path)
+    with named_errors(path):
+        if is_dicom(path):
+            return augment(load_dicom(path), size, rng, hflip)
+        with Image.open(path) as img:
+            if img.format != "JPEG":
+                img.load()
+                return augment(to_gray8(img), size, rng, hflip)
+            width = img.width
+            box = random_resized_crop_box(width, img.height, rng)
+            s = draft_scale(box, size)
+            drafted = img.draft("L", (width // s, img.height // s))  # None for a file PIL cannot draft
+            s = width / drafted[1][2] if drafted else 1  # the reduction PIL chose: its box is (0, 0, W/s, H/s)
+            img.load()
+            out = to_gray8(img).resize((size, size), Image.BICUBIC, box=tuple(v / s for v in box))
+    return mirror(out, rng, hflip)
 
 
 # -----------------------------------------------------------------------------
@@ -466,6 +514,9 @@ class SyntheticImages:
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.cache[i] if self.cache is not None else self.render(i))
 
+    def load_crop(self, i: int, size: int, rng, hflip: bool = True) -> np.ndarray:
+        return augment(self.load(i), size, rng, hflip)
+
     def where(self, i: int) -> str:
         return f"synthetic record {i}"
 
@@ -487,6 +538,12 @@ class ImageFiles:
     def load(self, i: int) -> Image.Image:
         try:
             return load_image(self.path(i))
+        except BadRecord as e:
+            raise BadRecord(f"{e} [{self.where(i)}]") from None
+
+    def load_crop(self, i: int, size: int, rng, hflip: bool = True) -> np.ndarray:
+        try:
+            return load_crop(self.path(i), size, rng, hflip)
         except BadRecord as e:
             raise BadRecord(f"{e} [{self.where(i)}]") from None
 
@@ -550,20 +607,28 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.images, self.tokens = images, tokens
         self.crop_size, self.num_patches, self.text_mask_ratio = crop_size, num_patches, text_mask_ratio
         self.mask_id, self.pad_id, self.seed, self.hflip, self.skip_bad = mask_id, pad_id, seed, hflip, skip_bad
-        self.epoch = 0
+        # in shared memory: DataLoader workers that persist across epochs (train.py) read the new epoch
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self):
         return len(self.images)
 
-    def load(self, i: int):
-        """Record i's image, or with skip_bad the next readable one's: (image, its index, records skipped)."""
+    def load(self, i: int, rng=None):
+        """Record i's image, or with skip_bad the next readable one's: (image, its index, records skipped).
+        The image is the whole PIL image, or with rng the training view: augmented, (S, S) uint8."""
         for skipped in range(len(self)):
             j = (i + skipped) % len(self)
             try:
-                return self.images.load(j), j, skipped
+                if rng is None:
+                    return self.images.load(j), j, skipped
+                return self.images.load_crop(j, self.crop_size, rng, self.hflip), j, skipped
             except BadRecord as e:
                 if not self.skip_bad:
                     raise
@@ -572,9 +637,9 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        img, j, skipped = self.load(i)
+        img, j, skipped = self.load(i, rng)  # crop and flip are drawn first: a JPEG is decoded for its crop
         tokens, labels = mask_report(self.tokens[j], self.text_mask_ratio, rng, self.mask_id, self.pad_id)
-        return {"image": torch.from_numpy(augment(img, self.crop_size, rng, self.hflip).copy())[None],
+        return {"image": torch.from_numpy(img.copy())[None],  # copy: PIL's array is read-only
                 "tokens": torch.from_numpy(tokens.astype(np.int64)),
                 "labels": torch.from_numpy(labels.astype(np.int64)),
                 "noise": torch.from_numpy(rng.random(self.num_patches, dtype=np.float32)),

@@ -335,8 +335,9 @@ class ReportDecoder(nn.Module):
         return (self.embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
 
     def forward(self, tokens, image_feature, predict_at=None):
-        """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d).
-        Returns logits (M, V) at the M positions where predict_at (B, T) is True, or (B, T, V) if None."""
+        """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d). predict_at: None, a (B, T) bool
+        mask, or (M,) flat positions in the (B * T) tokens, row-major (no host-device sync: see MRM.forward).
+        Returns logits (M, V) at the M positions of predict_at, or (B, T, V) if None."""
         x = self.embed(tokens)  # (B, T, d)
         x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
         attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
@@ -344,7 +345,7 @@ class ReportDecoder(nn.Module):
             x = block(x, attn_mask)
         x = self.norm(x)
         if predict_at is not None:  # the vocabulary projection is the costly part: only where it is scored
-            x = x[predict_at]  # (M, d)
+            x = x[predict_at] if predict_at.dtype == torch.bool else x.flatten(0, 1)[predict_at]  # (M, d)
         return self.head(x)
 
 
@@ -502,10 +503,11 @@ class MRM(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-                mlm_denominator=None) -> dict:
+                mlm_denominator=None, mlm_index: torch.Tensor | None = None) -> dict:
         """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
         original id where a token was masked, -100 elsewhere. generator or noise (B, L): optional, for
-        the image mask (see random_masking). mlm_denominator: see mlm_loss.
+        the image mask (see random_masking). mlm_denominator: see mlm_loss. mlm_index: optional (M,),
+        the flat positions of the masked tokens, torch.nonzero(labels.flatten() != -100)[:, 0].
 
         Returns loss, loss_mim, loss_mlm, pred (B, L, (2p)^2 C), mask (B, L), and mlm_logits (M, V) at
         the M masked report positions, in the order of labels[labels != -100].
@@ -521,10 +523,14 @@ class MRM(nn.Module):
         text_feature = None
         if self.report_decoder is not None:  # report comprehension, Sec. 3.1
             image_feature = self.fusion_proj(global_pool(latent[:, 1:], cfg.fusion))  # (B, 384)
-            masked_words = labels != -100  # (B, T)
-            logits = self.report_decoder(tokens, image_feature, predict_at=masked_words)  # (M, V)
+            # The head runs only at the M masked words. Finding them on the GPU (nonzero) would make the
+            # host wait for the device and break a compiled graph, so train.py counts them on the host,
+            # where the batch's labels are, and passes mlm_index; otherwise they are found here.
+            if mlm_index is None:
+                mlm_index = torch.nonzero(labels.flatten() != -100).squeeze(1)  # (M,)
+            logits = self.report_decoder(tokens, image_feature, predict_at=mlm_index)  # (M, V)
             out["mlm_logits"] = logits
-            out["loss_mlm"] = mlm_loss(logits, labels[masked_words], mlm_denominator)
+            out["loss_mlm"] = mlm_loss(logits, labels.flatten()[mlm_index], mlm_denominator)
             if cfg.multimodal_mim:  # Table 4's variant: the report's mean visible embedding, 384 -> 768
                 text_feature = self.text_to_image(self.report_decoder.mean_visible_embedding(tokens))
 

@@ -195,6 +195,39 @@ def test_model_losses_match_the_pure_functions():
     assert not torch.allclose(out["loss_mlm"], everywhere)  # unmasked positions really are left out
 
 
+def test_fast_mlm_head_gives_the_plain_loss_and_gradient():
+    """Speed does not change results: the head at host-counted flat positions (mlm_index, what train.py
+    passes: no device sync), at the positions found inside the model, and the full (B, T, V) head scored
+    with ignore_index give one loss and one gradient."""
+    cfg = tiny_cfg()
+    images, tokens, labels = make_batch(cfg, B=3)
+    index = torch.nonzero(labels.flatten() != -100).squeeze(1)
+    denominator = torch.tensor(11.0)  # as train.py passes it
+    weights, results = MRM(cfg).state_dict(), []
+    for path in ("index", "found", "full"):
+        model = MRM(cfg)
+        model.load_state_dict(weights)
+        out = run(model, (images, tokens, labels), mlm_denominator=denominator,
+                  mlm_index=index if path == "index" else None)
+        loss = out["loss"]
+        if path == "full":  # swap the masked-only report loss for the full head's
+            ids_keep = random_masking(3, 64, cfg.mask_ratio, generator=torch.Generator().manual_seed(0))[0]
+            feature = model.fusion_proj(model.encoder(model.prepare_images(images)[2], ids_keep)[:, 1:].mean(1))
+            logits = model.report_decoder(tokens, feature)  # (B, T, V)
+            full = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            loss = loss - out["loss_mlm"] + full / denominator
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1), (l2, g2) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)
+    assert torch.allclose(l0, l2, atol=1e-5) and torch.allclose(g0, g2, atol=1e-5)
+    assert g0.abs().sum() > 0
+    # ReportDecoder picks the same rows from a bool mask and from flat positions
+    dec, feature = MRM(cfg).report_decoder, torch.randn(3, cfg.text_embed_dim)
+    assert torch.equal(dec(tokens, feature, predict_at=labels != -100), dec(tokens, feature, predict_at=index))
+
+
 def test_lambda_weighting():
     cfg = tiny_cfg()
     batch = make_batch(cfg)

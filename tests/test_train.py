@@ -13,7 +13,7 @@ import torch
 
 import data
 import train
-from mrm import MRM, ViT, load_pretrained
+from mrm import MRM, MRMConfig, ViT, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 # a few seconds a run on a 2-core CPU: 16 synthetic records, batches of 4, the tiny model
@@ -97,6 +97,25 @@ def test_each_epoch_reshuffles_and_redraws(tmp_path, monkeypatch):
     monkeypatch.setattr(data.PretrainDataset, "__getitem__", spy)
     run(tmp_path, "--save_every", "9")
     assert sorted(seen) == [0, 1] and sorted(seen[0]) == sorted(seen[1]) == list(range(16)) and seen[0] != seen[1]
+
+
+def test_persistent_loader_workers_draw_each_new_epoch(tmp_path):
+    """train.py's loader keeps its worker processes across epochs; they still draw every sample with the
+    current epoch's seed (the dataset's epoch lives in shared memory), as the main process would."""
+    cfg = train.resolve(train.TrainConfig(num_records=8, batch_size=4, num_workers=1, out=str(tmp_path)))
+    dataset, _ = train.build_data(cfg, MRMConfig.from_preset("tiny"), None, rank=0)
+    sampler, loader = train.build_loader(dataset, cfg, 1, 0, torch.device("cpu"))
+    assert loader.persistent_workers
+    seen = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = list(loader)
+        want = [dataset[i] for i in sampler]  # drawn here, in the main process
+        for key in ("image", "labels", "noise"):
+            assert torch.equal(torch.cat([b[key] for b in batches]), torch.stack([w[key] for w in want])), key
+        seen.append(torch.cat([b["noise"] for b in batches]))
+    assert not torch.equal(seen[0], seen[1])
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):

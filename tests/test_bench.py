@@ -1,0 +1,65 @@
+"""bench.py runs end to end on a CPU (tiny sizes; nothing here is timed against a target)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_step_reports_speed_flops_and_a_finite_loss():
+    r = bench.main(["step", "--preset", "tiny", "--batch_size", "2", "--warmup", "1", "--steps", "2",
+                    "--peak_tflops", "1"])
+    assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["vocab_size"] == 150
+    assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_gb"] > 0 and np.isfinite(r["loss"])
+    # the tiny model is about 0.7 GFLOP per record for forward + backward (README, Performance)
+    assert 0.3 < r["gflop_per_img"] < 1.5
+    assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"] / 1e3, rel=0.02, abs=2e-4)  # 1 TFLOP/s peak
+
+
+def test_synthetic_batch_is_what_the_loader_gives():
+    cfg = bench.MRMConfig.from_preset("tiny", vocab_size=150)
+    b = bench.synthetic_batch(cfg, 3, np.random.default_rng(0))
+    assert b["image"].shape == (3, 1, 128, 128) and b["image"].dtype == torch.uint8
+    assert b["tokens"].shape == b["labels"].shape == (3, 100) and b["noise"].shape == (3, 64)
+    masked = b["labels"] != -100
+    assert (b["tokens"][masked] == cfg.mask_token_id).all() and not masked[:, 0].any()
+    assert 0.3 < masked.float().mean() < 0.7
+
+
+def test_released_pipeline_does_the_same_crop_as_ours(tmp_path):
+    """The baseline of `bench.py data` does the work ours does (same crop, flip, bicubic), in the released
+    form: three equal normalised float channels."""
+    Image.fromarray(data.synth_record(0, 96)["image"]).save(tmp_path / "a.png")
+    for seed in range(4):
+        x = bench.released_pipeline(tmp_path / "a.png", 32, np.random.default_rng(seed))
+        ours = data.load_crop(tmp_path / "a.png", 32, np.random.default_rng(seed))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+        pixels = x[0] * bench.PIXEL_STD + bench.PIXEL_MEAN  # back to [0, 1]
+        diff = (pixels - torch.from_numpy(ours / 255).float()).abs()
+        # equal inside; at the border, crop-then-resize repeats the edge pixels where resize(box=) reads
+        # the real neighbours outside the box
+        assert diff[2:-2, 2:-2].max() < 1e-4 and diff.max() < 10 / 255
+
+
+def test_data_and_loader_run_on_synthetic_files(tmp_path):
+    data.main(["synth", "--out", str(tmp_path), "--n", "10", "--size", "96"])
+    jpg = tmp_path / "a.jpg"
+    Image.open(tmp_path / "images" / "00000.png").save(jpg, quality=95)
+    # its own process: the data bench pins itself to one core
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "data", "--image", str(jpg), "--n", "5",
+                          "--rounds", "1", "--size", "64"], capture_output=True, text=True, check=True, cwd=ROOT)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["img_per_s_per_core"] > 0 and r["released_img_per_s_per_core"] > 0 and r["image_size"] == [96, 96]
+    r = bench.main(["loader", "--data", str(tmp_path / "training.csv"), "--preset", "tiny", "--batch_size", "2",
+                    "--num_workers", "0", "--records", "10"])
+    assert r["records"] >= 10 and r["records_per_s"] > 0 and r["crop"] == 128
