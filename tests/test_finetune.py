@@ -303,8 +303,11 @@ def test_label_fraction_run_and_linear_probe(tmp_path):
 
 def test_segmentation_end_to_end(tmp_path):
     results = finetune.run(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
-                                        num_records=16, num_val=8, num_test=8, steps=2, eval_every=1))
+                                        num_records=16, num_val=8, num_test=8, steps=2, eval_every=1, input_size=128))
     assert 0 <= results["test_dice"] <= 1 and "val_dice" in results
+    share = results["test_share_without_finding"]
+    parts = [results["test_dice_with_finding"] or 0, results["test_dice_without_finding"] or 0]
+    assert results["test_dice"] == pytest.approx((1 - share) * parts[0] + share * parts[1])
     best = torch.load(results["checkpoint"], weights_only=True)["model"]
     assert best["encoder.pos_embed"].shape == (1, 1 + 16 * 16, 192)  # tiny: 64 -> 128 px, grid 8 -> 16
 
