@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 from mrm import MRMConfig, ViT, load_pretrained
-from train import amp_dtype, lr_at, save_checkpoint
+from train import NonFiniteLoss, amp_dtype, lr_at, save_checkpoint
 
 # Label columns of the released split lists (SPEC.md section 3), so tables print names, not indices.
 LABEL_NAMES = {
@@ -619,8 +619,7 @@ def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMCon
     each image's truth holds the finding (N,))."""
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
+    model.eval()  # the caller sets its training mode again
     scores, truths = [], []
     for batch in data.progress(loader, desc=desc):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -632,7 +631,6 @@ def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMCon
         else:  # a pixel is the finding where its logit is above 0 (p > 0.5)
             scores.append(dice_per_image((logits[:, 0] > 0).cpu().numpy(), target))
             truths.append(target.reshape(len(target), -1).any(1))
-    model.train(was_training)
     scores, truths = np.concatenate(scores), np.concatenate(truths)
     if cfg.task == "classify":
         return roc_auc(truths, scores), scores
@@ -642,10 +640,6 @@ def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMCon
 def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
     """The one number a run is judged by: mean AUC over labels, or mean Dice over images."""
     return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every"}
@@ -696,11 +690,14 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     if step:
         torch.set_rng_state(state["rng"])  # drop-path continues where the stopped run left it
     schedule = lr_at if classify else poly_lr_at  # cosine (classification), polynomial (segmentation)
-    model.train()
-    if cfg.linear_probe:
-        model.encoder.eval()  # frozen: no drop-path either
+    def train_mode():
+        model.train()
+        if cfg.linear_probe:
+            model.encoder.eval()  # frozen: no drop-path either
+
+    train_mode()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"lr {lr:g}", leave=False, dynamic_ncols=True, disable=None)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, loss_steps = torch.zeros((), device=device), 0  # since the last validation
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = schedule(step, cfg.steps, cfg.warmup_steps, lr) * group["lr_scale"]
@@ -721,16 +718,19 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_sum += loss.detach()
+        loss_steps += 1
         bar.update()
         if step % cfg.eval_every and step != cfg.steps:
             continue
         # a validation: the only host sync of the loop
-        train_loss = loss_sum.item() / (step - (step - 1) // cfg.eval_every * cfg.eval_every)
+        train_loss = loss_sum.item() / loss_steps
         loss_sum.zero_()
+        loss_steps = 0
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. "
                                 f"{best_path} and {last_path} are left as they were: lower the lr, or --amp off")
         values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
+        train_mode()
         val = summary(values, names, cfg, "validation")
         if val > best["val"]:
             best.update(val=val, step=step)

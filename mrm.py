@@ -553,13 +553,17 @@ class MRM(nn.Module):
 # Loading MAE's, the released MRM's and this project's checkpoints
 
 
+def _cls_and_grid(table: torch.Tensor) -> bool:
+    return table.ndim == 3 and math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
+
+
 def interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
     """(1, 1 + g*g, D) position table, [CLS] first -> (1, 1 + grid*grid, D), the grid part resized
     bicubically, as the released fine-tuning does for a new input size (e.g. 14 x 14 -> 32 x 32 at 512 px).
     The same size returns the table itself."""
+    if not _cls_and_grid(table):
+        raise ValueError(f"position table of shape {tuple(table.shape)} is not [CLS] + a square grid")
     g = math.isqrt(table.shape[1] - 1)
-    if g * g != table.shape[1] - 1:
-        raise ValueError(f"position table of {table.shape[1]} tokens is not [CLS] + a square grid")
     if g == grid:
         return table
     patches = table[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
@@ -603,10 +607,6 @@ def read_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
-
-def _cls_and_grid(table: torch.Tensor) -> bool:
-    return table.ndim == 3 and math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
 
 
 def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:

@@ -214,6 +214,8 @@ def test_position_table_interpolation():
     const = torch.ones(1, 17, 4)
     assert torch.allclose(interpolate_pos_embed(const, 6), torch.ones(1, 37, 4), atol=1e-6)
     assert torch.isfinite(grid).all()
+    with pytest.raises(ValueError, match="square grid"):  # e.g. the report decoder's 100 positions
+        interpolate_pos_embed(torch.zeros(1, 100, 4), 8)
 
 
 def test_load_pretrained_interpolates_position_table(tmp_path, capsys):
@@ -289,9 +291,18 @@ def test_lr_grid_selects_on_validation_and_tests_once(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "ft" / "lr_0.1" / "best.pt") and os.path.exists(tmp_path / "ft" / "lr_0.001" / "best.pt")
 
 
-def test_label_fraction_run_and_linear_probe(tmp_path):
-    cfg = small_config(tmp_path, label_fraction=0.25, linear_probe=True, steps=2)
+def test_label_fraction_run_and_linear_probe(tmp_path, monkeypatch):
+    modes, forward = [], finetune.Classifier.forward
+
+    def spy(self, x):  # the frozen encoder stays in eval mode (no drop-path), also after a validation
+        if self.training:
+            modes.append(self.encoder.training)
+        return forward(self, x)
+
+    monkeypatch.setattr(finetune.Classifier, "forward", spy)
+    cfg = small_config(tmp_path, label_fraction=0.25, linear_probe=True, steps=2, eval_every=1)
     results = finetune.run(cfg)
+    assert modes == [False, False]
     assert results["sizes"]["train"] == 8
     best = torch.load(results["checkpoint"], weights_only=True)["model"]
     # the frozen encoder did not move: compare with the model rebuilt from the same seed
