@@ -264,7 +264,11 @@ class MaskFiles:
 
 
 def _stem(p: str) -> str:
-    return os.path.splitext(os.path.basename(p))[0]
+    """The image id of a list entry: its file name less an image suffix. SIIM ids hold dots
+    (1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361): only a known suffix is dropped."""
+    name = os.path.basename(p)
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in data.IMAGE_SUFFIXES else name
 
 
 def read_id_list(path: str, image_root: str, mask_root: str):
@@ -454,7 +458,7 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> l
             layer = int(name.split(".")[2]) + 1
         elif name.startswith("encoder."):
             layer = 0  # patch embedding, [CLS]
-        wd = 0.0 if p.ndim == 1 else weight_decay
+        wd = 0.0 if p.ndim == 1 or name == "encoder.cls_token" else weight_decay  # as MAE, BEiT, mmseg
         group = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": decay ** (depth + 1 - layer)})
         group["params"].append(p)
     return list(groups.values())
@@ -559,15 +563,22 @@ def build_splits(cfg: FinetuneConfig, size: int) -> tuple[dict, tuple]:
         if empty:
             raise ValueError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
         splits = {}
-        for name, path in lists.items():
+        expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
+        for name, path in lists.items():  # train first: val and test must have its label count
             if segment:
+                if not cfg.mask_root:
+                    raise ValueError("segmentation from split lists needs --mask_root (python data.py siim-masks)")
                 images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
                                              cfg.mask_root)
                 splits[name] = (images, None, masks)
             else:
-                expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
                 images, labels = read_split_list(path, cfg.image_root, expected)
+                expected = labels.shape[1]
                 splits[name] = (images, labels, None)
+        val = splits["val"][1] > 0.5
+        if not (val.any(0) & ~val.all(0)).any():
+            raise data.BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
+                                 "select a model: give a validation list with positives and negatives")
         k = splits["train"][1].shape[1] if not segment else 1
         names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
     images, labels, masks = splits["train"]
@@ -670,7 +681,8 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
                              + ", ".join(f"{k} {state['config'].get(k)!r} -> {config[k]!r}" for k in changed))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # empty when the stopped run had no fp16 scaler
+            scaler.load_state_dict(state["scaler"])
         step, best = state["step"], state["best"]
         print(f"{last_path}: resuming at step {step}/{cfg.steps}")
         if os.path.exists(log_path):  # drop what the stopped run logged after this checkpoint
@@ -689,7 +701,10 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
     if step:
         torch.set_rng_state(state["rng"])  # drop-path continues where the stopped run left it
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # on a GPU drop-path draws from CUDA's
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     schedule = lr_at if classify else poly_lr_at  # cosine (classification), polynomial (segmentation)
+
     def train_mode():
         model.train()
         if cfg.linear_probe:
@@ -738,7 +753,8 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
                                         "model_config": sizes.to_dict(), "labels": list(names)})
         save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                     "scaler": scaler.state_dict(), "step": step, "best": best, "config": config,
-                                    "rng": torch.get_rng_state()})
+                                    "rng": torch.get_rng_state(),
+                                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
         record = {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
                   ("val_auc_mean" if classify else "val_dice"): val}
         with open(log_path, "a") as f:

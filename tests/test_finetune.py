@@ -152,6 +152,26 @@ def test_read_split_list_and_its_errors(tmp_path):
         finetune.read_split_list(write_list(tmp_path, []), "")
 
 
+def test_ids_of_siim_lists_keep_their_dots():
+    siim = "1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361"
+    assert finetune._stem(siim) == siim
+    assert finetune._stem(f"dicom/{siim}.dcm") == siim and finetune._stem("a/b.PNG") == "b"
+
+
+def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("L", (40, 30), 100).save(tmp_path / name)
+    (tmp_path / "train.txt").write_text("a.png 0 1 0\nb.png 1 0 1\n")
+    (tmp_path / "two.txt").write_text("a.png 0 1\nb.png 1 0\n")
+    (tmp_path / "one_class.txt").write_text("a.png 1 1 0\nb.png 1 1 0\n")
+    cfg = lambda val: FinetuneConfig(dataset="custom", train_list=str(tmp_path / "train.txt"),  # noqa: E731
+                                     val_list=str(tmp_path / val), test_list=str(tmp_path / "train.txt"))
+    with pytest.raises(data.BadRecord, match=r"two.txt, line 1: expected 3 labels, got 2"):
+        finetune.build_splits(cfg("two.txt"), 32)
+    with pytest.raises(data.BadRecord, match="one_class.txt: every label has one class only"):
+        finetune.build_splits(cfg("one_class.txt"), 32)
+
+
 def test_step_sampler_epochs_and_resume():
     full = list(finetune.StepSampler(n=5, batch_size=2, steps=6, seed=3))
     assert [p for _, p in full] == list(range(12))
@@ -250,6 +270,7 @@ def test_layer_decay_groups():
     assert scale[id(enc.blocks[11].attn.qkv.weight)] == (pytest.approx(0.65), 0.05)
     assert scale[id(enc.blocks[0].attn.qkv.bias)] == (pytest.approx(0.65 ** 12), 0.0)
     assert scale[id(enc.patch_embed.proj.weight)] == (pytest.approx(0.65 ** 13), 0.05)
+    assert scale[id(enc.cls_token)] == (pytest.approx(0.65 ** 13), 0.0)
     assert id(enc.pos_embed) not in scale and id(enc.norm.weight) not in scale  # frozen / unused
 
 
@@ -394,3 +415,22 @@ def test_covid19_split_loads_every_film():
             assert train_item["image"].shape == test_item["image"].shape == (1, 64, 64)
             assert train_item["image"].dtype == torch.uint8
     assert {"RGB", "L"} <= modes
+
+
+def test_resume_may_switch_to_fp16(tmp_path, monkeypatch):
+    evaluate, calls = finetune.evaluate, []
+
+    def stop_on_second_validation(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(small_config(tmp_path, amp="off"))
+    monkeypatch.setattr(finetune, "evaluate", evaluate)
+    # the stopped run had no grad scaler (fp32); an fp16 resume starts a fresh one instead of failing
+    results = finetune.run(small_config(tmp_path, amp="fp16", resume=True))
+    assert results["best_step"] in (2, 4)
+    assert torch.load(tmp_path / "ft" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 4
