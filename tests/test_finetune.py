@@ -356,8 +356,8 @@ def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
     assert results["init"] == str(pre / "ckpt.pt")
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
-    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), steps=4))
+def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
+    """Run cfg and interrupt it as its second validation begins: last.pt holds the first one's state."""
     evaluate, calls = finetune.evaluate, []
 
     def stop_on_second_validation(*args):
@@ -368,8 +368,13 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4))
+        finetune.run(cfg)
     monkeypatch.setattr(finetune, "evaluate", evaluate)
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), steps=4))
+    run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4), monkeypatch)
     assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 2
     resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True))
     a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
@@ -418,18 +423,7 @@ def test_covid19_split_loads_every_film():
 
 
 def test_resume_may_switch_to_fp16(tmp_path, monkeypatch):
-    evaluate, calls = finetune.evaluate, []
-
-    def stop_on_second_validation(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-
-    monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.run(small_config(tmp_path, amp="off"))
-    monkeypatch.setattr(finetune, "evaluate", evaluate)
+    run_stopped_at_second_validation(small_config(tmp_path, amp="off"), monkeypatch)
     # the stopped run had no grad scaler (fp32); an fp16 resume starts a fresh one instead of failing
     results = finetune.run(small_config(tmp_path, amp="fp16", resume=True))
     assert results["best_step"] in (2, 4)
