@@ -440,12 +440,13 @@ def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), rati
     return x, y, x + w, y + h
 
 
-def augment(img: Image.Image, size: int, rng, hflip: bool = True) -> np.ndarray:
+def augment(img: Image.Image, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
     """Random resized crop to size x size (PIL bicubic, antialiased when shrinking), then a coin-flip
-    mirror. Returns (size, size) uint8. Note: mirroring swaps the heart's side while the report still
-    says 'left' (the released recipe; train.py --no-hflip keeps laterality)."""
+    mirror. Returns (size, size) uint8. min_crop: the smallest share of the area a crop keeps (SPEC: 0.2).
+    Note: mirroring swaps the heart's side while the report still says 'left' (the released recipe;
+    train.py --no-hflip keeps laterality)."""
     # crop and resize in one call: PIL resamples straight from the box, with no cropped copy in between
-    out = img.resize((size, size), Image.BICUBIC, box=random_resized_crop_box(*img.size, rng))
+    out = img.resize((size, size), Image.BICUBIC, box=random_resized_crop_box(*img.size, rng, (min_crop, 1.0)))
     return mirror(out, rng, hflip)
 
 
@@ -466,8 +467,8 @@ def draft_scale(box, size: int) -> int:
     return 1
 
 
-def load_crop(path, size: int, rng, hflip: bool = True) -> np.ndarray:
-    """augment(load_image(path), size, rng, hflip), with the same draws from rng, but a JPEG is decoded
+def load_crop(path, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
+    """augment(load_image(path), size, rng, hflip, min_crop), with the same draws from rng, but a JPEG is decoded
     only as finely as its crop needs: the box is drawn from the header's size, then libjpeg decodes the
     file at 1/s scale (DCT scaling, PIL's `draft`, s = draft_scale) and straight to gray, and the crop is
     resized from that. Pixels differ from the full decode by about one gray level (tested); other
@@ -475,13 +476,13 @@ def load_crop(path, size: int, rng, hflip: bool = True) -> np.ndarray:
     path = str(path)
     with named_errors(path):
         if is_dicom(path):
-            return augment(load_dicom(path), size, rng, hflip)
+            return augment(load_dicom(path), size, rng, hflip, min_crop)
         with Image.open(path) as img:
             if img.format != "JPEG":
                 img.load()
-                return augment(to_gray8(img), size, rng, hflip)
+                return augment(to_gray8(img), size, rng, hflip, min_crop)
             width = img.width
-            box = random_resized_crop_box(width, img.height, rng)
+            box = random_resized_crop_box(width, img.height, rng, (min_crop, 1.0))
             s = draft_scale(box, size)
             drafted = img.draft("L", (width // s, img.height // s))  # None for a file PIL cannot draft
             s = width / drafted[1][2] if drafted else 1  # the reduction PIL chose: its box is (0, 0, W/s, H/s)
@@ -514,8 +515,8 @@ class SyntheticImages:
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.cache[i] if self.cache is not None else self.render(i))
 
-    def load_crop(self, i: int, size: int, rng, hflip: bool = True) -> np.ndarray:
-        return augment(self.load(i), size, rng, hflip)
+    def load_crop(self, i: int, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
+        return augment(self.load(i), size, rng, hflip, min_crop)
 
     def where(self, i: int) -> str:
         return f"synthetic record {i}"
@@ -541,9 +542,9 @@ class ImageFiles:
         except BadRecord as e:
             raise BadRecord(f"{e} [{self.where(i)}]") from None
 
-    def load_crop(self, i: int, size: int, rng, hflip: bool = True) -> np.ndarray:
+    def load_crop(self, i: int, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
         try:
-            return load_crop(self.path(i), size, rng, hflip)
+            return load_crop(self.path(i), size, rng, hflip, min_crop)
         except BadRecord as e:
             raise BadRecord(f"{e} [{self.where(i)}]") from None
 
@@ -603,10 +604,12 @@ class PretrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, images, tokens: np.ndarray, crop_size: int, num_patches: int, text_mask_ratio: float,
-                 mask_id: int, pad_id: int, seed: int = 0, hflip: bool = True, skip_bad: bool = False):
+                 mask_id: int, pad_id: int, seed: int = 0, hflip: bool = True, skip_bad: bool = False,
+                 min_crop: float = 0.2):
         self.images, self.tokens = images, tokens
         self.crop_size, self.num_patches, self.text_mask_ratio = crop_size, num_patches, text_mask_ratio
         self.mask_id, self.pad_id, self.seed, self.hflip, self.skip_bad = mask_id, pad_id, seed, hflip, skip_bad
+        self.min_crop = min_crop
         # in shared memory: DataLoader workers that persist across epochs (train.py) read the new epoch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -628,7 +631,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             try:
                 if rng is None:
                     return self.images.load(j), j, skipped
-                return self.images.load_crop(j, self.crop_size, rng, self.hflip), j, skipped
+                return self.images.load_crop(j, self.crop_size, rng, self.hflip, self.min_crop), j, skipped
             except BadRecord as e:
                 if not self.skip_bad:
                     raise

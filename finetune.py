@@ -90,6 +90,7 @@ class FinetuneConfig:
     preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
     input_size: int = 0              # 0: the encoder's pre-training size; 512 for segmentation with the base encoder
     drop_path: float = 0.1           # stochastic depth of the encoder
+    min_crop: float = 0.08           # classification: smallest area share of a training crop (SPEC: RandomResizedCrop's 0.08)
     linear_probe: bool = False       # freeze the encoder, train the new norm and head only
     # optimisation (None: from the schedule of --dataset and --ratio)
     lr: float | None = None
@@ -343,8 +344,10 @@ class FinetuneDataset(Dataset):
     """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn
     with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
 
-    def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0):
+    def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0,
+                 min_crop: float = 0.08):
         self.images, self.size, self.labels, self.masks, self.seed = images, size, labels, masks, seed
+        self.min_crop = min_crop
 
     def __len__(self):
         return len(self.images)
@@ -360,7 +363,7 @@ class FinetuneDataset(Dataset):
         else:
             rng = np.random.default_rng([self.seed, position])
             # segmentation keeps at least half the image: a pneumothorax sits at the lung's edge
-            image, mask = train_view(img, self.size, rng, (0.08, 1.0) if mask is None else (0.5, 1.0), mask)
+            image, mask = train_view(img, self.size, rng, (self.min_crop if mask is None else 0.5, 1.0), mask)
         target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
         return {"image": torch.from_numpy(image.copy())[None], "target": target}
 
@@ -540,8 +543,9 @@ def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
     return MRMConfig.from_preset(preset)
 
 
-def build_splits(cfg: FinetuneConfig, size: int) -> tuple[dict, tuple]:
-    """{'train', 'val', 'test'} FinetuneDatasets and the label names."""
+def build_splits(cfg: FinetuneConfig, size: int, rendered: dict | None = None) -> tuple[dict, tuple]:
+    """{'train', 'val', 'test'} FinetuneDatasets and the label names. `rendered`: a dict that keeps the
+    synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
     cfg = resolve_lists(cfg)
     segment = cfg.task == "segment"
     if cfg.dataset == "synthetic" and not cfg.train_list:
@@ -553,7 +557,12 @@ def build_splits(cfg: FinetuneConfig, size: int) -> tuple[dict, tuple]:
         counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
         splits, first = {}, SYNTH_START
         for name, n in counts.items():
-            films = SyntheticFilms(first, n, render, findings)
+            key = (first, n, render, tuple(findings))
+            films = rendered.get(key) if rendered is not None else None
+            if films is None:
+                films = SyntheticFilms(first, n, render, findings)
+                if rendered is not None:
+                    rendered[key] = films
             splits[name] = (films, films.labels, films if segment else None)
             first += n
         names = ("+".join(findings),) if segment else data.FINDINGS
@@ -588,7 +597,7 @@ def build_splits(cfg: FinetuneConfig, size: int) -> tuple[dict, tuple]:
         labels = labels[keep] if labels is not None else None
         masks = Subset(masks, keep) if masks is not None else None
         splits["train"] = (images, labels, masks)
-    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed)
+    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop)
                 for name, (img, lab, msk) in splits.items()}
     return datasets, names
 
@@ -772,8 +781,9 @@ def print_table(names, values, title: str):
         print(f"{name:<{width}}{v:7.4f}")
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results."""
+def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
+    """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results.
+    rendered: see build_splits."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(cfg, device)
@@ -785,7 +795,7 @@ def run(cfg: FinetuneConfig) -> dict:
     size = cfg.input_size or (512 if cfg.task == "segment" and preset == "base" else sizes.img_size)
     if size % sizes.patch_size:
         raise ValueError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
-    datasets, names = build_splits(cfg, size)
+    datasets, names = build_splits(cfg, size, rendered)
     cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
     lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
     print(f"fine-tuning ({cfg.task}) {preset} encoder from {init} at {size} px on {cfg.dataset}: "

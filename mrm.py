@@ -309,6 +309,7 @@ class ReportDecoder(nn.Module):
         super().__init__()
         d = cfg.text_embed_dim
         self.pad_token_id, self.mask_token_id = cfg.pad_token_id, cfg.mask_token_id
+        self.fuse_masked = cfg.fusion_tokens == "all"
         self.token_embed = nn.Embedding(cfg.vocab_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.max_text_len, d))
         self.embed_norm = nn.LayerNorm(d, eps=1e-6)
@@ -318,9 +319,14 @@ class ReportDecoder(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
 
-    def hybrid_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool, True at the real, visible tokens: they get the image feature; [MASK] and [PAD] don't."""
+    def visible(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool, True at the real, visible tokens (not [MASK], not [PAD])."""
         return (tokens != self.mask_token_id) & (tokens != self.pad_token_id)
+
+    def hybrid_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool, where the image feature is added: the visible tokens (the paper), or with
+        fusion_tokens='all' every real token, [MASK] included (the released code). [PAD] never."""
+        return tokens != self.pad_token_id if self.fuse_masked else self.visible(tokens)
 
     def embed(self, tokens):
         """(B, T) -> (B, T, d): token + position embedding, LayerNorm."""
@@ -331,7 +337,7 @@ class ReportDecoder(nn.Module):
 
     def mean_visible_embedding(self, tokens):
         """(B, T) -> (B, d): mean embedding of the visible real tokens (multi-modal image restoration)."""
-        visible = self.hybrid_positions(tokens).unsqueeze(-1)  # (B, T, 1)
+        visible = self.visible(tokens).unsqueeze(-1)  # (B, T, 1)
         return (self.embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
 
     def forward(self, tokens, image_feature, predict_at=None):
@@ -420,6 +426,7 @@ class MRMConfig:
     mim_weight: float = 1.0        # lambda of Eq. 3; 0 = report restoration only
     super_resolution: bool = True  # False: restore the low-res p x p patch instead of the 2p x 2p one
     fusion: str = "gap"            # 'gap' (paper) or 'gmp' (Table 5a)
+    fusion_tokens: str = "visible" # report tokens that get the image feature: 'visible' (paper) or 'all' (released code)
     norm_pix_loss: bool = False    # the released run script's choice; the paper scores plain [0, 1] pixels
     multimodal_mim: bool = False   # add the mean visible report embedding to the image decoder's input
 
@@ -468,6 +475,8 @@ class MRM(nn.Module):
             raise ValueError("mlm_weight and mim_weight are both 0: nothing to learn")
         if not 0 <= cfg.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}")
+        if cfg.fusion_tokens not in ("visible", "all"):
+            raise ValueError(f"fusion_tokens must be 'visible' or 'all', got {cfg.fusion_tokens!r}")
         if cfg.multimodal_mim and (cfg.mlm_weight == 0 or cfg.mim_weight == 0):
             raise ValueError("multimodal_mim needs both the image and the report decoder")
         self.cfg = cfg

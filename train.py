@@ -49,6 +49,7 @@ class TrainConfig:
     vocab_size: int = 30000          # of a vocabulary built here
     num_records: int | None = None   # synthetic records
     hflip: bool = True               # mirror half the crops (SPEC); mirroring makes 'left'/'right' ambiguous
+    min_crop: float = 0.2            # smallest area share a random resized crop keeps (SPEC: 0.2)
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
     # optimisation (SPEC.md section 2)
     epochs: int | None = None        # passes over the records
@@ -65,6 +66,7 @@ class TrainConfig:
     mlm_weight: float = 1.0          # weight of L_R; 0 = self-supervision only (Table 4)
     super_resolution: bool = True    # restore 2x patches (Sec. 3.2); off: restore the input patches
     fusion: str = "gap"              # global average (gap) or max (gmp) pooling of the image feature (Table 5a)
+    fusion_tokens: str = "visible"   # report tokens given the image feature: visible (paper) or all, [MASK] too (released code)
     norm_pix_loss: bool = False      # normalise each target patch (the released run script's choice)
     multimodal_mim: bool = False     # add the report's mean embedding to the image decoder input (Table 4)
     # run
@@ -200,7 +202,7 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
         raise data.BadRecord(f"{len(empty)} reports have no token: " + "; ".join(images.where(i) for i in empty[:5]))
     dataset = data.PretrainDataset(images, tokens, hr, (mcfg.img_size // mcfg.patch_size) ** 2,
                                    mcfg.text_mask_ratio, tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"),
-                                   seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad)
+                                   seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
     return dataset, tok
 
 
@@ -209,7 +211,7 @@ def model_config(cfg: TrainConfig, tok) -> MRMConfig:
         cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
         mask_token_id=tok.token_to_id("[MASK]"), mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
         mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
-        fusion=cfg.fusion, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
+        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
 
 
 def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
@@ -539,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"]}
+CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
+           "fusion_tokens": ["visible", "all"]}
 # each flag's help is the comment beside its field in TrainConfig
 HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainConfig), flags=re.M))
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with

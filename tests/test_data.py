@@ -337,6 +337,23 @@ def test_augment_is_a_crop_or_its_mirror():
     assert 10 < flips < 30
 
 
+def test_min_crop_bounds_the_crop_area():
+    """min_crop=1 keeps the whole square film (resized, maybe mirrored); the SPEC's 0.2 often cuts it;
+    PretrainDataset passes its min_crop on (train.py --min_crop)."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    whole = data.full_view(img, 32)
+    for seed in range(10):
+        out = data.augment(img, 32, np.random.default_rng(seed), min_crop=1.0)
+        assert np.array_equal(out, whole) or np.array_equal(out, whole[:, ::-1])
+    cut = [data.augment(img, 32, np.random.default_rng(seed), hflip=False) for seed in range(10)]
+    assert sum(not np.array_equal(c, whole) for c in cut) >= 9
+    source = data.SyntheticImages(2, 64)
+    tokens = np.array([[2, 10, 11, 12, 0]] * 2)
+    kept = data.PretrainDataset(source, tokens, 32, 16, 0.5, 3, 0, hflip=False, min_crop=1.0)
+    assert np.array_equal(kept[1]["image"][0].numpy(), data.full_view(source.load(1), 32))
+
+
 def test_draft_scale_keeps_the_crop_at_least_the_output_size():
     assert data.draft_scale((0, 0, 895, 2000), 448) == 1  # 895 / 2 < 448
     assert data.draft_scale((10, 20, 906, 1010), 448) == 2  # 896 x 990

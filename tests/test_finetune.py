@@ -194,6 +194,19 @@ def test_train_view_crops_mask_with_image():
     assert 0 < flips < 20
 
 
+def test_min_crop_one_trains_on_the_whole_film():
+    """--min_crop 1 (the miniature's 0.8 leans this way): every training view is the evaluation view
+    of the whole square film, or its mirror; the SPEC's 0.08 crops."""
+    films = finetune.SyntheticFilms(finetune.SYNTH_START, 2, 64)
+    labels = films.labels
+    whole = finetune.FinetuneDataset(films, 32, labels, min_crop=1.0)
+    spec = finetune.FinetuneDataset(films, 32, labels)
+    for p in range(6):
+        view, test = whole[(1, p)]["image"][0].numpy(), whole[1]["image"][0].numpy()
+        assert np.array_equal(view, test) or np.array_equal(view, test[:, ::-1])
+    assert sum(not np.array_equal(spec[(1, p)]["image"], spec[1]["image"]) for p in range(6)) >= 5
+
+
 def test_test_view_is_centre_square():
     img = np.zeros((40, 80), np.uint8)
     img[:, 20:60] = 200  # the centred 40 x 40 square

@@ -328,6 +328,22 @@ def test_fusion_only_reaches_visible_real_tokens():
     assert torch.allclose(dec(only_masks, f1), dec(only_masks, f2))
 
 
+def test_fusion_at_all_tokens_reaches_the_masked_ones_directly():
+    """fusion_tokens='all' (the released code): [MASK] tokens get the image feature too, [PAD] still not.
+    With no decoder block, a [MASK] position's output then depends on the image feature only this way."""
+    tokens = torch.tensor([[2, 10, 3, 11, 0, 0]])
+    f1, f2 = torch.randn(1, 128), torch.randn(1, 128)
+    for where, reaches in (("visible", False), ("all", True)):
+        dec = ReportDecoder(tiny_cfg(fusion_tokens=where, text_depth=0)).eval()
+        expected = [True, True, reaches, True, False, False]
+        assert dec.hybrid_positions(tokens).tolist() == [expected]
+        assert dec.visible(tokens).tolist() == [[True, True, False, True, False, False]]
+        at_mask = dec(tokens, f1)[0, 2], dec(tokens, f2)[0, 2]
+        assert torch.allclose(*at_mask) != reaches
+    with pytest.raises(ValueError, match="fusion_tokens"):
+        MRM(tiny_cfg(fusion_tokens="masked"))
+
+
 def test_report_decoder_knows_word_order():
     cfg = tiny_cfg()
     dec = ReportDecoder(cfg).eval()

@@ -1,0 +1,348 @@
+"""The paper in miniature: does restoring reports make a better radiograph encoder? (Tables 2 and 4)
+
+Pre-trains the tiny preset on the same synthetic records, with the same budget and seed, under each
+ablation of Table 4 and the max-pooling fusion of Table 5a; fine-tunes each encoder, and one from
+scratch, on 1%, 10% and 100% of the synthetic training labels over several seeds; and scores every run
+on one fixed held-out test set (mean AUC over the six findings). It also checks the fusion: how well each
+pre-trained model restores the report words that only the radiograph can tell (side, size, zone,
+presence) from its radiograph, and from noise in its place.
+
+    python experiments/miniature.py            # 3 seeds: 51 minutes on a 2-core CPU (measured)
+    python experiments/miniature.py --quick    # 1 seed, fewer records and steps: about 9 minutes
+
+    python experiments/miniature.py --check out/ckpt.pt   # the fusion check of any train.py checkpoint
+
+Writes experiments/miniature.json (variant -> label ratio -> per-seed test mean AUCs),
+experiments/miniature_checks.json (the fusion check, settings, timings), experiments/miniature.md (the
+tables) and experiments/miniature.png (the plot; needs matplotlib, experiments/requirements.txt). The
+runs themselves go to --runs (checkpoints, fine-tuning logs); a run found there finished is reused, a
+stopped pre-training resumes, so an interrupted experiment picks up where it stopped.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import finetune  # noqa: E402
+import train  # noqa: E402
+from mrm import MRM, MRMConfig  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Table 4's rows (and Table 5a's GMP): TrainConfig fields that differ from the full model. `scratch`
+# has no pre-training: its encoder starts from random weights.
+VARIANTS = {
+    "mrm": {},
+    "no_mlm": {"mlm_weight": 0.0},            # L_R removed: image restoration (with super-resolution) only
+    "no_sr": {"super_resolution": False},     # restore the low-res input patches instead of the 2x ones
+    "no_mim": {"mim_weight": 0.0},            # L_I removed: report restoration only
+    "gmp": {"fusion": "gmp"},                 # max instead of average pooling of the image feature
+    "scratch": None,
+}
+RATIOS = (0.01, 0.1, 1.0)
+
+# Report words the synthetic radiograph decides and the phrasing does not (data.write_report).
+WORD_GROUPS = {
+    "side": ("right", "left"),
+    "size": ("mild", "moderate", "small", "large"),
+    "zone": ("upper", "mid", "lower", "base"),
+    "presence": ("no", "atelectasis", "cardiomegaly", "consolidation", "effusion", "pneumothorax", "nodule"),
+}
+
+
+@dataclass
+class MiniConfig:
+    # pre-training (the same for every variant)
+    pretrain_records: int = 2048
+    pretrain_epochs: int = 16
+    blr: float = 1.5e-2              # 3x the tiny demo's: the report loss falls to ~0.4 nats instead of ~1.6
+    hflip: bool = False              # a mirrored radiograph contradicts its report's 'left'/'right'
+    fusion_tokens: str = "visible"   # the paper's fusion (train.py --fusion_tokens)
+    # fine-tuning (finetune.py's classification recipe on the synthetic findings)
+    finetune_records: int = 5000     # the 100% training pool: 1% is 50 labelled radiographs
+    val_records: int = 500
+    test_records: int = 2000
+    steps: tuple = (50, 120, 250)    # optimizer steps of 32 at 1%, 10%, 100% of the labels
+    lr: float = 0.1                  # SGD (finetune.py); 0.1 and 0.3 tied on validation
+    min_crop: float = 0.8            # training crops keep >= 80% of the film: 0.08 (SPEC) left every run near chance on validation
+    seeds: int = 3
+    check_records: int = 500         # held-out reports for the fusion check
+    variants: tuple = tuple(VARIANTS)
+
+
+QUICK = dict(pretrain_records=1024, pretrain_epochs=5, finetune_records=2000, val_records=300, test_records=1000,
+             steps=(30, 60, 100), seeds=1, check_records=200)
+
+
+def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
+    """Pre-train one variant with train.py (or reuse/resume its run in runs/). Returns its ckpt.pt."""
+    out = os.path.join(runs, variant, "pretrain")
+    path = os.path.join(out, "ckpt.pt")
+    tc = train.TrainConfig(out=out, num_records=cfg.pretrain_records, epochs=cfg.pretrain_epochs, warmup_epochs=1,
+                           blr=cfg.blr, hflip=cfg.hflip, fusion_tokens=cfg.fusion_tokens, num_workers=1,
+                           **VARIANTS[variant])
+    if os.path.exists(path):
+        ckpt = train.load_checkpoint(path)
+        if ckpt["epoch"] >= cfg.pretrain_epochs:
+            changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(train.resolve(tc)).items()
+                       if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
+            if not changed:
+                print(f"{variant}: pre-trained already ({path})")
+                return path
+            raise ValueError(f"{path}: pre-trained with other settings {changed}; use another --runs folder")
+        tc.resume = path
+        print(f"{variant}: resuming pre-training at epoch {ckpt['epoch']}")
+    print(f"\n== pre-training {variant} ==")
+    train.train(tc)
+    return path
+
+
+def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered: dict, bar) -> dict:
+    """Fine-tune one encoder at each label ratio and seed. Returns {ratio: [test mean AUC per seed]}."""
+    out = {}
+    for ratio, steps in zip(RATIOS, cfg.steps):
+        out[str(ratio)] = []
+        for seed in range(cfg.seeds):
+            run_dir = os.path.join(runs, variant, f"finetune_{ratio}_seed{seed}")
+            done = os.path.join(run_dir, "results.json")
+            if os.path.exists(done):  # finished in an earlier, interrupted experiment
+                with open(done) as f:
+                    results = json.load(f)
+            else:
+                fc = finetune.FinetuneConfig(
+                    init=init, num_records=cfg.finetune_records, num_val=cfg.val_records,
+                    num_test=cfg.test_records, label_fraction=ratio, steps=steps, warmup_steps=max(1, steps // 15),
+                    lr=cfg.lr, min_crop=cfg.min_crop, batch_size=32, eval_every=max(1, steps // 5), num_workers=0,
+                    out=run_dir, seed=seed)
+                results = finetune.run(fc, rendered)
+                for lr_dir in os.listdir(run_dir):  # the weights are not needed again: 54 runs would keep ~9 GB
+                    for name in ("best.pt", "last.pt"):
+                        path = os.path.join(run_dir, lr_dir, name)
+                        if os.path.isfile(path):
+                            os.remove(path)
+            out[str(ratio)].append(results["test_auc_mean"])
+            bar.update()
+            bar.set_postfix(variant=variant, ratio=ratio, seed=seed, auc=f"{results['test_auc_mean']:.3f}")
+    return out
+
+
+def load_model(path: str) -> tuple[MRM, dict]:
+    """A train.py checkpoint's whole model (eval mode) and the checkpoint."""
+    ckpt = train.load_checkpoint(path)
+    model = MRM(MRMConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def whole_films(first: int, n: int, hr: int) -> np.ndarray:
+    """Records first..first+n-1 rendered as pre-training renders them, the whole film resized to hr: (n, hr, hr)."""
+    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512))["image"]), hr)
+                     for i in tqdm(range(first, first + n), desc="rendering held-out films", leave=False, disable=None)])
+
+
+@torch.no_grad()
+def fusion_check(path: str, first: int, n: int, masks_per_report: int = 4, seed: int = 0) -> dict:
+    """Restore masked words of n held-out reports (records first..first+n-1, never pre-trained on) with
+    the model of `path`, once from each report's radiograph and once from uniform noise in its place,
+    with the same text and image masks. Returns {'image'|'noise': {group: accuracy}} plus 'count'
+    {group: masked words scored}; groups are WORD_GROUPS, 'other' (every other word) and 'all'."""
+    model, ckpt = load_model(path)
+    mcfg, tok = model.cfg, Tokenizer.from_str(ckpt["tokenizer"])
+    group_ids = {}
+    for group, words in WORD_GROUPS.items():
+        ids = [tok.token_to_id(w) for w in words]
+        group_ids[group] = torch.tensor([i for i in ids if i is not None])
+    hr, L = 2 * mcfg.img_size, (mcfg.img_size // mcfg.patch_size) ** 2
+    images = whole_films(first, n, hr)
+    tokens = data.encode_reports(tok, [data.synth_report(i) for i in range(first, first + n)], mcfg.max_text_len)
+    rng, gen = np.random.default_rng([seed, 7]), torch.Generator().manual_seed(seed)
+    right = {c: {g: 0 for g in list(WORD_GROUPS) + ["other", "all"]} for c in ("image", "noise")}
+    count = {g: 0 for g in list(WORD_GROUPS) + ["other", "all"]}
+    for _ in range(masks_per_report):
+        for start in range(0, n, 100):
+            rows = slice(start, min(start + 100, n))
+            masked = [data.mask_report(t, mcfg.text_mask_ratio, rng, mcfg.mask_token_id, mcfg.pad_token_id)
+                      for t in tokens[rows]]
+            t = torch.from_numpy(np.stack([m[0] for m in masked]).astype(np.int64))
+            labels = torch.from_numpy(np.stack([m[1] for m in masked]).astype(np.int64))
+            real = torch.from_numpy(images[rows])[:, None]
+            noise = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.uint8)
+            patch_noise = torch.rand(len(real), L, generator=gen)  # one image mask for both conditions
+            target = labels.flatten()[labels.flatten() != -100]
+            in_group = {g: torch.isin(target, ids) for g, ids in group_ids.items()}
+            in_group["other"] = ~torch.stack(list(in_group.values())).any(0)
+            in_group["all"] = torch.ones_like(target, dtype=torch.bool)
+            for g, sel in in_group.items():
+                count[g] += int(sel.sum())
+            for condition, x in (("image", real), ("noise", noise)):
+                pred = model(x, t, labels, noise=patch_noise)["mlm_logits"].argmax(-1)
+                for g, sel in in_group.items():
+                    right[condition][g] += int((pred[sel] == target[sel]).sum())
+    result = {c: {g: right[c][g] / max(1, count[g]) for g in count} for c in right}
+    result["count"] = count
+    return result
+
+
+def pooled_spread(path: str, first: int, n: int = 200) -> float:
+    """How much the encoder's pooled feature (the fusion's input: mean of the post-norm patch tokens of a
+    whole radiograph) differs between radiographs: the norm of its per-dimension standard deviation over n
+    held-out radiographs, over the norm of its mean. Near 0: every radiograph gives the same feature."""
+    model, _ = load_model(path)
+    x = torch.from_numpy(whole_films(first, n, 2 * model.cfg.img_size))[:, None]
+    with torch.no_grad():
+        pooled = model.encoder(model.prepare_images(x)[2])[:, 1:].mean(1)  # (n, D)
+    return float(pooled.std(0).norm() / pooled.mean(0).norm())
+
+
+def table(results: dict) -> str:
+    """Table 4's layout: mean test AUC x 100 +- std over seeds, per label ratio."""
+    head = "| variant | " + " | ".join(f"{round(r * 100)}%" for r in RATIOS) + " |"
+    lines = [head, "|" + " --- |" * (len(RATIOS) + 1)]
+    for variant, by_ratio in results.items():
+        cells = []
+        for r in RATIOS:
+            v = np.array(by_ratio[str(r)], dtype=float) * 100
+            cells.append(f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fusion_table(checks: dict) -> str:
+    groups = list(WORD_GROUPS) + ["other", "all"]
+    lines = ["| variant | input | " + " | ".join(groups) + " |", "|" + " --- |" * (len(groups) + 2)]
+    for variant, c in checks.items():
+        for condition in ("image", "noise"):
+            lines.append(f"| {variant} | {condition} | " + " | ".join(f"{c[condition][g]:.3f}" for g in groups) + " |")
+    n = next(iter(checks.values()))["count"] if checks else {}
+    lines.append("| words scored | | " + " | ".join(str(n.get(g, 0)) for g in groups) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {path} (pip install -r experiments/requirements.txt)")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for k, (variant, by_ratio) in enumerate(results.items()):
+        v = [np.array(by_ratio[str(r)], dtype=float) for r in RATIOS]
+        x = [r * (1 + 0.04 * (k - len(results) / 2)) for r in RATIOS]  # a small offset keeps error bars apart
+        ax.errorbar(x, [a.mean() for a in v], yerr=[a.std() for a in v], marker="o", capsize=3, label=variant,
+                    linestyle="--" if variant == "scratch" else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(RATIOS, [f"{round(r * 100)}%" for r in RATIOS])
+    ax.set_xlabel("share of the training labels")
+    ax.set_ylabel("test mean AUC (6 findings)")
+    ax.set_title("MRM in miniature: tiny encoder, synthetic radiographs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def write_atomic(path: str, text: str):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def run(cfg: MiniConfig, runs: str, results_dir: str, name: str = "miniature", command: str = "") -> dict:
+    """The whole experiment; writes results_dir/<name>.json, <name>_checks.json, <name>.md, <name>.png.
+    Returns the results (variant -> ratio -> per-seed test mean AUCs)."""
+    torch.manual_seed(0)
+    start = time.time()
+
+    # 1. pre-training: the same records, budget and seed for every variant
+    inits, timings = {}, {}
+    for variant in cfg.variants:
+        t = time.time()
+        inits[variant] = "none" if VARIANTS[variant] is None else pretrain(variant, cfg, runs)
+        timings[f"pretrain {variant}"] = round(time.time() - t)
+
+    # 2. the fusion check on held-out reports, and the pooled feature's spread
+    first_check = finetune.SYNTH_START + cfg.finetune_records + cfg.val_records + cfg.test_records
+    checks, spread = {}, {}
+    for variant, init in inits.items():
+        if init == "none":
+            continue
+        spread[variant] = pooled_spread(init, first_check)
+        if VARIANTS[variant].get("mlm_weight", 1.0) > 0:
+            checks[variant] = fusion_check(init, first_check, cfg.check_records)
+            print(f"{variant}: restored image-dependent words, image vs noise: " + ", ".join(
+                f"{g} {checks[variant]['image'][g]:.3f}/{checks[variant]['noise'][g]:.3f}" for g in WORD_GROUPS))
+
+    # 3. fine-tuning: every encoder, every label ratio, every seed, one fixed test set
+    rendered, results = {}, {}
+    t = time.time()
+    with tqdm(total=len(inits) * len(RATIOS) * cfg.seeds, desc="fine-tuning runs", disable=None) as bar:
+        for variant, init in inits.items():
+            results[variant] = finetune_runs(variant, init, cfg, runs, rendered, bar)
+    timings["finetune (all)"] = round(time.time() - t)
+    timings["total"] = round(time.time() - start)
+
+    # 4. results
+    os.makedirs(results_dir, exist_ok=True)
+    write_atomic(os.path.join(results_dir, f"{name}.json"), json.dumps(results, indent=1) + "\n")
+    details = {"command": command, "config": asdict(cfg), "fusion_check": checks, "pooled_spread": spread,
+               "seconds": timings, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_atomic(os.path.join(results_dir, f"{name}_checks.json"), json.dumps(details, indent=1) + "\n")
+    md = (f"# MRM in miniature\n\n`{command}`: {timings['total'] / 60:.0f} minutes, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.\n\n"
+          f"Test mean AUC x 100 over the six findings ({cfg.test_records} held-out radiographs), mean ± std over "
+          f"{cfg.seeds} seed(s) (each seed draws its own label subset, head and crops):\n\n{table(results)}\n\n"
+          f"Fusion check: accuracy of the restored masked words of {cfg.check_records} held-out reports, "
+          f"from the radiograph and from noise in its place:\n\n{fusion_table(checks)}\n\n"
+          "Spread of the pooled image feature between radiographs (std / mean norm; a random encoder: about 0.2): "
+          + ", ".join(f"{v} {s:.3f}" for v, s in spread.items()) + "\n")
+    write_atomic(os.path.join(results_dir, f"{name}.md"), md)
+    plot(results, os.path.join(results_dir, f"{name}.png"))
+    print(md)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 seed, fewer records and steps (under 10 minutes); writes miniature_quick.*")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--runs", default="out/miniature", help="folder for the runs' checkpoints and logs")
+    parser.add_argument("--results", default=HERE, help="folder for the .json/.md/.png results")
+    parser.add_argument("--check", nargs="+", metavar="CKPT",
+                        help="only run the fusion check and the pooled spread on these train.py checkpoints")
+    args = parser.parse_args(argv)
+    if args.check:
+        first = finetune.SYNTH_START + MiniConfig.finetune_records + MiniConfig.val_records + MiniConfig.test_records
+        for path in args.check:
+            line = f"{path}: pooled spread {pooled_spread(path, first):.3f}"
+            if "report_decoder.head.weight" in train.load_checkpoint(path)["model"]:
+                c = fusion_check(path, first, MiniConfig.check_records)
+                line += "; restored words, image / noise: " + ", ".join(
+                    f"{g} {c['image'][g]:.3f} / {c['noise'][g]:.3f}" for g in list(WORD_GROUPS) + ["all"])
+            print(line)
+        return
+    cfg = MiniConfig(**QUICK) if args.quick else MiniConfig()
+    cfg.variants = tuple(v.strip() for v in args.variants.split(","))
+    unknown = [v for v in cfg.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    command = "python experiments/miniature.py" + (" " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
+    run(cfg, os.path.join(args.runs, "quick" if args.quick else "full"), args.results,
+        "miniature_quick" if args.quick else "miniature", command)
+
+
+if __name__ == "__main__":
+    main()
