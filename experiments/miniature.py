@@ -91,15 +91,15 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
     tc = train.TrainConfig(out=out, num_records=cfg.pretrain_records, epochs=cfg.pretrain_epochs, warmup_epochs=1,
                            blr=cfg.blr, hflip=cfg.hflip, fusion_tokens=cfg.fusion_tokens, num_workers=1,
                            **VARIANTS[variant])
-    if os.path.exists(path):
+    if os.path.exists(path):  # finished or stopped in an earlier experiment: only with the same settings
         ckpt = train.load_checkpoint(path)
-        if ckpt["epoch"] >= cfg.pretrain_epochs:
-            changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(train.resolve(tc)).items()
-                       if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
-            if not changed:
-                print(f"{variant}: pre-trained already ({path})")
-                return path
+        changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(train.resolve(tc)).items()
+                   if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
+        if changed:
             raise ValueError(f"{path}: pre-trained with other settings {changed}; use another --runs folder")
+        if ckpt["epoch"] >= cfg.pretrain_epochs:
+            print(f"{variant}: pre-trained already ({path})")
+            return path
         tc.resume = path
         print(f"{variant}: resuming pre-training at epoch {ckpt['epoch']}")
     print(f"\n== pre-training {variant} ==")

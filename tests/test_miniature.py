@@ -68,10 +68,17 @@ def test_finished_runs_are_reused(experiment, monkeypatch):
     assert again == results
 
 
-def test_pretraining_with_other_settings_is_refused(experiment):
+def test_pretraining_with_other_settings_is_refused(experiment, tmp_path):
     root, _ = experiment
     with pytest.raises(ValueError, match="other settings"):
         miniature.pretrain("mrm", MiniConfig(**{**SMALL, "blr": 1e-3}), str(root / "runs"))
+    # a stopped one too, instead of resuming it with the new settings
+    ckpt = torch.load(root / "runs" / "mrm" / "pretrain" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt["epoch"] = 0
+    (tmp_path / "mrm" / "pretrain").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "mrm" / "pretrain" / "ckpt.pt")
+    with pytest.raises(ValueError, match="other settings"):
+        miniature.pretrain("mrm", MiniConfig(**{**SMALL, "blr": 1e-3}), str(tmp_path))
 
 
 def test_fusion_check_without_an_image_path_scores_alike(experiment, tmp_path):
