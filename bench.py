@@ -2,6 +2,7 @@
 
     python bench.py step --preset base --batch_size 64 --dtype bf16 --compile --peak_tflops 989
     python bench.py step --preset tiny --batch_size 32                  # runs on a CPU in seconds
+    python bench.py step --preset base --batch_size 64 --dtype bf16 --steps 0   # FLOPs and memory only
     python bench.py data --image cxr.jpg                                # one core: ours and the released pipeline
     python bench.py loader --data training.csv --image_root DIR --num_workers 8
     python bench.py loader --num_workers 2                              # the built-in synthetic records
@@ -72,6 +73,26 @@ def synthetic_batch(cfg: MRMConfig, batch_size: int, rng) -> dict:
 VOCAB = {"base": 30000, "tiny": 150}
 
 
+def saved_for_backward(model, batch: dict, device, dtype) -> int:
+    """Bytes autograd keeps from one eager forward until the backward: activations and autocast's
+    low-precision copies of the weights, not the weights themselves; a storage saved twice counts once.
+    The same on any device for the same dtype, so a CPU can tell what a batch will hold on a GPU."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            model(batch["image"].to(device), batch["tokens"].to(device), batch["labels"].to(device),
+                  noise=batch["noise"].to(device))
+    return sum(kept.values())
+
+
 def bench_step(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -98,6 +119,20 @@ def bench_step(args) -> dict:
         model(b["image"].to(device), b["tokens"].to(device), b["labels"].to(device), noise=b["noise"])["loss"].backward()
     model.zero_grad(set_to_none=True)
     gflop_per_img = counter.get_total_flops() / len(b["image"]) / 1e9
+    # Memory, counted rather than timed: what the eager step saves for its backward, on 2 and 4 records,
+    # taken on to the batch (a part per forward, autocast's weight copies, and a part per record); and
+    # fp32 weights + AdamW's two moments (12 bytes a parameter), held all along. A GPU's peak is at least
+    # their sum (less with --compile, which recomputes cheap activations instead of keeping them).
+    probe = synthetic_batch(cfg, 4, np.random.default_rng(1))
+    two, four = (saved_for_backward(model, {k: v[:n] for k, v in probe.items()}, device, dtype) for n in (2, 4))
+    saved = two + (args.batch_size - 2) * (four - two) / 2
+    weights_and_adam = 12 * sum(p.numel() for p in model.parameters())
+
+    result = {"bench": "step", "preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,
+              "vocab_size": cfg.vocab_size, "compile": args.compile, "gflop_per_img": round(gflop_per_img, 2),
+              "saved_for_backward_gb": round(saved / 2**30, 3), "weights_and_adam_gb": round(weights_and_adam / 2**30, 3)}
+    if args.steps == 0:  # the counts only: sizing a GPU's batch from a CPU takes seconds, not a base step
+        return report({**result, **environment(device)})
 
     def steps(n):
         values = torch.zeros(4)
@@ -118,11 +153,8 @@ def bench_step(args) -> dict:
     else:
         peak, peak_of = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
     img_per_s = args.batch_size / step_s
-    return report({"bench": "step", "preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,
-                   "vocab_size": cfg.vocab_size,
-                   "compile": args.compile, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
+    return report({**result, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
                    "peak_mem_gb": round(peak / 2**30, 3), "peak_mem_of": peak_of,
-                   "gflop_per_img": round(gflop_per_img, 2),
                    "mfu": round(gflop_per_img * img_per_s / (1e3 * args.peak_tflops), 4) if args.peak_tflops else None,
                    "warmup_s": round(warmup_s, 1), "loss": round(loss, 4), **environment(device)})
 
@@ -157,7 +189,7 @@ def bench_data(args) -> dict:
     torch.set_num_threads(1)
     files = data.ImageFiles([os.path.basename(args.image)], os.path.dirname(os.path.abspath(args.image)))
     pipelines = {  # ours: exactly what PretrainDataset does with an image file, (1, S, S) uint8
-        "ours": lambda rng: torch.from_numpy(files.load_crop(0, args.size, rng).copy())[None],
+        "ours": lambda rng: torch.from_numpy(np.ascontiguousarray(files.load_crop(0, args.size, rng)))[None],
         "released": lambda rng: released_pipeline(args.image, args.size, rng)}
     rates = {name: [] for name in pipelines}
     for _ in range(args.rounds):  # alternate, so both see the same background load
@@ -226,7 +258,7 @@ def main(argv=None) -> dict:
     p.add_argument("--vocab_size", type=int, default=None, help="default: base 30000 (the released WordPiece), "
                    "tiny 150 (what python train.py builds from the synthetic reports)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (0: only count FLOPs and memory)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p = sub.add_parser("data", help="one record's image pipeline on one core: ours and the released one",

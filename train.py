@@ -375,12 +375,16 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     sums = torch.zeros(4, device=device)
     for k, (b, w) in enumerate(zip(micro, where)):
         w = w.pin_memory() if device.type == "cuda" else w  # pinned: the copy to the GPU does not block
+        w = w.to(device, non_blocking=True)
+        # its length, the count of masked words, changes every step: torch.compile builds one graph for
+        # any length at once, instead of one for the first length and a second, dynamic one right after
+        torch._dynamo.mark_dynamic(w, 0)
         # gradients are all-reduced once, after the last micro-batch
         with ddp.no_sync() if ddp is not None and k < accum - 1 else nullcontext():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = net(b["image"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
                           b["labels"].to(device, non_blocking=True), noise=b["noise"], mlm_denominator=denominator,
-                          mlm_index=w.to(device, non_blocking=True))
+                          mlm_index=w)
             scaler.scale(out["loss"] / accum).backward()
         sums[:3] += torch.stack([out["loss"], out["loss_mim"], out["loss_mlm"]]).detach().float() / accum
         sums[3] += b["skipped"].sum()

@@ -364,30 +364,34 @@ def test_draft_scale_keeps_the_crop_at_least_the_output_size():
 
 
 def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
-    """load_crop decodes a JPEG at 1/2 or 1/4 scale when the crop allows: the same crop and flip (the same
-    draws from rng), pixels within a few gray levels of cropping the full decode; exact for PNG."""
+    """load_crop decodes a JPEG at 1/2 or 1/4 scale when the crop allows, and takes the box to the nearest
+    pixel of the reduced image: the same draws from rng as augment(load_image(...)), and pixels within a
+    few gray levels of that nearest box cut from the full decode; exact for PNG and undrafted JPEG."""
     gray = data.synth_record(0, 512)["image"]
     Image.fromarray(gray).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.jpg", quality=95)  # decoded straight to gray
     Image.fromarray(gray).save(tmp_path / "a.png")
     drafted = 0
     for seed in range(8):
+        box = data.random_resized_crop_box(512, 512, np.random.default_rng(seed))
+        s = data.draft_scale(box, 128)
         for name in ("a.jpg", "rgb.jpg", "a.png"):
             rng_fast, rng_full = np.random.default_rng(seed), np.random.default_rng(seed)
             fast = data.load_crop(tmp_path / name, 128, rng_fast)
             full = data.augment(data.load_image(tmp_path / name), 128, rng_full)
             assert fast.shape == (128, 128) and fast.dtype == np.uint8
             assert rng_fast.random() == rng_full.random()  # the same draws: samples stay reproducible
-            diff = np.abs(fast.astype(int) - full.astype(int))
-            scale = data.draft_scale(data.random_resized_crop_box(512, 512, np.random.default_rng(seed)), 128)
-            if name == "a.png" or (name == "a.jpg" and scale == 1):
+            if name == "a.png" or s == 1:
                 assert np.array_equal(fast, full)
-            else:
-                assert diff.mean() < 1.0 and diff.max() <= 8 and abs(fast.mean() - full.mean()) < 0.5
-            if name == "a.jpg" and scale > 1:
-                drafted += 1
-                assert diff.max() > 0  # the reduced decode really ran
-    assert drafted >= 4
+                continue
+            drafted += 1
+            fast = data.load_crop(tmp_path / name, 128, np.random.default_rng(seed), hflip=False).astype(int)
+            nearest = tuple(round(v / s) * s for v in box)  # the box load_crop resizes, in full-size pixels
+            assert nearest != box and all(abs(u - v) <= s / 2 for u, v in zip(nearest, box))
+            full = data.resize_box(data.load_image(tmp_path / name), nearest, 128).astype(int)
+            diff = np.abs(fast - full)
+            assert 0 < diff.mean() < 0.6 and diff.max() <= 8  # > 0: the reduced decode really ran
+    assert drafted >= 8
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:5000])
     with pytest.raises(data.BadRecord, match=r"cut.jpg: cannot read image"):
         data.load_crop(tmp_path / "cut.jpg", 128, np.random.default_rng(0))
@@ -395,10 +399,10 @@ def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
 
 def test_real_film_crops_at_draft_scale_match_the_full_decode():
     film = needs_shared("cxr_pa_real.jpg")
-    for seed in range(3):  # all at 1/2 scale on this 1841 x 1955 film
+    for seed in range(3):  # all at 1/2 scale on this 1841 x 1955 film; the box moves by up to a pixel
         fast = data.load_crop(film, 448, np.random.default_rng(seed)).astype(int)
         full = data.augment(data.load_image(film), 448, np.random.default_rng(seed)).astype(int)
-        assert 0 < np.abs(fast - full).mean() < 0.6 and abs(fast.mean() - full.mean()) < 0.1
+        assert 0 < np.abs(fast - full).mean() < 1.0 and abs(fast.mean() - full.mean()) < 0.1
 
 
 def make_dataset(images, tok, n_tokens=None, **kw):
