@@ -499,15 +499,16 @@ class MRM(nn.Module):
         cfg = self.cfg
         if images.dtype == torch.uint8:  # the data pipeline ships uint8 to save host-device bandwidth
             images = images.float() / 255
-        if images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3:  # gray radiographs: repeat to 3
-            images = images.expand(-1, 3, -1, -1)
+        gray = images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3  # repeated to 3 channels below
         hr = 2 * cfg.img_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.in_chans, hr, hr):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
             raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}), got {tuple(images.shape)}")
         # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
         # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
         low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
         low = low.clamp(0, 1)
+        if gray:  # resized once, then repeated: the three channels of a radiograph are equal
+            images, low = images.expand(-1, 3, -1, -1), low.expand(-1, 3, -1, -1)
         return images, low, (low - cfg.pixel_mean) / cfg.pixel_std
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,

@@ -442,6 +442,9 @@ def test_low_res_input_is_bicubic_antialiased_and_normalised():
     flat = torch.full((1, 3, 128, 128), 0.4978)  # the mean maps to 0, mean + std to 1
     assert MRM(cfg).prepare_images(flat)[2].abs().max() < 1e-5
     assert torch.allclose(MRM(cfg).prepare_images(flat + 0.2449)[2], torch.ones(1), atol=1e-5)
+    gray = torch.rand(2, 1, 128, 128)  # one channel is resized once, then repeated: the same as three
+    for one, three in zip(MRM(cfg).prepare_images(gray), MRM(cfg).prepare_images(gray.expand(-1, 3, -1, -1))):
+        assert one.shape == three.shape and torch.equal(one, three)
 
 
 def test_low_res_is_clamped_then_normalised():
