@@ -76,7 +76,8 @@ VOCAB = {"base": 30000, "tiny": 150}
 def saved_for_backward(model, batch: dict, device, dtype) -> int:
     """Bytes autograd keeps from one eager forward until the backward: activations and autocast's
     low-precision copies of the weights, not the weights themselves; a storage saved twice counts once.
-    The same on any device for the same dtype, so a CPU can tell what a batch will hold on a GPU."""
+    Nearly the same on any device for the same dtype (CPU autocast keeps softmax and layer norm in
+    bf16, CUDA's runs them in fp32), so a CPU can size what a batch will hold on a GPU."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -119,7 +120,8 @@ def bench_step(args) -> dict:
         model(b["image"].to(device), b["tokens"].to(device), b["labels"].to(device), noise=b["noise"])["loss"].backward()
     model.zero_grad(set_to_none=True)
     gflop_per_img = counter.get_total_flops() / len(b["image"]) / 1e9
-    # Memory, counted rather than timed: what the eager step saves for its backward, on 2 and 4 records,
+    # Memory, counted rather than timed: what the eager step saves for its backward (with --compile too:
+    # the eager model is counted), on 2 and 4 records,
     # taken on to the batch (a part per forward, autocast's weight copies, and a part per record); and
     # fp32 weights + AdamW's two moments (12 bytes a parameter), held all along. A GPU's peak is at least
     # their sum (less with --compile, which recomputes cheap activations instead of keeping them).
@@ -130,14 +132,15 @@ def bench_step(args) -> dict:
 
     result = {"bench": "step", "preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,
               "vocab_size": cfg.vocab_size, "compile": args.compile, "gflop_per_img": round(gflop_per_img, 2),
-              "saved_for_backward_gb": round(saved / 2**30, 3), "weights_and_adam_gb": round(weights_and_adam / 2**30, 3)}
+              "saved_for_backward_eager_gb": round(saved / 2**30, 3), "weights_and_adam_gb": round(weights_and_adam / 2**30, 3)}
     if args.steps == 0:  # the counts only: sizing a GPU's batch from a CPU takes seconds, not a base step
         return report({**result, **environment(device)})
 
     def steps(n):
         values = torch.zeros(4)
         for i in range(n):
-            values = train.train_step(net, None, [batches[i % len(batches)]], optimizer, scaler, dtype, device, 1)
+            values = train.train_step(net, None, [batches[i % len(batches)]], optimizer, scaler, dtype, device, 1,
+                                      args.compile)
         return values.tolist()  # waits for the device
 
     warm = time.perf_counter()

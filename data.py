@@ -67,18 +67,19 @@ def is_dicom(path, head: bytes) -> bool:
 
 
 def read_file(path) -> bytes:
-    """The whole file in one read: the DICOM check and the decoder share it, and PIL's header parsing
-    makes no small reads from disk."""
+    """The whole file in one read (radiographs are a few MB at most): the DICOM check and the decoder
+    (PIL or pydicom) then work from memory, with no second open of the file."""
     with open(path, "rb") as f:
         return f.read()
 
 
-def load_dicom(path) -> Image.Image:
+def load_dicom(path, raw: bytes) -> Image.Image:
+    """A DICOM file's bytes (path only names it in errors) as an 8-bit gray image."""
     try:
         import pydicom  # optional: only RSNA / SIIM style DICOM files need it
     except ImportError:
         raise BadRecord(f"{path}: reading DICOM needs the optional package pydicom (pip install pydicom)") from None
-    ds = pydicom.dcmread(str(path))
+    ds = pydicom.dcmread(io.BytesIO(raw))
     a = np.asarray(ds.pixel_array, dtype=np.float64)
     if a.ndim != 2:
         raise BadRecord(f"{path}: expected one gray frame, got pixel data of shape {a.shape}")
@@ -110,7 +111,7 @@ def load_image(path) -> Image.Image:
     with named_errors(path):
         raw = read_file(path)
         if is_dicom(path, raw):
-            return load_dicom(path)
+            return load_dicom(path, raw)
         with Image.open(io.BytesIO(raw)) as img:
             img.load()  # decode now, so a truncated file fails here and not later
             return to_gray8(img)
@@ -492,7 +493,7 @@ def load_crop(path, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -
     with named_errors(path):
         raw = read_file(path)
         if is_dicom(path, raw):
-            return augment(load_dicom(path), size, rng, hflip, min_crop)
+            return augment(load_dicom(path, raw), size, rng, hflip, min_crop)
         with Image.open(io.BytesIO(raw)) as img:
             if img.format != "JPEG":
                 img.load()

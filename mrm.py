@@ -502,7 +502,8 @@ class MRM(nn.Module):
         gray = images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3  # repeated to 3 channels below
         hr = 2 * cfg.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
-            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}), got {tuple(images.shape)}")
+            gray_too = f" or (B, 1, {hr}, {hr})" if cfg.in_chans == 3 else ""
+            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, got {tuple(images.shape)}")
         # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
         # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
         low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)

@@ -358,11 +358,12 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int) -> torch.Tensor:
+def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int,
+               compiled: bool = False) -> torch.Tensor:
     """One optimizer step over accumulation micro-batches. Returns a (4,) tensor on the device: loss,
     loss_mim, loss_mlm as means over the step and every process, and the images skipped. Nothing here
     waits for the device (no .item()), so the host queues the next step while the GPU runs this one;
-    the caller reads the values every --log_every steps."""
+    the caller reads the values every --log_every steps. compiled: net is torch.compile's."""
     accum = len(micro)
     # The masked words of each micro-batch, (M,) flat positions, found on the host where the loader's
     # labels are: the GPU never has to count them (see MRM.forward).
@@ -376,9 +377,10 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     for k, (b, w) in enumerate(zip(micro, where)):
         w = w.pin_memory() if device.type == "cuda" else w  # pinned: the copy to the GPU does not block
         w = w.to(device, non_blocking=True)
-        # its length, the count of masked words, changes every step: torch.compile builds one graph for
-        # any length at once, instead of one for the first length and a second, dynamic one right after
-        torch._dynamo.mark_dynamic(w, 0)
+        if compiled:  # its length, the count of masked words, changes every step: torch.compile then
+            # builds one graph for any length at once, instead of a graph for the first length and a
+            # second, dynamic one right after (a length of 0 or 1 still gets a graph of its own)
+            torch._dynamo.mark_dynamic(w, 0)
         # gradients are all-reduced once, after the last micro-batch
         with ddp.no_sync() if ddp is not None and k < accum - 1 else nullcontext():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -482,7 +484,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, lr, cfg.min_lr)
             micro = [next(batches) for _ in range(cfg.accum_iter)]
-            pending.append(train_step(net, ddp, micro, optimizer, scaler, dtype, device, world))
+            pending.append(train_step(net, ddp, micro, optimizer, scaler, dtype, device, world, cfg.compile))
             step, seen = step + 1, seen + eff_batch
             logs = step % cfg.log_every == 0 or step == total
             if not (logs or n == steps_per_epoch - 1):

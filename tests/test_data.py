@@ -148,11 +148,12 @@ def test_corrupt_truncated_and_missing_images_are_named(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200), dtype=np.uint8)).save(tmp_path / "ok.jpg")
     full = (tmp_path / "ok.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
-    for name, words in [("junk.png", "cannot read image"), ("cut.jpg", "cannot read image"),
+    for name, words in [("junk.png", "cannot read image .not a format PIL knows"), ("cut.jpg", "cannot read image"),
                         ("gone.png", "no such image file")]:
-        with pytest.raises(data.BadRecord, match=words) as e:
-            data.load_image(tmp_path / name)
-        assert name in str(e.value)
+        for load in (data.load_image, lambda path: data.load_crop(path, 64, np.random.default_rng(0))):
+            with pytest.raises(data.BadRecord, match=words) as e:
+                load(tmp_path / name)
+            assert name in str(e.value) and "BytesIO" not in str(e.value)  # the file, not the memory PIL read
 
 
 def test_dicom_needs_pydicom_and_says_so(tmp_path, monkeypatch):
@@ -166,14 +167,19 @@ def test_dicom_needs_pydicom_and_says_so(tmp_path, monkeypatch):
 
 def test_dicom_monochrome1_is_inverted_and_rescaled(tmp_path, monkeypatch):
     pixels = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    tags = dict(PhotometricInterpretation="MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100)
+
+    def dcmread(f):
+        assert f.read() == b"a DICOM file"  # the bytes already read, not the file opened again
+        return types.SimpleNamespace(pixel_array=pixels, **tags)
+
     fake = types.ModuleType("pydicom")
-    fake.dcmread = lambda path: types.SimpleNamespace(pixel_array=pixels, PhotometricInterpretation="MONOCHROME1",
-                                                      RescaleSlope=2, RescaleIntercept=-100)
+    fake.dcmread = dcmread
     monkeypatch.setitem(sys.modules, "pydicom", fake)
-    (tmp_path / "a.dcm").write_bytes(b"")
+    (tmp_path / "a.dcm").write_bytes(b"a DICOM file")
     out = np.asarray(data.load_image(tmp_path / "a.dcm"))
     assert out.tolist() == [[255, 191], [127, 0]]  # stretched 0..255, then 0 = white turned over
-    fake.dcmread = lambda path: types.SimpleNamespace(pixel_array=pixels)  # no tag: MONOCHROME2, as is
+    tags = {}  # no tag: MONOCHROME2, as is
     assert np.asarray(data.load_image(tmp_path / "a.dcm")).tolist() == [[0, 64], [128, 255]]
 
 

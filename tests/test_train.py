@@ -346,7 +346,8 @@ def test_compiled_steps_equal_eager_ones_and_compile_once():
         counter = CompileCounterWithBackend("aot_eager")
         net = torch.compile(model, backend=counter) if compiled else model
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        losses = torch.stack([train.train_step(net, None, [b], optimizer, scaler, None, cpu, 1) for b in batches])
+        steps = [train.train_step(net, None, [b], optimizer, scaler, None, cpu, 1, compiled) for b in batches]
+        losses = torch.stack(steps)
         runs[compiled] = losses, model.state_dict()
         if compiled:
             assert counter.frame_count == 1
