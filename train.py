@@ -385,8 +385,8 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
         with ddp.no_sync() if ddp is not None and k < accum - 1 else nullcontext():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = net(b["image"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
-                          b["labels"].to(device, non_blocking=True), noise=b["noise"], mlm_denominator=denominator,
-                          mlm_index=w)
+                          b["labels"].to(device, non_blocking=True), noise=b["noise"].to(device, non_blocking=True),
+                          mlm_denominator=denominator, mlm_index=w)
             scaler.scale(out["loss"] / accum).backward()
         sums[:3] += torch.stack([out["loss"], out["loss_mim"], out["loss_mlm"]]).detach().float() / accum
         sums[3] += b["skipped"].sum()
