@@ -120,11 +120,10 @@ def bench_step(args) -> dict:
         model(b["image"].to(device), b["tokens"].to(device), b["labels"].to(device), noise=b["noise"])["loss"].backward()
     model.zero_grad(set_to_none=True)
     gflop_per_img = counter.get_total_flops() / len(b["image"]) / 1e9
-    # Memory, counted rather than timed: what the eager step saves for its backward (with --compile too:
-    # the eager model is counted), on 2 and 4 records,
-    # taken on to the batch (a part per forward, autocast's weight copies, and a part per record); and
-    # fp32 weights + AdamW's two moments (12 bytes a parameter), held all along. A GPU's peak is at least
-    # their sum (less with --compile, which recomputes cheap activations instead of keeping them).
+    # Memory, counted rather than timed: what the eager model saves for its backward (with --compile
+    # too), on 2 and 4 records, taken on to the batch (a part per forward, autocast's weight copies, and
+    # a part per record); and fp32 weights + AdamW's two moments (12 bytes a parameter), held all along.
+    # An eager step's GPU peak is at least their sum (--compile recomputes cheap activations instead).
     probe = synthetic_batch(cfg, 4, np.random.default_rng(1))
     two, four = (saved_for_backward(model, {k: v[:n] for k, v in probe.items()}, device, dtype) for n in (2, 4))
     saved = two + (args.batch_size - 2) * (four - two) / 2
