@@ -206,37 +206,38 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
         lx, base, lateral = sides[f["side"]]
         inside = lungs[f["side"]]
         if name == "pleural effusion":  # fluid fills the base, meniscus climbing laterally
-            h = {"small": 0.07, "moderate": 0.15, "large": 0.25}[f["size"]]
+            h = {"small": 0.10, "moderate": 0.18, "large": 0.28}[f["size"]]
             out = np.clip((X - lx) * lateral / hw, 0, 1)
             m = inside & (Y > base - h - 0.04 * out)
+            texture[m] = 0.0  # fluid hides the lung markings behind it
             extra += 0.3 * m
         elif name == "pneumothorax":  # lung edge pulled in from the chest wall; no markings outside it
-            c = {"small": 0.15, "large": 0.35}[f["size"]]
+            c = {"small": 0.25, "large": 0.5}[f["size"]]
             shifted = lx - lateral * c * hw * 0.6
             collapsed = _lung(X, Y, shifted, hw * (1 - c), top + 0.1 * c, base)
             edge = collapsed & ~_lung(X, Y, shifted, hw * (1 - c) - 0.006, top + 0.1 * c + 0.006, base)
             m = inside & ~collapsed
             texture[m] = 0.0
-            extra += -0.06 * m + 0.15 * (edge & inside)
+            extra += -0.1 * m + 0.15 * (edge & inside)
         elif name == "consolidation":  # a cloud of overlapping blobs
-            r = {"small": 0.035, "large": 0.07}[f["size"]] * s
+            r = {"small": 0.045, "large": 0.085}[f["size"]] * s
             y0, x0 = zone_y(f["side"], f["zone"]) + 0.03 * j1, lx + 0.35 * hw * j0
             blob = np.zeros_like(X)
             for t in range(5):
                 bx, by = x0 + 0.5 * r * math.cos(2.4 * t + j2), y0 + 0.5 * r * math.sin(2.4 * t + j2)
                 blob = np.maximum(blob, np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / (2 * (0.6 * r) ** 2)))
             m = inside & (blob > 0.5)
-            extra += 0.25 * blob * inside
+            extra += 0.3 * blob * inside
         elif name == "nodule":
             r = f["mm"] / 2 / MM_PER_IMAGE_WIDTH
             y0, x0 = zone_y(f["side"], f["zone"]) + 0.02 * j1, lx + 0.4 * hw * j0
             m = _ellipse(X, Y, x0, y0, r, r) & inside
-            extra += 0.3 * m
+            extra += 0.45 * m
         elif name == "atelectasis":  # a plate-like band, nearly horizontal
             length = {"mild": 0.3, "moderate": 0.6}[f["size"]] * hw
             y0, x0 = zone_y(f["side"], f["zone"]) + 0.02 * j1, lx + 0.2 * hw * j0
-            m = _ellipse(X, Y, x0, y0, length, 0.012 * s, angle=0.25 * j2) & inside
-            extra += 0.22 * m
+            m = _ellipse(X, Y, x0, y0, length, 0.022 * s, angle=0.25 * j2) & inside
+            extra += 0.3 * m
         masks[k] = m
 
     # heart: its width over the chest's is the cardiothoracic ratio (> 0.5 is cardiomegaly)
@@ -292,6 +293,14 @@ REPORT_TEMPLATES = {
 }
 
 
+# The impression as radiologists often write it: the finding named, its side, size and zone left to the
+# findings above (or to the film). Chosen for half of the impressions' lines, by the phrasing stream only.
+PLAIN_IMPRESSIONS = {"cardiomegaly": "Cardiomegaly.", "pleural effusion": "Pleural effusion.",
+                     "pneumothorax": "Pneumothorax.", "consolidation": "Consolidation, possibly pneumonia.",
+                     "nodule": "Pulmonary nodule, recommend follow-up CT.", "atelectasis": "Atelectasis."}
+PLAIN_IMPRESSION_PROB = 0.5
+
+
 def write_report(case: dict, rng) -> str:
     """A free-text report for a case, in the FINDINGS / IMPRESSION style of real ones. `rng` chooses
     only the phrasing, the order and which absences are mentioned, never from a finding's attributes."""
@@ -312,7 +321,8 @@ def write_report(case: dict, rng) -> str:
             where = ""
         fill = dict(size=size, Size=size.capitalize(), side=f.get("side", ""), where=where, mm=f.get("mm", ""))
         sentences.append(pick(present).format(**fill))
-        impression.append(summary.format(**fill))
+        plain = rng.random() < PLAIN_IMPRESSION_PROB
+        impression.append(PLAIN_IMPRESSIONS[name] if plain else summary.format(**fill))
     if rng.random() < 0.5:
         sentences.append(pick(["The mediastinal contours are unremarkable.", "Mediastinal contours are normal."]))
     if rng.random() < 0.3:

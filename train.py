@@ -6,7 +6,8 @@
 
 Every flag is a field of TrainConfig (`python train.py --help` lists them with their defaults).
 Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png
-(the paper's Fig. 3) and tokenizer.json. `--resume out/ckpt.pt` continues exactly where a run stopped.
+(the paper's Fig. 3) and tokenizer.json. On synthetic records the run ends with the fusion check
+(checks.py): are held-out reports' masked words restored better from their film than from noise? `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
 import argparse
 import inspect
@@ -28,14 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import checks
 import data
 from mrm import MRM, MRMConfig, load_pretrained, patchify, read_checkpoint, unpatchify
 
 # The recipe's numbers that depend on the model size: base is the paper's (SPEC.md section 2), tiny is
 # a demo that visibly learns within a few minutes on a 2-core CPU.
 RECIPES = {
-    "base": dict(epochs=200, warmup_epochs=40, batch_size=64, blr=1.5e-4, num_records=10000),
-    "tiny": dict(epochs=10, warmup_epochs=1, batch_size=32, blr=5e-3, num_records=2048),
+    "base": dict(epochs=200, warmup_epochs=40, batch_size=64, blr=1.5e-4, num_records=10000, hflip=True),
+    "tiny": dict(epochs=10, warmup_epochs=1, batch_size=32, blr=5e-3, num_records=2048, hflip=False),
 }
 
 
@@ -48,7 +50,7 @@ class TrainConfig:
     tokenizer: str = ""              # tokenizers JSON or BERT vocab.txt; empty: build a WordPiece from the reports
     vocab_size: int = 30000          # of a vocabulary built here
     num_records: int | None = None   # synthetic records
-    hflip: bool = True               # mirror half the crops (SPEC); mirroring makes 'left'/'right' ambiguous
+    hflip: bool | None = None        # mirror half the crops (released code); the report still says 'left', so the demo does not
     min_crop: float = 0.2            # smallest area share a random resized crop keeps (SPEC: 0.2)
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
     # optimisation (SPEC.md section 2)
@@ -79,6 +81,7 @@ class TrainConfig:
     save_every: int = 1              # epochs between checkpoints (and recon.png)
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
+    fusion_check: int = 300          # synthetic data: held-out records for the fusion check at the end (0: none)
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -465,7 +468,8 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         print(f"effective batch {eff_batch} = {world} x {cfg.batch_size} x {cfg.accum_iter}, lr {lr:.3g}, "
               f"{steps_per_epoch} steps/epoch, epochs {start_epoch}..{cfg.epochs}")
         if ckpt is not None and os.path.exists(log_path):  # drop what the stopped run logged after its checkpoint
-            kept = [line for line in open(log_path) if json.loads(line)["epoch"] <= start_epoch]
+            # (and a fusion check of the run's end: the continued run writes its own)
+            kept = [line for line in open(log_path) if json.loads(line).get("epoch", math.inf) <= start_epoch]
             with open(log_path, "w") as f:
                 f.writelines(kept)
 
@@ -522,9 +526,32 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                 save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
         if dist.is_initialized():
             dist.barrier()  # no rank runs ahead of the checkpoint
+    if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
+        last["fusion_check"] = run_fusion_check(model, tok, cfg, log_path)
     if dist.is_initialized():
         dist.destroy_process_group()
     return last
+
+
+def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str) -> dict:
+    """MRM's idea, checked (checks.py): are the held-out reports' masked words restored better from their
+    own film than from noise, and does the pooled image feature still differ between films? Writes one
+    log.jsonl line {"fusion_check": {...}} and prints one sentence."""
+    films, reports = checks.held_out(checks.CHECK_START, cfg.fusion_check, 2 * model.cfg.img_size, cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        random_encoder = MRM(model.cfg).encoder.to(next(model.parameters()).device)  # as this run began
+    result = {"records": cfg.fusion_check,
+              "pooled_spread": {"trained": checks.pooled_spread(model.encoder, model.prepare_images, films),
+                                "random": checks.pooled_spread(random_encoder, model.prepare_images, films)}}
+    if model.report_decoder is not None:
+        result.update(checks.fusion_check(model, tok, films, reports, seed=cfg.seed))
+        print(checks.summary(result))
+    spread = result["pooled_spread"]
+    print(f"pooled image feature spread between films: {spread['trained']:.3f} (a random encoder: {spread['random']:.3f})")
+    with open(log_path, "a") as f:
+        f.write(json.dumps({"fusion_check": result}) + "\n")
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -554,7 +581,7 @@ HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainCon
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
 RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
-                     "save_every", "log_every", "skip_bad"}
+                     "save_every", "log_every", "skip_bad", "fusion_check"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checks  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import train  # noqa: E402
@@ -50,15 +51,6 @@ VARIANTS = {
     "scratch": None,
 }
 RATIOS = (0.01, 0.1, 1.0)
-
-# Report words the synthetic radiograph decides and the phrasing does not (data.write_report).
-WORD_GROUPS = {
-    "side": ("right", "left"),
-    "size": ("mild", "moderate", "small", "large"),
-    "zone": ("upper", "mid", "lower", "base"),
-    "presence": ("no", "atelectasis", "cardiomegaly", "consolidation", "effusion", "pneumothorax", "nodule"),
-}
-
 
 @dataclass
 class MiniConfig:
@@ -90,6 +82,7 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
     path = os.path.join(out, "ckpt.pt")
     tc = train.TrainConfig(out=out, num_records=cfg.pretrain_records, epochs=cfg.pretrain_epochs, warmup_epochs=1,
                            blr=cfg.blr, hflip=cfg.hflip, fusion_tokens=cfg.fusion_tokens, num_workers=1,
+                           fusion_check=0,  # run below, on more records, with the twin split
                            **VARIANTS[variant])
     if os.path.exists(path):  # finished or stopped in an earlier experiment: only with the same settings
         ckpt = train.load_checkpoint(path)
@@ -144,64 +137,51 @@ def load_model(path: str) -> tuple[MRM, dict]:
     return model.eval(), ckpt
 
 
-def whole_films(first: int, n: int, hr: int) -> np.ndarray:
-    """Records first..first+n-1 rendered as pre-training renders them, the whole film resized to hr: (n, hr, hr)."""
-    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512))["image"]), hr)
-                     for i in tqdm(range(first, first + n), desc="rendering held-out films", leave=False, disable=None)])
-
-
-@torch.no_grad()
-def fusion_check(path: str, first: int, n: int, masks_per_report: int = 4, seed: int = 0) -> dict:
-    """Restore masked words of n held-out reports (records first..first+n-1, never pre-trained on) with
-    the model of `path`, once from each report's radiograph and once from uniform noise in its place,
-    with the same text and image masks. Returns {'image'|'noise': {group: accuracy}} plus 'count'
-    {group: masked words scored}; groups are WORD_GROUPS, 'other' (every other word) and 'all'."""
+def check(path: str, first: int, n: int) -> tuple[dict | None, float]:
+    """checks.py's fusion check (None without a report decoder) and pooled spread of one checkpoint, on
+    held-out records first..first+n-1."""
     model, ckpt = load_model(path)
-    mcfg, tok = model.cfg, Tokenizer.from_str(ckpt["tokenizer"])
-    group_ids = {}
-    for group, words in WORD_GROUPS.items():
-        ids = [tok.token_to_id(w) for w in words]
-        group_ids[group] = torch.tensor([i for i in ids if i is not None])
-    hr, L = 2 * mcfg.img_size, (mcfg.img_size // mcfg.patch_size) ** 2
-    images = whole_films(first, n, hr)
-    tokens = data.encode_reports(tok, [data.synth_report(i) for i in range(first, first + n)], mcfg.max_text_len)
-    rng, gen = np.random.default_rng([seed, 7]), torch.Generator().manual_seed(seed)
-    right = {c: {g: 0 for g in list(WORD_GROUPS) + ["other", "all"]} for c in ("image", "noise")}
-    count = {g: 0 for g in list(WORD_GROUPS) + ["other", "all"]}
-    for _ in range(masks_per_report):
-        for start in range(0, n, 100):
-            rows = slice(start, min(start + 100, n))
-            masked = [data.mask_report(t, mcfg.text_mask_ratio, rng, mcfg.mask_token_id, mcfg.pad_token_id)
-                      for t in tokens[rows]]
-            t = torch.from_numpy(np.stack([m[0] for m in masked]).astype(np.int64))
-            labels = torch.from_numpy(np.stack([m[1] for m in masked]).astype(np.int64))
-            real = torch.from_numpy(images[rows])[:, None]
-            noise = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.uint8)
-            patch_noise = torch.rand(len(real), L, generator=gen)  # one image mask for both conditions
-            target = labels.flatten()[labels.flatten() != -100]
-            in_group = {g: torch.isin(target, ids) for g, ids in group_ids.items()}
-            in_group["other"] = ~torch.stack(list(in_group.values())).any(0)
-            in_group["all"] = torch.ones_like(target, dtype=torch.bool)
-            for g, sel in in_group.items():
-                count[g] += int(sel.sum())
-            for condition, x in (("image", real), ("noise", noise)):
-                pred = model(x, t, labels, noise=patch_noise)["mlm_logits"].argmax(-1)
-                for g, sel in in_group.items():
-                    right[condition][g] += int((pred[sel] == target[sel]).sum())
-    result = {c: {g: right[c][g] / max(1, count[g]) for g in count} for c in right}
-    result["count"] = count
-    return result
+    films, reports = checks.held_out(first, n, 2 * model.cfg.img_size)
+    spread = checks.pooled_spread(model.encoder, model.prepare_images, films)
+    if model.report_decoder is None:
+        return None, spread
+    return checks.fusion_check(model, Tokenizer.from_str(ckpt["tokenizer"]), films, reports), spread
 
 
-def pooled_spread(path: str, first: int, n: int = 200) -> float:
-    """How much the encoder's pooled feature (the fusion's input: mean of the post-norm patch tokens of a
-    whole radiograph) differs between radiographs: the norm of its per-dimension standard deviation over n
-    held-out radiographs, over the norm of its mean. Near 0: every radiograph gives the same feature."""
-    model, _ = load_model(path)
-    x = torch.from_numpy(whole_films(first, n, 2 * model.cfg.img_size))[:, None]
-    with torch.no_grad():
-        pooled = model.encoder(model.prepare_images(x)[2])[:, 1:].mean(1)  # (n, D)
-    return float(pooled.std(0).norm() / pooled.mean(0).norm())
+def probe_splits(cfg: "MiniConfig", rendered: dict) -> tuple[dict, dict]:
+    """The fine-tuning runs' films (train, val, test), shared with them through `rendered`, as whole films at
+    128 px, and their labels."""
+    films, labels = {}, {}
+    first = finetune.SYNTH_START
+    for split, n in (("train", cfg.finetune_records), ("val", cfg.val_records), ("test", cfg.test_records)):
+        key = (first, n, 128, ())  # the key finetune.build_splits uses for the tiny preset's 128-px renders
+        if key not in rendered:
+            rendered[key] = finetune.SyntheticFilms(first, n, 128)
+        source = rendered[key]
+        films[split] = np.stack([data.full_view(source.load(i), 128) for i in range(n)])
+        labels[split] = source.labels
+        first += n
+    return films, labels
+
+
+def probe(init: str, cfg: "MiniConfig", films: dict, labels: dict) -> dict:
+    """A linear probe of the encoder of `init` ('none': a random tiny encoder) at each label ratio and seed,
+    on the label subsets the fine-tuning runs use: {ratio: [test mean AUC per seed]}."""
+    if init == "none":
+        torch.manual_seed(0)
+        model = MRM(MRMConfig.from_preset("tiny"))
+    else:
+        model = load_model(init)[0]
+    features = {k: checks.pooled_features(model.encoder, model.prepare_images, v) for k, v in films.items()}
+    out = {}
+    for ratio in RATIOS:
+        out[str(ratio)] = []
+        for seed in range(cfg.seeds):
+            keep = finetune.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
+            result = checks.linear_probe({**features, "train": features["train"][keep]},
+                                         {**labels, "train": labels["train"][keep]})
+            out[str(ratio)].append(result["test_auc_mean"])
+    return out
 
 
 def table(results: dict) -> str:
@@ -217,14 +197,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def fusion_table(checks: dict) -> str:
-    groups = list(WORD_GROUPS) + ["other", "all"]
-    lines = ["| variant | input | " + " | ".join(groups) + " |", "|" + " --- |" * (len(groups) + 2)]
-    for variant, c in checks.items():
-        for condition in ("image", "noise"):
-            lines.append(f"| {variant} | {condition} | " + " | ".join(f"{c[condition][g]:.3f}" for g in groups) + " |")
-    n = next(iter(checks.values()))["count"] if checks else {}
-    lines.append("| words scored | | " + " | ".join(str(n.get(g, 0)) for g in groups) + " |")
+def fusion_table(found: dict) -> str:
+    """Per variant: restored-word accuracy from the film and from noise, per word group (checks.GROUPS)."""
+    lines = ["| variant | input | " + " | ".join(checks.GROUPS) + " |", "|" + " --- |" * (len(checks.GROUPS) + 2)]
+    for variant, c in found.items():
+        for condition in ("film", "noise"):
+            lines.append(f"| {variant} | {condition} | " + " | ".join(f"{c[g][condition]:.3f}" for g in checks.GROUPS)
+                         + " |")
+    if found:
+        c = next(iter(found.values()))
+        lines.append("| words scored | | " + " | ".join(str(c[g]["count"]) for g in checks.GROUPS) + " |")
     return "\n".join(lines)
 
 
@@ -274,19 +256,22 @@ def run(cfg: MiniConfig, runs: str, results_dir: str, name: str = "miniature", c
         timings[f"pretrain {variant}"] = round(time.time() - t)
 
     # 2. the fusion check on held-out reports, and the pooled feature's spread
-    first_check = finetune.SYNTH_START + cfg.finetune_records + cfg.val_records + cfg.test_records
-    checks, spread = {}, {}
+    found, spread = {}, {}
     for variant, init in inits.items():
         if init == "none":
             continue
-        spread[variant] = pooled_spread(init, first_check)
-        if VARIANTS[variant].get("mlm_weight", 1.0) > 0:
-            checks[variant] = fusion_check(init, first_check, cfg.check_records)
-            print(f"{variant}: restored image-dependent words, image vs noise: " + ", ".join(
-                f"{g} {checks[variant]['image'][g]:.3f}/{checks[variant]['noise'][g]:.3f}" for g in WORD_GROUPS))
+        c, spread[variant] = check(init, checks.CHECK_START, cfg.check_records)
+        if c is not None:
+            found[variant] = c
+            print(f"{variant}: {checks.summary(c)}")
 
-    # 3. fine-tuning: every encoder, every label ratio, every seed, one fixed test set
-    rendered, results = {}, {}
+    # 3. fine-tuning and a linear probe: every encoder, every label ratio, every seed, one fixed test set
+    rendered, results, probes = {}, {}, {}
+    t = time.time()
+    films, labels = probe_splits(cfg, rendered)
+    for variant, init in inits.items():
+        probes[variant] = probe(init, cfg, films, labels)
+    timings["linear probes (all)"] = round(time.time() - t)
     t = time.time()
     with tqdm(total=len(inits) * len(RATIOS) * cfg.seeds, desc="fine-tuning runs", disable=None) as bar:
         for variant, init in inits.items():
@@ -297,15 +282,20 @@ def run(cfg: MiniConfig, runs: str, results_dir: str, name: str = "miniature", c
     # 4. results
     os.makedirs(results_dir, exist_ok=True)
     write_atomic(os.path.join(results_dir, f"{name}.json"), json.dumps(results, indent=1) + "\n")
-    details = {"command": command, "config": asdict(cfg), "fusion_check": checks, "pooled_spread": spread,
+    details = {"command": command, "config": asdict(cfg), "linear_probe": probes, "fusion_check": found,
+               "pooled_spread": spread,
                "seconds": timings, "torch": torch.__version__, "threads": torch.get_num_threads()}
     write_atomic(os.path.join(results_dir, f"{name}_checks.json"), json.dumps(details, indent=1) + "\n")
     md = (f"# MRM in miniature\n\n`{command}`: {timings['total'] / 60:.0f} minutes, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}.\n\n"
           f"Test mean AUC x 100 over the six findings ({cfg.test_records} held-out radiographs), mean ± std over "
           f"{cfg.seeds} seed(s) (each seed draws its own label subset, head and crops):\n\n{table(results)}\n\n"
+          "Linear probe (logistic regression on the frozen encoder's pooled feature of the whole film, fitted to "
+          "convergence, its weight decay chosen on validation; `scratch` is the random encoder), the same label "
+          f"subsets:\n\n{table(probes)}\n\n"
           f"Fusion check: accuracy of the restored masked words of {cfg.check_records} held-out reports, "
-          f"from the radiograph and from noise in its place:\n\n{fusion_table(checks)}\n\n"
+          "from the radiograph and from noise in its place (image_only: masked side, size, zone and presence words "
+          f"that no visible word of the report repeats; with_twin: the others):\n\n{fusion_table(found)}\n\n"
           "Spread of the pooled image feature between radiographs (std / mean norm; a random encoder: about 0.2): "
           + ", ".join(f"{v} {s:.3f}" for v, s in spread.items()) + "\n")
     write_atomic(os.path.join(results_dir, f"{name}.md"), md)
@@ -325,14 +315,9 @@ def main(argv=None):
                         help="only run the fusion check and the pooled spread on these train.py checkpoints")
     args = parser.parse_args(argv)
     if args.check:
-        first = finetune.SYNTH_START + MiniConfig.finetune_records + MiniConfig.val_records + MiniConfig.test_records
         for path in args.check:
-            line = f"{path}: pooled spread {pooled_spread(path, first):.3f}"
-            if "report_decoder.head.weight" in train.load_checkpoint(path)["model"]:
-                c = fusion_check(path, first, MiniConfig.check_records)
-                line += "; restored words, image / noise: " + ", ".join(
-                    f"{g} {c['image'][g]:.3f} / {c['noise'][g]:.3f}" for g in list(WORD_GROUPS) + ["all"])
-            print(line)
+            c, spread = check(path, checks.CHECK_START, MiniConfig.check_records)
+            print(f"{path}: pooled spread {spread:.3f}" + (f"; {checks.summary(c)}" if c is not None else ""))
         return
     cfg = MiniConfig(**QUICK) if args.quick else MiniConfig()
     cfg.variants = tuple(v.strip() for v in args.variants.split(","))

@@ -361,7 +361,7 @@ def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
     import train
 
     pre = tmp_path / "pre"
-    train.train(train.TrainConfig(num_records=32, epochs=1, batch_size=16, num_workers=0, out=str(pre)))
+    train.train(train.TrainConfig(num_records=32, epochs=1, batch_size=16, num_workers=0, out=str(pre), fusion_check=0))
     results = finetune.run(small_config(tmp_path, init=str(pre / "ckpt.pt"), steps=2))
     said = capsys.readouterr().out
     assert f"encoder: 78/78 tensors from {pre / 'ckpt.pt'}; unused: image_decoder (" in said

@@ -39,9 +39,15 @@ def test_writes_every_variant_ratio_and_seed(experiment):
     # a report decoder only in mrm; no_mlm has none to check, scratch was never pre-trained
     assert list(checks["fusion_check"]) == ["mrm"]
     assert set(checks["pooled_spread"]) == {"mrm", "no_mlm"}
-    count = checks["fusion_check"]["mrm"]["count"]
-    assert count["all"] == sum(count[g] for g in list(miniature.WORD_GROUPS) + ["other"]) > 0
+    count = {g: v["count"] for g, v in checks["fusion_check"]["mrm"].items()}
+    assert count["all"] == sum(count[g] for g in list(miniature.checks.WORD_GROUPS) + ["other"]) > 0
     assert count["side"] > 0 and count["size"] > 0
+    assert count["image_only"] + count["with_twin"] == count["all"] - count["other"]
+    # a linear probe of every encoder, the random one (scratch) included, at every ratio and seed
+    assert set(checks["linear_probe"]) == {"mrm", "no_mlm", "scratch"}
+    for by_ratio in checks["linear_probe"].values():
+        assert list(by_ratio) == ["0.01", "0.1", "1.0"] and all(len(v) == 2 for v in by_ratio.values())
+    assert "Linear probe" in md and "image_only" in md
     # each fine-tuning run keeps its results and log, not its weights
     kept = {f for _, _, files in os.walk(root / "runs" / "mrm" / "finetune_0.01_seed0") for f in files}
     assert "results.json" in kept and "log.jsonl" in kept and not kept & {"best.pt", "last.pt"}
@@ -81,9 +87,9 @@ def test_pretraining_with_other_settings_is_refused(experiment, tmp_path):
         miniature.pretrain("mrm", MiniConfig(**{**SMALL, "blr": 1e-3}), str(tmp_path))
 
 
-def test_fusion_check_without_an_image_path_scores_alike(experiment, tmp_path):
-    """With the fusion projection zeroed, no image reaches the report decoder: the radiograph and the noise
-    must then restore the same words (which holds only if both conditions share their text and image masks)."""
+def test_check_of_a_checkpoint(experiment, tmp_path):
+    """--check's helper: with the fusion projection zeroed, no image reaches the report decoder, so the
+    radiograph and the noise restore the same words (both conditions share their text and image masks)."""
     root, _ = experiment
     path = root / "runs" / "mrm" / "pretrain" / "ckpt.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -91,10 +97,11 @@ def test_fusion_check_without_an_image_path_scores_alike(experiment, tmp_path):
         ckpt["model"][key] = torch.zeros_like(ckpt["model"][key])
     cut = tmp_path / "ckpt.pt"
     torch.save(ckpt, cut)
-    blind = miniature.fusion_check(str(cut), 2_000_000, 12, masks_per_report=2)
-    assert blind["image"] == blind["noise"]
-    seeing = miniature.fusion_check(str(path), 2_000_000, 12, masks_per_report=2)
-    assert seeing["count"] == blind["count"]  # the same words masked
+    blind, spread = miniature.check(str(cut), 2_000_000, 12)
+    assert all(v["film"] == v["noise"] for v in blind.values()) and spread > 0
+    seeing, _ = miniature.check(str(path), 2_000_000, 12)
+    assert {g: v["count"] for g, v in seeing.items()} == {g: v["count"] for g, v in blind.items()}  # same masks
+    assert miniature.check(str(root / "runs" / "no_mlm" / "pretrain" / "ckpt.pt"), 2_000_000, 12)[0] is None
 
 
 def test_table_shows_mean_and_std():

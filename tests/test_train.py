@@ -18,7 +18,7 @@ from mrm import MRM, MRMConfig, ViT, load_pretrained
 ROOT = Path(__file__).resolve().parent.parent
 # a few seconds a run on a 2-core CPU: 16 synthetic records, batches of 4, the tiny model
 SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0.5",
-         "--num_workers", "0", "--log_every", "1"]
+         "--num_workers", "0", "--log_every", "1", "--fusion_check", "0"]
 
 
 def run(out, *flags):
@@ -80,7 +80,7 @@ def test_end_to_end_on_csv_records_with_outputs(tmp_path):
 
 def test_the_default_tiny_run_learns(tmp_path):
     """A shortened default run (its data, model and learning rate): the loss falls clearly."""
-    train.main(["--out", str(tmp_path), "--num_records", "256", "--epochs", "3", "--num_workers", "0",
+    train.main(["--out", str(tmp_path), "--num_records", "256", "--epochs", "3", "--num_workers", "0", "--fusion_check", "0",
                 "--log_every", "1", "--save_every", "3"])
     losses = [l["loss"] for l in log(tmp_path)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -387,3 +387,25 @@ def test_on_a_gpu_steps_never_wait_for_it_and_compiled_bf16_matches_eager():
         runs[compiled] = torch.stack(losses).cpu()
     assert torch.isfinite(runs[False]).all()
     torch.testing.assert_close(runs[True], runs[False], rtol=2e-2, atol=2e-2)
+
+
+def test_a_synthetic_run_ends_with_the_fusion_check(tmp_path, capsys):
+    train.main([*SMALL, "--out", str(tmp_path), "--fusion_check", "12"])
+    last = log(tmp_path)[-1]["fusion_check"]
+    assert last["records"] == 12
+    for group in ("image_only", "side", "size", "presence", "all", "with_twin"):
+        assert set(last[group]) == {"film", "noise", "count"} and 0 <= last[group]["film"] <= 1
+    assert last["all"]["count"] > last["image_only"]["count"] > 0
+    assert last["pooled_spread"]["random"] > 0.05 and last["pooled_spread"]["trained"] >= 0
+    out = capsys.readouterr().out
+    assert "only the film can tell" in out and "a random encoder" in out
+    # a resumed run drops the old check with the steps after its checkpoint, and writes its own at its end
+    train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3"])
+    lines = log(tmp_path)
+    assert ["fusion_check" in line for line in lines].count(True) == 1 and "fusion_check" in lines[-1]
+
+
+def test_the_demo_keeps_left_and_right_the_paper_run_mirrors():
+    assert train.resolve(train.TrainConfig()).hflip is False
+    assert train.resolve(train.TrainConfig(preset="base")).hflip is True
+    assert train.resolve(train.TrainConfig(hflip=True)).hflip is True
