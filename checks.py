@@ -10,9 +10,9 @@ masks, and compares the accuracy per group of words:
   synthetic film decides and the phrasing never does (data.write_report); presence (no and the
   findings' names); other (every other word: phrasing the text alone can tell); all.
 
-"image_only" pools the masked words of the first four groups that no visible word of the same report
-repeats: they can only come from the film (or from a guess). "with_twin" pools the others, whose word
-is still in sight elsewhere in the report and can be copied. A decoder that ignores the film scores
+"image_only" pools the masked attribute words (side, size, zone) that no visible word of the same
+report repeats: they can only come from the film (or from a guess). "with_twin" pools the other masked
+attribute words, whose word is still in sight elsewhere in the report and can be copied. A decoder that ignores the film scores
 film = noise; one that reads it scores film > noise on image_only.
 
 The pooled spread says how much the fusion's input (the mean of the encoder's patch tokens) differs
@@ -32,6 +32,7 @@ WORD_GROUPS = {
     "zone": ("upper", "mid", "lower", "base"),
     "presence": ("no", "atelectasis", "cardiomegaly", "consolidation", "effusion", "pneumothorax", "nodule"),
 }
+ATTRIBUTES = ("side", "size", "zone")  # what a finding's words say about it; presence says whether it is there
 GROUPS = list(WORD_GROUPS) + ["other", "all", "image_only", "with_twin"]
 
 
@@ -73,9 +74,9 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
             # a masked word is in sight elsewhere when the same id is a visible token of its report
             in_sight = (t[:, :, None] == labels[:, None, :]).any(1)[scored]  # (M,)
             sel = {g: torch.isin(target, ids) for g, ids in group_ids.items()}
-            attribute = torch.stack(list(sel.values())).any(0)
-            sel.update(other=~attribute, all=torch.ones_like(attribute), image_only=attribute & ~in_sight,
-                       with_twin=attribute & in_sight)
+            attribute = torch.stack([sel[g] for g in ATTRIBUTES]).any(0)
+            sel.update(other=~torch.stack(list(sel.values())).any(0), all=torch.ones_like(attribute),
+                       image_only=attribute & ~in_sight, with_twin=attribute & in_sight)
             for g, s in sel.items():
                 count[g] += int(s.sum())
             for condition, x in (("film", film), ("noise", noise)):

@@ -206,13 +206,13 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
         lx, base, lateral = sides[f["side"]]
         inside = lungs[f["side"]]
         if name == "pleural effusion":  # fluid fills the base, meniscus climbing laterally
-            h = {"small": 0.10, "moderate": 0.18, "large": 0.28}[f["size"]]
+            h = {"small": 0.14, "moderate": 0.24, "large": 0.36}[f["size"]]
             out = np.clip((X - lx) * lateral / hw, 0, 1)
             m = inside & (Y > base - h - 0.04 * out)
             texture[m] = 0.0  # fluid hides the lung markings behind it
             extra += 0.3 * m
         elif name == "pneumothorax":  # lung edge pulled in from the chest wall; no markings outside it
-            c = {"small": 0.25, "large": 0.5}[f["size"]]
+            c = {"small": 0.3, "large": 0.6}[f["size"]]
             shifted = lx - lateral * c * hw * 0.6
             collapsed = _lung(X, Y, shifted, hw * (1 - c), top + 0.1 * c, base)
             edge = collapsed & ~_lung(X, Y, shifted, hw * (1 - c) - 0.006, top + 0.1 * c + 0.006, base)
@@ -220,7 +220,7 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
             texture[m] = 0.0
             extra += -0.1 * m + 0.15 * (edge & inside)
         elif name == "consolidation":  # a cloud of overlapping blobs
-            r = {"small": 0.045, "large": 0.085}[f["size"]] * s
+            r = {"small": 0.06, "large": 0.11}[f["size"]] * s
             y0, x0 = zone_y(f["side"], f["zone"]) + 0.03 * j1, lx + 0.35 * hw * j0
             blob = np.zeros_like(X)
             for t in range(5):

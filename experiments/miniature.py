@@ -294,7 +294,7 @@ def run(cfg: MiniConfig, runs: str, results_dir: str, name: str = "miniature", c
           "convergence, its weight decay chosen on validation; `scratch` is the random encoder), the same label "
           f"subsets:\n\n{table(probes)}\n\n"
           f"Fusion check: accuracy of the restored masked words of {cfg.check_records} held-out reports, "
-          "from the radiograph and from noise in its place (image_only: masked side, size, zone and presence words "
+          "from the radiograph and from noise in its place (image_only: masked side, size and zone words "
           f"that no visible word of the report repeats; with_twin: the others):\n\n{fusion_table(found)}\n\n"
           "Spread of the pooled image feature between radiographs (std / mean norm; a random encoder: about 0.2): "
           + ", ".join(f"{v} {s:.3f}" for v, s in spread.items()) + "\n")

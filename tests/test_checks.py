@@ -111,11 +111,11 @@ def test_fusion_check_groups_and_twins_by_hand():
     result = checks.fusion_check(model, tok, films, reports, masks_per_report=3)
     count = {g: v["count"] for g, v in result.items()}
     assert count["all"] == count["side"] + count["size"] + count["zone"] + count["presence"] + count["other"]
-    assert count["image_only"] + count["with_twin"] == count["all"] - count["other"]
+    assert count["image_only"] + count["with_twin"] == count["side"] + count["size"] + count["zone"]
     # which masked words were in sight, from the same masks as the check draws (seed 0, stream 7)
     rng, cfg = np.random.default_rng([0, 7]), model.cfg
     ids = data.encode_reports(tok, reports, cfg.max_text_len)
-    attribute = {tok.token_to_id(w) for words in checks.WORD_GROUPS.values() for w in words} - {None}
+    attribute = {tok.token_to_id(w) for g in checks.ATTRIBUTES for w in checks.WORD_GROUPS[g]} - {None}
     expected = {"image_only": 0, "with_twin": 0}
     for _ in range(3):
         for t in ids:

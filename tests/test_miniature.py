@@ -42,7 +42,7 @@ def test_writes_every_variant_ratio_and_seed(experiment):
     count = {g: v["count"] for g, v in checks["fusion_check"]["mrm"].items()}
     assert count["all"] == sum(count[g] for g in list(miniature.checks.WORD_GROUPS) + ["other"]) > 0
     assert count["side"] > 0 and count["size"] > 0
-    assert count["image_only"] + count["with_twin"] == count["all"] - count["other"]
+    assert count["image_only"] + count["with_twin"] == count["side"] + count["size"] + count["zone"]
     # a linear probe of every encoder, the random one (scratch) included, at every ratio and seed
     assert set(checks["linear_probe"]) == {"mrm", "no_mlm", "scratch"}
     for by_ratio in checks["linear_probe"].values():
