@@ -89,15 +89,9 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
                 "count": count[g]} for g in GROUPS}
 
 
-@torch.no_grad()
 def pooled_spread(encoder, prepare_images, films: np.ndarray) -> float:
     """Spread of the mean post-norm patch token of whole films between films (see the module's text)."""
-    was_training = encoder.training
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    x = prepare_images(torch.from_numpy(films)[:, None].to(device))[2]
-    pooled = torch.cat([encoder(x[k:k + 100])[:, 1:].mean(1) for k in range(0, len(x), 100)]).float()  # (N, D)
-    encoder.train(was_training)
+    pooled = pooled_features(encoder, prepare_images, films)  # (N, D)
     return float(pooled.std(0).norm() / pooled.mean(0).norm())
 
 
