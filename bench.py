@@ -280,10 +280,11 @@ def main(argv=None) -> dict:
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--records", type=int, default=2000, help="records to time, after the first batch")
     args = parser.parse_args(argv)
-    if args.command == "step":
-        args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-        return bench_step(args)
-    return bench_data(args) if args.command == "data" else bench_loader(args)
+    with data.one_line_errors("bench.py"):
+        if args.command == "step":
+            args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+            return bench_step(args)
+        return bench_data(args) if args.command == "data" else bench_loader(args)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,37 @@ import torch
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from mrm import CheckpointError, ConfigError
+
 
 class BadRecord(ValueError):
     """A record that cannot be used: the message names the file (and CSV line) and the problem."""
+
+
+def text_lines(path):
+    """The lines of a UTF-8 text file (a CSV, a split list), decoded one at a time so that a byte that
+    is not UTF-8 is refused with its file, line and column. No other encoding is guessed: a guess that
+    is wrong turns a report's words into other words without a sound."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadRecord(f"{path}, line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
+                                "UTF-8; re-save the file as UTF-8") from None
+            yield line.removeprefix("\ufeff") if number == 1 else line  # a spreadsheet's byte-order mark
+
+
+@contextmanager
+def one_line_errors(script: str, *expected: type):
+    """Run a script's main: an expected error (a bad record or setting, a refused checkpoint, a missing
+    file, or one of `expected`) is printed as `SCRIPT: error: MESSAGE` on stderr, exit status 2, as
+    argparse does for a bad flag; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (BadRecord, ConfigError, CheckpointError, FileNotFoundError, *expected) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def progress(iterable, **kw):
@@ -374,10 +402,10 @@ def load_tokenizer(path):
         else:
             tok = Tokenizer.from_file(path)
     except Exception as e:
-        raise ValueError(f"{path}: not a tokenizer file ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"{path}: not a tokenizer file ({type(e).__name__}: {e})") from None
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
-        raise ValueError(f"{path}: the tokenizer lacks the special tokens {missing}")
+        raise ConfigError(f"{path}: the tokenizer lacks the special tokens {missing}")
     return tok
 
 
@@ -590,29 +618,28 @@ def read_training_csv(csv_path, image_root, skip_bad: bool = False):
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{image_root}: the image root is not a folder")
     paths, reports, lines, problems = [], [], [], []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not {"image_path", "report_content"} <= set(header):
-            raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {header}")
-        col_path, col_report = header.index("image_path"), header.index("report_content")
-        start = reader.line_num + 1  # the line where the next row starts
-        for row in progress(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
-            row_start, start = start, reader.line_num + 1
-            if not row:  # a blank line
-                continue
-            path = row[col_path].strip() if len(row) > col_path else ""
-            report = row[col_report].strip() if len(row) > col_report else ""
-            if not path:
-                problems.append(f"{csv_path}, line {row_start}: empty image_path")
-            elif not report:
-                problems.append(f"{csv_path}, line {row_start}: empty report for {path}")
-            elif not os.path.isfile(os.path.join(image_root, path)):
-                problems.append(f"{csv_path}, line {row_start}: image {os.path.join(image_root, path)} does not exist")
-            else:
-                paths.append(path)
-                reports.append(report)
-                lines.append(row_start)
+    reader = csv.reader(text_lines(csv_path))
+    header = next(reader, None)
+    if header is None or not {"image_path", "report_content"} <= set(header):
+        raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {header}")
+    col_path, col_report = header.index("image_path"), header.index("report_content")
+    start = reader.line_num + 1  # the line where the next row starts
+    for row in progress(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
+        row_start, start = start, reader.line_num + 1
+        if not row:  # a blank line
+            continue
+        path = row[col_path].strip() if len(row) > col_path else ""
+        report = row[col_report].strip() if len(row) > col_report else ""
+        if not path:
+            problems.append(f"{csv_path}, line {row_start}: empty image_path")
+        elif not report:
+            problems.append(f"{csv_path}, line {row_start}: empty report for {path}")
+        elif not os.path.isfile(os.path.join(image_root, path)):
+            problems.append(f"{csv_path}, line {row_start}: image {os.path.join(image_root, path)} does not exist")
+        else:
+            paths.append(path)
+            reports.append(report)
+            lines.append(row_start)
     if problems and not skip_bad:
         shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them):\n  {shown}")
@@ -841,17 +868,16 @@ def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
     """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
     out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
     runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
-    with open(rle_csv, newline="", encoding="utf-8-sig") as f:
-        rows = csv.reader(f)
-        header = [h.strip() for h in next(rows, [])]
-        if header[:2] != ["ImageId", "EncodedPixels"]:
-            raise BadRecord(f"{rle_csv}: expected the header 'ImageId, EncodedPixels', got {header}")
-        for row in rows:
-            if not row:
-                continue
-            if len(row) < 2:
-                raise BadRecord(f"{rle_csv}, line {rows.line_num}: expected 'ImageId, EncodedPixels', got {row}")
-            runs.setdefault(row[0].strip(), []).append((rows.line_num, row[1].strip()))
+    rows = csv.reader(text_lines(rle_csv))
+    header = [h.strip() for h in next(rows, [])]
+    if header[:2] != ["ImageId", "EncodedPixels"]:
+        raise BadRecord(f"{rle_csv}: expected the header 'ImageId, EncodedPixels', got {header}")
+    for row in rows:
+        if not row:
+            continue
+        if len(row) < 2:
+            raise BadRecord(f"{rle_csv}, line {rows.line_num}: expected 'ImageId, EncodedPixels', got {row}")
+        runs.setdefault(row[0].strip(), []).append((rows.line_num, row[1].strip()))
     os.makedirs(out, exist_ok=True)
     positive = 0
     for image_id, regions in progress(runs.items(), desc="masks", total=len(runs)):
@@ -892,14 +918,15 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=1024, help="image side the run lengths refer to")
     args = parser.parse_args(argv)
-    if args.command == "synth":
-        write_synthetic(args.out, args.n, args.size, args.seed)
-    elif args.command == "resize":
-        sys.exit(1 if resize_dataset(args.src, args.dst, args.size, args.workers) else 0)
-    elif args.command == "siim-masks":
-        write_siim_masks(args.rle, args.out, args.size)
-    else:
-        convert_mimic(args.reports, args.images, args.out, args.metadata)
+    with one_line_errors("data.py"):
+        if args.command == "synth":
+            write_synthetic(args.out, args.n, args.size, args.seed)
+        elif args.command == "resize":
+            sys.exit(1 if resize_dataset(args.src, args.dst, args.size, args.workers) else 0)
+        elif args.command == "siim-masks":
+            write_siim_masks(args.rle, args.out, args.size)
+        else:
+            convert_mimic(args.reports, args.images, args.out, args.metadata)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import data
-from mrm import MRMConfig, ViT, load_pretrained
+from mrm import CheckpointError, ConfigError, MRMConfig, ViT, load_pretrained, read_checkpoint
 from train import NonFiniteLoss, amp_dtype, lr_at, save_checkpoint
 
 # Label columns of the released split lists (SPEC.md section 3), so tables print names, not indices.
@@ -87,6 +86,7 @@ class FinetuneConfig:
     seg_findings: str = "pneumothorax"  # synthetic segmentation: findings whose masks are the target, comma-separated
     # model
     init: str = "auto"               # checkpoint: ours (train.py), MAE's or the released MRM.pth; none = scratch; auto: out/ckpt.pt if present
+    trust_checkpoint: bool = False   # load --init even if it pickles objects beyond weights (runs their code): trusted files only
     preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
     input_size: int = 0              # 0: the encoder's pre-training size; 512 for segmentation with the base encoder
     drop_path: float = 0.1           # stochastic depth of the encoder
@@ -167,24 +167,23 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
         raise FileNotFoundError(f"{path}: no such split list")
     root = image_root or os.path.dirname(os.path.abspath(path))
     paths, labels, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                values = [float(v) for v in parts[1:]]
-            except ValueError:
-                values = [math.nan]
-            if not all(math.isfinite(v) for v in values):
-                raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
-            if num_labels is None:
-                num_labels = len(values)
-            if len(values) != num_labels or num_labels == 0:
-                raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
-            paths.append(parts[0])
-            labels.append(values)
-            lines.append(line_no)
+    for line_no, line in enumerate(data.text_lines(path), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            values = [float(v) for v in parts[1:]]
+        except ValueError:
+            values = [math.nan]
+        if not all(math.isfinite(v) for v in values):
+            raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
+        if num_labels is None:
+            num_labels = len(values)
+        if len(values) != num_labels or num_labels == 0:
+            raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
+        paths.append(parts[0])
+        labels.append(values)
+        lines.append(line_no)
     if not paths:
         raise data.BadRecord(f"{path}: the split list is empty")
     missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
@@ -197,7 +196,7 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded random fraction of n records (at least one)."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
     k = max(1, round(fraction * n))
     return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
 
@@ -277,7 +276,7 @@ def read_id_list(path: str, image_root: str, mask_root: str):
     image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such split list")
-    ids = [_stem(line.split()[0]) for line in open(path, encoding="utf-8") if line.strip()]
+    ids = [_stem(line.split()[0]) for line in data.text_lines(path) if line.strip()]
     found = {}
     for folder, _, files in os.walk(image_root):
         for name in files:
@@ -481,10 +480,10 @@ def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0
 def resolve_lists(cfg: FinetuneConfig) -> FinetuneConfig:
     """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
     if cfg.task not in ("classify", "segment"):
-        raise ValueError(f"--task must be classify or segment, got {cfg.task!r}")
+        raise ConfigError(f"--task must be classify or segment, got {cfg.task!r}")
     if cfg.splits:
         if cfg.ratio not in SPLIT_FILES:
-            raise ValueError(f"--ratio must be one of {sorted(SPLIT_FILES)} with --splits, got {cfg.ratio}")
+            raise ConfigError(f"--ratio must be one of {sorted(SPLIT_FILES)} with --splits, got {cfg.ratio}")
         for field, name in (("train_list", SPLIT_FILES[cfg.ratio]), ("val_list", "val_list.txt"),
                             ("test_list", "test_list.txt")):
             if not getattr(cfg, field):
@@ -501,7 +500,7 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
     else:
         schedule = SCHEDULES.get((cfg.dataset, cfg.ratio))
         if schedule is None and ((cfg.steps is None and cfg.epochs is None) or (cfg.lr is None and not cfg.lr_grid)):
-            raise ValueError(f"no released schedule for --dataset {cfg.dataset} --ratio {cfg.ratio}: "
+            raise ConfigError(f"no released schedule for --dataset {cfg.dataset} --ratio {cfg.ratio}: "
                              "give --steps (or --epochs) and --lr (or --lr_grid)")
         warmup, steps, lr = schedule or (0, 1, None)
         batch = 32 if cfg.dataset == "synthetic" else CLASSIFY_BATCH
@@ -530,14 +529,11 @@ def pick_init(cfg: FinetuneConfig) -> str:
 def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
     """The encoder's sizes: from this project's checkpoint (it records them), else the preset."""
     if init != "none":
-        try:  # ours hold tensors and plain values only; MAE's and the released file are left to load_pretrained
-            ckpt = torch.load(init, map_location="cpu", weights_only=True)
-        except Exception:
-            ckpt = None
+        ckpt = read_checkpoint(init, cfg.trust_checkpoint)  # refuses a missing, broken or unsafe file, naming it
         if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
             sizes = MRMConfig.from_dict(ckpt["model_config"])
             if cfg.preset not in ("auto", "") and MRMConfig.from_preset(cfg.preset).embed_dim != sizes.embed_dim:
-                raise ValueError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {cfg.preset}")
+                raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {cfg.preset}")
             return sizes
     preset = cfg.preset if cfg.preset not in ("auto", "") else "tiny" if cfg.dataset == "synthetic" else "base"
     return MRMConfig.from_preset(preset)
@@ -552,7 +548,7 @@ def build_splits(cfg: FinetuneConfig, size: int, rendered: dict | None = None) -
         findings = [f.strip() for f in cfg.seg_findings.split(",")] if segment else []
         unknown = [f for f in findings if f not in data.FINDINGS]
         if unknown:
-            raise ValueError(f"--seg_findings: unknown {unknown}; choose from {data.FINDINGS}")
+            raise ConfigError(f"--seg_findings: unknown {unknown}; choose from {data.FINDINGS}")
         render = min(2 * size, 512)  # as pre-training saw them: crops of a larger film
         counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
         splits, first = {}, SYNTH_START
@@ -570,13 +566,13 @@ def build_splits(cfg: FinetuneConfig, size: int, rendered: dict | None = None) -
         lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
         empty = [k for k, v in lists.items() if not v]
         if empty:
-            raise ValueError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
+            raise ConfigError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
         splits = {}
         expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
         for name, path in lists.items():  # train first: val and test must have its label count
             if segment:
                 if not cfg.mask_root:
-                    raise ValueError("segmentation from split lists needs --mask_root (python data.py siim-masks)")
+                    raise ConfigError("segmentation from split lists needs --mask_root (python data.py siim-masks)")
                 images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
                                              cfg.mask_root)
                 splits[name] = (images, None, masks)
@@ -608,7 +604,7 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
     encoder = ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
                   sizes.mlp_ratio, drop_path_rate=cfg.drop_path)
     if init != "none":
-        report = load_pretrained(encoder, init, verbose=False)
+        report = load_pretrained(encoder, init, verbose=False, trust=cfg.trust_checkpoint)
         if verbose:  # the pre-training decoders are expected to go unused: count them, list what matters
             total = len(encoder.state_dict())
             unused = {}
@@ -662,7 +658,7 @@ def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float
     return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
 
 
-RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every"}
+RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint"}
 
 
 def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
@@ -683,10 +679,10 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     config = {**asdict(cfg), "lr": lr}
     step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
     if cfg.resume and os.path.exists(last_path):
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(last_path)
         changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and state["config"].get(k) != config[k])
         if changed:
-            raise ValueError(f"{last_path}: --resume continues the same run; changed: "
+            raise ConfigError(f"{last_path}: --resume continues the same run; changed: "
                              + ", ".join(f"{k} {state['config'].get(k)!r} -> {config[k]!r}" for k in changed))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -794,7 +790,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     # tiny demo stays at its 64 px (a CPU budget; tests cover the position-table interpolation)
     size = cfg.input_size or (512 if cfg.task == "segment" and preset == "base" else sizes.img_size)
     if size % sizes.patch_size:
-        raise ValueError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
     datasets, names = build_splits(cfg, size, rendered)
     cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
     lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
@@ -809,7 +805,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
 
     # the test split, scored once, with the selected weights
     model = build_model(cfg, sizes, "none", len(names), size).to(device)
-    model.load_state_dict(torch.load(chosen["checkpoint"], map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(read_checkpoint(chosen["checkpoint"])["model"])
     values, extra = evaluate(model, datasets["test"], cfg, sizes, device, dtype, "test")
     test = summary(values, names, cfg, "test")
     results = {"task": cfg.task, "dataset": cfg.dataset, "init": init, "selected_lr": chosen["lr"],
@@ -862,11 +858,8 @@ CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["c
 
 def main(argv=None):
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
-    try:
+    with data.one_line_errors("finetune.py", NonFiniteLoss):
         run(cfg)
-    except (NonFiniteLoss, data.BadRecord, FileNotFoundError) as e:
-        print(f"finetune.py: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

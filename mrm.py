@@ -11,7 +11,9 @@ Read top to bottom: helpers (patches, sin-cos tables, masking), the transformer 
 the two decoders, the losses, and MRM itself last. Sizes come from SPEC.md section 1.
 Convention used everywhere: L patches on a G x G grid, mask = 1 where a patch was removed.
 """
+import argparse
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -291,7 +293,7 @@ def global_pool(patch_tokens: torch.Tensor, fusion: str = "gap") -> torch.Tensor
         return patch_tokens.mean(dim=1)
     if fusion == "gmp":
         return patch_tokens.amax(dim=1)
-    raise ValueError(f"fusion must be 'gap' or 'gmp', got {fusion!r}")
+    raise ConfigError(f"fusion must be 'gap' or 'gmp', got {fusion!r}")
 
 
 class ReportDecoder(nn.Module):
@@ -392,6 +394,11 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> t
 # Configuration
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work. The scripts print it, like a bad record or a refused checkpoint, as one
+    line `SCRIPT: error: ...` (data.one_line_errors)."""
+
+
 @dataclass
 class MRMConfig:
     """Every size and switch of the model; MRMConfig() is the paper's base model (SPEC.md section 1)."""
@@ -433,7 +440,7 @@ class MRMConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MRMConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
@@ -472,13 +479,13 @@ class MRM(nn.Module):
         super().__init__()
         cfg = cfg or MRMConfig()
         if cfg.mlm_weight == 0 and cfg.mim_weight == 0:
-            raise ValueError("mlm_weight and mim_weight are both 0: nothing to learn")
+            raise ConfigError("mlm_weight and mim_weight are both 0: nothing to learn")
         if not 0 <= cfg.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}")
+            raise ConfigError(f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}")
         if cfg.fusion_tokens not in ("visible", "all"):
-            raise ValueError(f"fusion_tokens must be 'visible' or 'all', got {cfg.fusion_tokens!r}")
+            raise ConfigError(f"fusion_tokens must be 'visible' or 'all', got {cfg.fusion_tokens!r}")
         if cfg.multimodal_mim and (cfg.mlm_weight == 0 or cfg.mim_weight == 0):
-            raise ValueError("multimodal_mim needs both the image and the report decoder")
+            raise ConfigError("multimodal_mim needs both the image and the report decoder")
         self.cfg = cfg
         self.encoder = ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
                            cfg.num_heads, cfg.mlp_ratio)
@@ -601,26 +608,53 @@ def _compact(keys) -> list[str]:
     return lines
 
 
-def read_checkpoint(path) -> dict:
-    """torch.load with weights_only=True; only a file that pickles other objects (e.g. an argparse
-    Namespace, as MAE's and the released MRM checkpoints do) is retried with weights_only=False."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint file") from None
-    except Exception as e:
-        if "Unsupported global" not in str(e):  # anything but a pickled object: not a checkpoint
-            reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
-            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
-    print(f"{path}: holds more than tensors (e.g. a pickled argparse.Namespace); loading it with "
-          "weights_only=False, which runs its pickled code: load only checkpoints you trust")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that is refused because loading it would run code."""
 
 
-def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
+# What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
+# argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
+# which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;
+# numpy 1.x pickled its scalars under numpy.core, numpy 2 under numpy._core.
+_numpy_scalar = np.float64(0).__reduce__()[0]  # the function a pickled numpy scalar is rebuilt with
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes
+                (_numpy_scalar, "numpy.core.multiarray.scalar"), (_numpy_scalar, "numpy._core.multiarray.scalar")]
+SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+
+
+def read_checkpoint(path, trust: bool = False) -> dict:
+    """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
+    pickles any other object (which can run any code as it loads) is refused, naming the object, unless
+    `trust` is set: then it is loaded with weights_only=False, for a file you know."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if trust:
+        print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = [] if trust else unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
+                "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
+                "(trust=True in load_pretrained)") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def unsafe_globals(path) -> list[str]:
+    """The objects a checkpoint pickles beyond SAFE_GLOBALS, read from the pickle's opcodes (nothing runs)."""
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in SAFE_GLOBAL_NAMES]
+    except Exception:  # not a zip checkpoint at all
+        return []
+
+
+def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False) -> dict:
     """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
     holding the ViT as `.encoder`), matching names across layouts:
       MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
@@ -630,10 +664,10 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
     The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
     with the released helper's slip, see get_2d_sincos_pos_embed), which is what its decoder was trained with.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: not a model checkpoint (expected a state dict, or a dict with one under 'model')")
+        raise CheckpointError(f"{path}: not a model checkpoint (expected a state dict, or a dict with one under 'model')")
     target = module.state_dict()
     loaded, unexpected, mismatched, resized = {}, [], [], []
     for key, value in sd.items():
@@ -653,7 +687,7 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True) -> dict:
         else:
             loaded[name] = value
     if not loaded:
-        raise ValueError(f"{path}: none of its {len(sd)} tensors matches a parameter of {type(module).__name__}")
+        raise CheckpointError(f"{path}: none of its {len(sd)} tensors matches a parameter of {type(module).__name__}")
     missing = [k for k in target if k not in loaded]
     module.load_state_dict(loaded, strict=False)
     if verbose:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 import checks
 import data
-from mrm import MRM, MRMConfig, load_pretrained, patchify, read_checkpoint, unpatchify
+from mrm import MRM, CheckpointError, ConfigError, MRMConfig, load_pretrained, patchify, read_checkpoint, unpatchify
 
 # The recipe's numbers that depend on the model size: base is the paper's (SPEC.md section 2), tiny is
 # a demo that visibly learns within a few minutes on a 2-core CPU.
@@ -75,6 +74,7 @@ class TrainConfig:
     out: str = "out"                 # folder for ckpt.pt, log.jsonl, recon.png, tokenizer.json
     resume: str = ""                 # a ckpt.pt of this script: continue that run exactly
     init: str = ""                   # MAE or MRM weights for the encoder (e.g. mae_pretrain_vit_base.pth)
+    trust_checkpoint: bool = False   # load --init/--resume even if it pickles objects beyond weights (runs their code)
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     compile: bool = False            # torch.compile the model
     num_workers: int = 2             # data loading processes per training process
@@ -87,7 +87,7 @@ class TrainConfig:
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the fields left at None from the preset's recipe."""
     if cfg.preset not in RECIPES:
-        raise ValueError(f"unknown preset {cfg.preset!r}; choose from {sorted(RECIPES)}")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose from {sorted(RECIPES)}")
     for k, v in RECIPES[cfg.preset].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -160,11 +160,11 @@ def save_checkpoint(path: str, state: dict):
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "config", "model_config", "tokenizer", "rng")
 
 
-def load_checkpoint(path: str) -> dict:
-    ckpt = read_checkpoint(path)  # refuses missing, truncated and non-checkpoint files, naming them
+def load_checkpoint(path: str, trust: bool = False) -> dict:
+    ckpt = read_checkpoint(path, trust)  # refuses missing, truncated, unsafe and non-checkpoint files, naming them
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
+        raise CheckpointError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
     return ckpt
 
 
@@ -413,7 +413,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     """Run (or continue) pre-training; returns the last logged values."""
     cfg = resolve(cfg)
     if cfg.resume and ckpt is None:
-        ckpt = load_checkpoint(cfg.resume)
+        ckpt = load_checkpoint(cfg.resume, cfg.trust_checkpoint)
     rank, world, device = setup_distributed()
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
@@ -432,7 +432,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         mcfg = model_config(cfg, tok)
     model = MRM(mcfg).to(device)
     if cfg.init and ckpt is None:
-        load_pretrained(model.encoder, cfg.init, verbose=main_process)
+        load_pretrained(model.encoder, cfg.init, verbose=main_process, trust=cfg.trust_checkpoint)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.weight_decay, device)
@@ -454,7 +454,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     sampler, loader = build_loader(dataset, cfg, world, rank, device)
     steps_per_epoch = len(loader) // cfg.accum_iter
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} records are too few for {world} x {cfg.batch_size} x {cfg.accum_iter}")
+        raise ConfigError(f"{len(dataset)} records are too few for {world} x {cfg.batch_size} x {cfg.accum_iter}")
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     lr = cfg.blr * eff_batch / 256
     # the schedule runs in epochs; a resumed run on another batch size or GPU count picks it up there
@@ -581,19 +581,19 @@ HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainCon
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
 RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
-                     "save_every", "log_every", "skip_bad", "fusion_check"}
+                     "save_every", "log_every", "skip_bad", "fusion_check", "trust_checkpoint"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     given = vars(build_parser().parse_args(argv))
     if not given.get("resume"):
         return TrainConfig(**given), None
-    ckpt = load_checkpoint(given["resume"])
+    ckpt = load_checkpoint(given["resume"], bool(given.get("trust_checkpoint")))
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
     changed = {k: (saved.get(k), v) for k, v in given.items() if k != "resume" and saved.get(k) != v}
     refused = sorted(changed.keys() - RESUME_MAY_CHANGE)
     if refused:
-        raise ValueError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
+        raise ConfigError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
                          "(start a new run, with --init to begin from these weights)")
     if changed and int(os.environ.get("RANK", 0)) == 0:
         print("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
@@ -601,14 +601,12 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
 
 
 def main(argv=None):
-    cfg, ckpt = parse_config(argv)
-    try:
-        train(cfg, ckpt)
-    except NonFiniteLoss as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(1)
+    with data.one_line_errors("train.py", NonFiniteLoss):
+        try:
+            train(*parse_config(argv))
+        finally:
+            if dist.is_initialized():  # a stopped run leaves no process group behind
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

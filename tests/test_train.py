@@ -22,7 +22,8 @@ SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "2", "--warmup_
 
 
 def run(out, *flags):
-    train.main([*SMALL, "--out", str(out), *flags])
+    """train.py's main without its one-line error framing (test_errors.py checks that): errors raise."""
+    train.train(*train.parse_config([*SMALL, "--out", str(out), *flags]))
     return torch.load(Path(out) / "ckpt.pt", weights_only=True)
 
 
@@ -168,11 +169,11 @@ def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
     whole = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut.pt: not a readable PyTorch checkpoint"):
-        train.main(["--resume", str(tmp_path / "cut.pt")])
+        train.parse_config(["--resume", str(tmp_path / "cut.pt")])
     torch.save({"model": ViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2).state_dict()},
                tmp_path / "weights.pt")
     with pytest.raises(ValueError, match=r"weights.pt: not a train.py checkpoint .* use --init"):
-        train.main(["--resume", str(tmp_path / "weights.pt")])
+        train.parse_config(["--resume", str(tmp_path / "weights.pt")])
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf"])
@@ -188,9 +189,10 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path,
 
     monkeypatch.setattr(MRM, "forward", poisoned)
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--epochs", "3")
-    assert e.value.code == 1
+        train.main([*SMALL, "--out", str(tmp_path), "--epochs", "3"])
+    assert e.value.code == 2
     err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and "Traceback" not in err
     assert f"the loss is {poison} at step 5 (epoch 2)" in err and "left as it was" in err
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
