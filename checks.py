@@ -2,9 +2,9 @@
 
 MRM's one idea (Sec. 3.1) is that a report's masked words are restored from the visible words *and* a
 global feature of the radiograph, so that the encoder must learn what radiologists write about. The
-fusion check asks whether that happened: it restores the masked words of held-out reports twice, once
-with each report's own radiograph and once with uniform noise in its place, with the same text and image
-masks, and compares the accuracy per group of words:
+fusion check asks whether that happened: it restores the masked words of held-out reports three times,
+with each report's own radiograph, with uniform noise in its place, and with another report's radiograph
+(other_film), with the same text and image masks, and compares the accuracy per group of words:
 
   side (right, left), size (mild, moderate, small, large), zone (upper, mid, lower, base): what the
   synthetic film decides and the phrasing never does (data.write_report); presence (no and the
@@ -12,8 +12,11 @@ masks, and compares the accuracy per group of words:
 
 "image_only" pools the masked attribute words (side, size, zone) that no visible word of the same
 report repeats: they can only come from the film (or from a guess). "with_twin" pools the other masked
-attribute words, whose word is still in sight elsewhere in the report and can be copied. A decoder that ignores the film scores
-film = noise; one that reads it scores film > noise on image_only.
+attribute words, whose word is still in sight elsewhere in the report and can be copied. A decoder that
+ignores the film scores film = noise = other_film; one that reads it scores film above both on
+image_only. other_film is the stricter control: noise is unlike any film, so a decoder could score
+film > noise only because noise throws it off; another real film throws it off only if it reads what
+that film shows.
 
 The pooled spread says how much the fusion's input (the mean of the encoder's patch tokens) differs
 between radiographs: the norm of its per-dimension std over films over the norm of its mean. A random
@@ -34,6 +37,7 @@ WORD_GROUPS = {
 }
 ATTRIBUTES = ("side", "size", "zone")  # what a finding's words say about it; presence says whether it is there
 GROUPS = list(WORD_GROUPS) + ["other", "all", "image_only", "with_twin"]
+CONDITIONS = ("film", "noise", "other_film")  # what stands in the radiograph's place
 
 
 def held_out(first: int, n: int, hr: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
@@ -48,7 +52,8 @@ def held_out(first: int, n: int, hr: int, seed: int = 0) -> tuple[np.ndarray, li
 def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_report: int = 4, seed: int = 0,
                  batch: int = 100) -> dict:
     """Restore the masked words of `reports` from their `films` (N, 2H, 2W) uint8 and from noise.
-    Returns {group: {'film': accuracy, 'noise': accuracy, 'count': masked words scored}} for GROUPS."""
+    Returns {group: {'film', 'noise', 'other_film': accuracy, 'count': masked words scored}} for GROUPS.
+    'other_film' gives each report the film of the next report in its batch of `batch`."""
     cfg, device = model.cfg, next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -57,7 +62,7 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
     tokens = data.encode_reports(tok, reports, cfg.max_text_len)
     L = (cfg.img_size // cfg.patch_size) ** 2
     rng, gen = np.random.default_rng([seed, 7]), torch.Generator().manual_seed(seed)
-    right = {c: dict.fromkeys(GROUPS, 0) for c in ("film", "noise")}
+    right = {c: dict.fromkeys(GROUPS, 0) for c in CONDITIONS}
     count = dict.fromkeys(GROUPS, 0)
     for _ in range(masks_per_report):
         for start in range(0, len(reports), batch):
@@ -79,14 +84,15 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
                        image_only=attribute & ~in_sight, with_twin=attribute & in_sight)
             for g, s in sel.items():
                 count[g] += int(s.sum())
-            for condition, x in (("film", film), ("noise", noise)):
+            # another held-out record's film: real, but not this report's (a decoder that reads the film is
+            # misled by it; one that only tells real films from noise is not)
+            for condition, x in (("film", film), ("noise", noise), ("other_film", film.roll(1, 0))):
                 out = model(x.to(device), t.to(device), labels.to(device), noise=patch_noise.to(device))
                 hit = out["mlm_logits"].argmax(-1).cpu() == target
                 for g, s in sel.items():
                     right[condition][g] += int(hit[s].sum())
     model.train(was_training)
-    return {g: {"film": right["film"][g] / max(1, count[g]), "noise": right["noise"][g] / max(1, count[g]),
-                "count": count[g]} for g in GROUPS}
+    return {g: {**{c: right[c][g] / max(1, count[g]) for c in CONDITIONS}, "count": count[g]} for g in GROUPS}
 
 
 def pooled_spread(encoder, prepare_images, films: np.ndarray) -> float:
@@ -100,7 +106,8 @@ def summary(check: dict) -> str:
     io = check["image_only"]
     groups = ", ".join(f"{g} {check[g]['film']:.2f} / {check[g]['noise']:.2f}" for g in ("side", "size", "presence"))
     return (f"fusion check: of {io['count']} masked words that only the film can tell, {io['film']:.1%} were restored "
-            f"from the film and {io['noise']:.1%} from noise in its place ({groups}, film / noise)")
+            f"from the film, {io['noise']:.1%} from noise in its place and {io['other_film']:.1%} from another "
+            f"report's film ({groups}, film / noise)")
 
 
 # -----------------------------------------------------------------------------
@@ -152,3 +159,67 @@ def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 
             best = {"val_auc_mean": val, "test_auc_mean": float(np.nanmean(roc_auc(labels["test"], score["test"]))),
                     "weight_decay": wd}
     return best
+
+
+# -----------------------------------------------------------------------------
+# What a masked film can tell at all: a linear ceiling for the image-only words
+
+
+def softmax_regression(x: torch.Tensor, y: torch.Tensor, k: int, weight_decay: float, steps: int = 300):
+    """Multinomial logistic regression fitted to convergence (L-BFGS): x (N, D), y (N,) in 0..k-1 -> (W, b)."""
+    w = torch.zeros(x.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + weight_decay * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 64, patch: int = 8, seed: int = 0,
+                      first: int = CHECK_START + 5000, weight_decays=(1e-3, 1e-2, 1e-1)) -> dict:
+    """How well each finding's side, size and zone can be told, by a linear read, from what a film masked
+    as in pre-training leaves visible: n held-out films at the model's input size, each with its own
+    random patch mask (masked patches set to mid-grey); features are 4 x 4-pixel means and the mask
+    itself. Per (finding, attribute), among the films that show the finding: a multinomial logistic
+    regression fitted on half, its weight decay chosen on a quarter, scored on the last quarter, beside
+    the prior (always guessing the most common value). Returns {'finding attribute': {'accuracy', 'prior'},
+    'mean_gain': mean of accuracy - prior}. mean_gain estimates how far above a guess a reader of the
+    masked film could restore the image-only words (each attribute weighted alike)."""
+    films, _ = held_out(first, n, 2 * img_size, seed)
+    cases = [data.synth_case(i, seed) for i in range(first, first + n)]
+    x = torch.from_numpy(films)[:, None].float() / 255
+    low = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)[:, 0].clamp(0, 1)
+    grid = img_size // patch
+    keep = (torch.rand(n, grid, grid, generator=torch.Generator().manual_seed(seed)) >= mask_ratio).float()
+    pixels = keep.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+    seen = low * pixels + 0.5 * (1 - pixels)
+    features = torch.cat([torch.nn.functional.avg_pool2d(seen[:, None], 4).flatten(1), keep.flatten(1)], 1)
+    result, gains = {}, []
+    for name in data.FINDINGS:
+        for attribute in ATTRIBUTES:
+            rows = [k for k, c in enumerate(cases) if attribute in c["findings"].get(name, {})]
+            if len(rows) < 40:
+                continue
+            values = sorted({cases[k]["findings"][name][attribute] for k in rows})
+            y = torch.tensor([values.index(cases[k]["findings"][name][attribute]) for k in rows])
+            f = features[rows]
+            a, b = len(rows) // 2, len(rows) * 3 // 4
+            mean, std = f[:a].mean(0), f[:a].std(0) + 1e-6
+            f = (f - mean) / std
+            best = None
+            for wd in weight_decays:
+                w, bias = softmax_regression(f[:a], y[:a], len(values), wd)
+                right = ((f @ w + bias).argmax(1) == y).float()
+                if best is None or right[a:b].mean() > best[0]:
+                    best = (right[a:b].mean(), float(right[b:].mean()))
+            prior = float((y[b:] == torch.bincount(y[:a], minlength=len(values)).argmax()).float().mean())
+            result[f"{name} {attribute}"] = {"accuracy": best[1], "prior": prior}
+            gains.append(best[1] - prior)
+    result["mean_gain"] = float(np.mean(gains))
+    return result

@@ -36,7 +36,7 @@ from mrm import MRM, CheckpointError, ConfigError, MRMConfig, load_pretrained, p
 # a demo that visibly learns within a few minutes on a 2-core CPU.
 RECIPES = {
     "base": dict(epochs=200, warmup_epochs=40, batch_size=64, blr=1.5e-4, num_records=10000, hflip=True),
-    "tiny": dict(epochs=10, warmup_epochs=1, batch_size=32, blr=5e-3, num_records=2048, hflip=False),
+    "tiny": dict(epochs=10, warmup_epochs=1, batch_size=32, blr=1.5e-2, num_records=2048, hflip=False),
 }
 
 

@@ -5,7 +5,7 @@ ablation of Table 4 and the max-pooling fusion of Table 5a; fine-tunes each enco
 scratch, on 1%, 10% and 100% of the synthetic training labels over several seeds; and scores every run
 on one fixed held-out test set (mean AUC over the six findings). It also checks the fusion: how well each
 pre-trained model restores the report words that only the radiograph can tell (side, size, zone,
-presence) from its radiograph, and from noise in its place.
+presence) from its radiograph, from noise in its place, and from another report's radiograph.
 
     python experiments/miniature.py            # 3 seeds: 51 minutes on a 2-core CPU (measured)
     python experiments/miniature.py --quick    # 1 seed, fewer records and steps: about 9 minutes
@@ -198,10 +198,11 @@ def table(results: dict) -> str:
 
 
 def fusion_table(found: dict) -> str:
-    """Per variant: restored-word accuracy from the film and from noise, per word group (checks.GROUPS)."""
+    """Per variant: restored-word accuracy from the film, from noise and from another report's film, per word
+    group (checks.GROUPS)."""
     lines = ["| variant | input | " + " | ".join(checks.GROUPS) + " |", "|" + " --- |" * (len(checks.GROUPS) + 2)]
     for variant, c in found.items():
-        for condition in ("film", "noise"):
+        for condition in checks.CONDITIONS:
             lines.append(f"| {variant} | {condition} | " + " | ".join(f"{c[g][condition]:.3f}" for g in checks.GROUPS)
                          + " |")
     if found:
@@ -294,7 +295,8 @@ def run(cfg: MiniConfig, runs: str, results_dir: str, name: str = "miniature", c
           "convergence, its weight decay chosen on validation; `scratch` is the random encoder), the same label "
           f"subsets:\n\n{table(probes)}\n\n"
           f"Fusion check: accuracy of the restored masked words of {cfg.check_records} held-out reports, "
-          "from the radiograph and from noise in its place (image_only: masked side, size and zone words "
+          "from the radiograph, from noise in its place and from another report's radiograph (image_only: "
+          "masked side, size and zone words "
           f"that no visible word of the report repeats; with_twin: the others):\n\n{fusion_table(found)}\n\n"
           "Spread of the pooled image feature between radiographs (std / mean norm; a random encoder: about 0.2): "
           + ", ".join(f"{v} {s:.3f}" for v, s in spread.items()) + "\n")

@@ -136,7 +136,7 @@ def test_film_and_noise_score_alike_when_no_image_reaches_the_words():
     films, reports = checks.held_out(checks.CHECK_START, 20, 128)
     result = checks.fusion_check(model, tok, films, reports, masks_per_report=2)
     # the same text masks and image masks in both conditions: identical guesses
-    assert all(v["film"] == v["noise"] for v in result.values())
+    assert all(v["film"] == v["noise"] == v["other_film"] for v in result.values())
     assert "film" in checks.summary(result)
 
 
@@ -152,3 +152,11 @@ def test_held_out_records_are_not_training_records():
     assert films.shape == (3, 64, 64) and films.dtype == np.uint8
     assert reports == [data.synth_report(checks.CHECK_START + i) for i in range(3)]
     assert checks.CHECK_START > 1_000_000 + 10 ** 5  # beyond the fine-tuning records too
+
+
+def test_attribute_ceiling_falls_with_masking():
+    # whole films tell the findings' side, size and zone well above a guess; a 75%-masked film far less
+    whole, masked = checks.attribute_ceiling(800, 0.0), checks.attribute_ceiling(800, 0.75)
+    assert whole.keys() == masked.keys() and len(whole) == 14  # 13 (finding, attribute) pairs + mean_gain
+    assert whole["pleural effusion side"]["accuracy"] > 0.9 and whole["pleural effusion side"]["prior"] < 0.65
+    assert whole["mean_gain"] > 0.2 and whole["mean_gain"] > masked["mean_gain"] + 0.1

@@ -161,7 +161,7 @@ def test_resume_on_other_hardware_continues_the_schedule(tmp_path):
     train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3", "--batch_size", "2", "--amp", "fp16"])
     lines = log(tmp_path)
     assert [l["step"] for l in lines] == list(range(1, 9)) + list(range(17, 25))  # epoch 3 at 8 steps an epoch
-    assert lines[-1]["lr"] == pytest.approx(train.lr_at(23, 24, 4, 5e-3 * 2 / 256)) and lines[-1]["epoch"] == 3
+    assert lines[-1]["lr"] == pytest.approx(train.lr_at(23, 24, 4, 1.5e-2 * 2 / 256)) and lines[-1]["epoch"] == 3
 
 
 def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
@@ -396,7 +396,7 @@ def test_a_synthetic_run_ends_with_the_fusion_check(tmp_path, capsys):
     last = log(tmp_path)[-1]["fusion_check"]
     assert last["records"] == 12
     for group in ("image_only", "side", "size", "presence", "all", "with_twin"):
-        assert set(last[group]) == {"film", "noise", "count"} and 0 <= last[group]["film"] <= 1
+        assert set(last[group]) == {"film", "noise", "other_film", "count"} and 0 <= last[group]["film"] <= 1
     assert last["all"]["count"] > last["image_only"]["count"] > 0
     assert last["pooled_spread"]["random"] > 0.05 and last["pooled_spread"]["trained"] >= 0
     out = capsys.readouterr().out
