@@ -801,28 +801,39 @@ def report_sections(text: str) -> dict:
             for h, nxt in zip(heads, heads[1:] + [None])}
 
 
-def mimic_report_text(text: str) -> str:
-    """FINDINGS and IMPRESSION of a report, in that order, with their headers (some reports have one
-    'FINDINGS AND IMPRESSION' section); '' when it has none of them."""
-    sec = report_sections(text)
-    return " ".join(f"{name}: {sec[name]}" for name in ("FINDINGS", "FINDINGS AND IMPRESSION", "IMPRESSION")
-                    if sec.get(name))
+def mimic_report_text(text: str, sections=None) -> str:
+    """A report as pre-training reads it: the whole text, whitespace collapsed (sections=None: the paper's
+    Fig. 3 and the released reader use whole reports), or only the named sections ('findings',
+    'impression', ...), in that order, with their headers; 'findings' also takes a combined 'FINDINGS AND
+    IMPRESSION' section. '' when nothing is left."""
+    if sections is None:
+        return " ".join(text.split())
+    names = []
+    for name in sections:
+        names += [name.upper()] + (["FINDINGS AND IMPRESSION"] if name.upper() == "FINDINGS" else [])
+    found = report_sections(text)
+    return " ".join(f"{name}: {found[name]}" for name in dict.fromkeys(names) if found.get(name))
 
 
-def convert_mimic(reports_root, images_root, out_csv, metadata=None):
+def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None, sections=None):
     """MIMIC-CXR-JPG + the MIMIC-CXR reports -> training.csv (image_path relative to images_root).
     reports_root holds files/pXX/pSUBJECT/sSTUDY.txt; images_root holds files/pXX/pSUBJECT/sSTUDY/*.jpg.
-    With the metadata CSV (mimic-cxr-2.0.0-metadata.csv[.gz]) only frontal views (PA, AP) are kept."""
+    By default every image and the whole report, as the paper pre-trains (over 370,000 images, every
+    view). views (e.g. ('PA', 'AP')) keeps those views only and needs the metadata CSV
+    (mimic-cxr-2.0.0-metadata.csv[.gz]), which holds each image's view; sections: see mimic_report_text."""
     reports_root, images_root = Path(reports_root), Path(images_root)
+    if views and not metadata:
+        raise ConfigError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz): an image's view is "
+                          "in the metadata, not in its file name")
     if metadata:
         opener = gzip.open if str(metadata).endswith(".gz") else open
         with opener(metadata, "rt", newline="") as f:
             images = [Path("files", f"p{r['subject_id'][:2]}", f"p{r['subject_id']}", f"s{r['study_id']}",
                            f"{r['dicom_id']}.jpg")
-                      for r in csv.DictReader(f) if r["ViewPosition"] in ("PA", "AP")]
+                      for r in csv.DictReader(f) if not views or r["ViewPosition"] in views]
     else:
         images = sorted(p.relative_to(images_root) for p in images_root.rglob("*.jpg"))
-    rows, missing_image, no_report, no_sections, cache = [], 0, 0, 0, {}
+    rows, missing_image, no_report, no_text, cache = [], 0, 0, 0, {}
     for rel in tqdm(images, desc="MIMIC-CXR records", unit=" images"):
         if not (images_root / rel).is_file():
             missing_image += 1
@@ -830,17 +841,19 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None):
         study = rel.parent  # files/pXX/pSUBJECT/sSTUDY
         if study not in cache:
             report_file = reports_root / study.parent / f"{study.name}.txt"
-            cache[study] = mimic_report_text(report_file.read_text()) if report_file.is_file() else None
+            cache[study] = mimic_report_text(report_file.read_text(), sections) if report_file.is_file() else None
         text = cache[study]
         if text is None:
             no_report += 1
         elif not text:
-            no_sections += 1
+            no_text += 1
         else:
             rows.append((rel.as_posix(), text))
     _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
+    left_out = f"{no_text} whose report has none of the sections {', '.join(sections)}" if sections else \
+        f"{no_text} with an empty report"
     print(f"wrote {len(rows)} rows to {out_csv}; skipped {missing_image} missing images, {no_report} "
-          f"without a report file, {no_sections} whose report has neither FINDINGS nor IMPRESSION")
+          f"without a report file, {left_out}")
     return len(rows)
 
 
@@ -911,7 +924,10 @@ def main(argv=None):
     p = sub.add_parser("mimic", help="MIMIC-CXR-JPG + reports -> training.csv")
     p.add_argument("--reports", required=True, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt")
     p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder holding files/pXX/...")
-    p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv[.gz]: keep PA/AP views")
+    p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv[.gz] (each image's view)")
+    p.add_argument("--views", default="", help="keep only these views, e.g. PA,AP (default: every view, as the paper)")
+    p.add_argument("--sections", default="",
+                   help="keep only these report sections, e.g. findings,impression (default: the whole report)")
     p.add_argument("--out", default="training.csv")
     p = sub.add_parser("siim-masks", help="SIIM-ACR train-rle.csv -> one <ImageId>.png mask per image")
     p.add_argument("--rle", required=True, help="Kaggle's train-rle.csv")
@@ -926,7 +942,9 @@ def main(argv=None):
         elif args.command == "siim-masks":
             write_siim_masks(args.rle, args.out, args.size)
         else:
-            convert_mimic(args.reports, args.images, args.out, args.metadata)
+            convert_mimic(args.reports, args.images, args.out, args.metadata,
+                          views=[v.strip().upper() for v in args.views.split(",") if v.strip()] or None,
+                          sections=[v.strip() for v in args.sections.split(",") if v.strip()] or None)
 
 
 if __name__ == "__main__":

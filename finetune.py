@@ -477,6 +477,15 @@ def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0
 # Putting a run together
 
 
+def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
+    """The refusal of a list whose label count is not its --dataset's, saying which --dataset fits."""
+    fits = [d for d, names in LABEL_NAMES.items() if len(names) == found and d not in ("synthetic", "siim")]
+    default = " (the default)" if dataset == "synthetic" else ""
+    return (f"{path}: {found} label(s) a line, not the {expected} of --dataset {dataset}{default}: pass "
+            + (f"--dataset {' or '.join(fits)} (its label names and released schedule), or " if fits else "")
+            + "--dataset custom with --steps (or --epochs) and --lr")
+
+
 def resolve_lists(cfg: FinetuneConfig) -> FinetuneConfig:
     """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
     if cfg.task not in ("classify", "segment"):
@@ -577,7 +586,9 @@ def build_splits(cfg: FinetuneConfig, size: int, rendered: dict | None = None) -
                                              cfg.mask_root)
                 splits[name] = (images, None, masks)
             else:
-                images, labels = read_split_list(path, cfg.image_root, expected)
+                images, labels = read_split_list(path, cfg.image_root, None if name == "train" else expected)
+                if name == "train" and expected not in (None, labels.shape[1]):
+                    raise ConfigError(label_count_hint(cfg.dataset, expected, labels.shape[1], path))
                 expected = labels.shape[1]
                 splits[name] = (images, labels, None)
         val = splits["val"][1] > 0.5

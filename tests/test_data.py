@@ -498,7 +498,9 @@ MIMIC_REPORT = """                                 FINAL REPORT
 """
 
 
-def test_mimic_converter_keeps_findings_impression_and_frontal_views(tmp_path):
+def mimic_tree(tmp_path):
+    """Three studies: a PA + a lateral image with MIMIC_REPORT, an AP image whose report has only an
+    INDICATION, an AP image whose report has only FINDINGS; and the metadata listing the four views."""
     study = Path("files/p10/p10000032/s50414267")
     (tmp_path / "jpg" / study).mkdir(parents=True)
     for name in ("front", "side"):
@@ -509,21 +511,45 @@ def test_mimic_converter_keeps_findings_impression_and_frontal_views(tmp_path):
     (tmp_path / "jpg" / other).mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "jpg" / other / "x.jpg")
     (tmp_path / "reports" / other.parent / "s50000001.txt").write_text("INDICATION: pain.")
-    ap = Path("files/p10/p10000032/s50000002")  # an AP view with a report: kept
+    ap = Path("files/p10/p10000032/s50000002")  # an AP view with a report
     (tmp_path / "jpg" / ap).mkdir(parents=True)
     Image.new("L", (8, 8)).save(tmp_path / "jpg" / ap / "y.jpg")
     (tmp_path / "reports" / ap.parent / "s50000002.txt").write_text("FINDINGS: Clear.")
     with gzip.open(tmp_path / "meta.csv.gz", "wt") as f:
         f.write("dicom_id,subject_id,study_id,ViewPosition\nfront,10000032,50414267,PA\n"
                 "side,10000032,50414267,LATERAL\nx,10000032,50000001,AP\ny,10000032,50000002,AP\n")
+    return study, other, ap
+
+
+WHOLE = ("FINAL REPORT EXAMINATION: CHEST (PA AND LAT) INDICATION: ___ with cough FINDINGS: The lungs are clear. "
+         "No pleural effusion or pneumothorax. IMPRESSION: No acute cardiopulmonary process.")
+
+
+def test_mimic_converter_takes_every_view_and_the_whole_report(tmp_path):
+    study, other, ap = mimic_tree(tmp_path)
     out = tmp_path / "training.csv"
     data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
                "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert rows == [{"image_path": f"{study.as_posix()}/front.jpg", "report_content": WHOLE},
+                    {"image_path": f"{study.as_posix()}/side.jpg", "report_content": WHOLE},
+                    {"image_path": f"{other.as_posix()}/x.jpg", "report_content": "INDICATION: pain."},
+                    {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
+    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 4  # no metadata: every image found
+    with pytest.raises(data.ConfigError, match="--views needs --metadata"):
+        data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out, views=["PA"])
+
+
+def test_mimic_converter_keeps_findings_impression_and_frontal_views_when_asked(tmp_path):
+    study, other, ap = mimic_tree(tmp_path)
+    out = tmp_path / "training.csv"
+    data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
+               "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out), "--views", "PA,AP",
+               "--sections", "findings,impression"])
     rows = list(csv.DictReader(open(out)))
     assert rows == [{"image_path": f"{study.as_posix()}/front.jpg",
                      "report_content": "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. "
                                        "IMPRESSION: No acute cardiopulmonary process."},
                     {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
-    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 3  # no metadata: every view
-    assert data.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.") == \
+    assert data.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.", ["findings"]) == \
         "FINDINGS AND IMPRESSION: Clear."

@@ -12,7 +12,7 @@ from PIL import Image
 import data
 import finetune
 from finetune import FinetuneConfig, dice_per_image, label_subset, roc_auc
-from mrm import ViT, get_2d_sincos_pos_embed, interpolate_pos_embed, load_pretrained
+from mrm import ConfigError, ViT, get_2d_sincos_pos_embed, interpolate_pos_embed, load_pretrained
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -441,3 +441,18 @@ def test_resume_may_switch_to_fp16(tmp_path, monkeypatch):
     results = finetune.run(small_config(tmp_path, amp="fp16", resume=True))
     assert results["best_step"] in (2, 4)
     assert torch.load(tmp_path / "ft" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_a_list_of_another_label_count_says_which_dataset_fits(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    (tmp_path / "one.txt").write_text("a.png 1\nb.png 0\n")
+    lists = dict(train_list=str(tmp_path / "one.txt"), val_list=str(tmp_path / "one.txt"),
+                 test_list=str(tmp_path / "one.txt"))
+    with pytest.raises(ConfigError, match=r"one.txt: 1 label\(s\) a line, not the 6 of --dataset synthetic "
+                                          r"\(the default\): pass --dataset rsna or covid or viral"):
+        finetune.build_splits(FinetuneConfig(**lists), 32)
+    with pytest.raises(ConfigError, match=r"not the 14 of --dataset nih: pass --dataset rsna or covid or viral"):
+        finetune.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
+    datasets, names = finetune.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
+    assert names == ("COVID-19",) and len(datasets["train"]) == 2
