@@ -14,11 +14,13 @@ Every flag is a field of FinetuneConfig (`python finetune.py --help`). Writes to
 classification runs (one GPU); mixed precision on a GPU.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import asdict, dataclass, fields
 
@@ -99,7 +101,8 @@ class FinetuneConfig:
     warmup_steps: int | None = None
     epochs: float | None = None      # instead of --steps: passes over the train list (warm-up scaled alike)
     batch_size: int | None = None
-    eval_every: int | None = None    # steps between validations (default: 10 per run)
+    eval_every: int | None = None    # steps between validations (default: classification once an epoch; segmentation 10 a run)
+    dry_run: bool = False            # print every resolved setting as one JSON object and stop, before reading any image
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     num_workers: int = 2             # data loading processes
     out: str = "out/finetune"        # results.json, log.jsonl, lr_<lr>/best.pt and last.pt
@@ -295,12 +298,13 @@ def read_id_list(path: str, image_root: str, mask_root: str):
 
 
 def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
-    """RandomResizedCrop(size) + horizontal flip (SPEC.md section 3), the mask (if any) cropped alike with
-    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
+    """RandomResizedCrop(size) + horizontal flip (SPEC.md section 3), bilinear as torchvision's default in the
+    released fine-tuning, the mask (if any) cropped alike with nearest-neighbour. Returns uint8 (size, size)
+    arrays: image, and mask or None."""
     box = data.random_resized_crop_box(*img.size, rng, scale=scale)
     flip = rng.random() < 0.5
     out = []
-    for picture, resample in ((img, Image.BICUBIC), (mask, Image.NEAREST)):
+    for picture, resample in ((img, Image.BILINEAR), (mask, Image.NEAREST)):
         if picture is None:
             out.append(None)
             continue
@@ -310,12 +314,13 @@ def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.
 
 
 def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, center_crop: bool = True):
-    """Resize(size) + CenterCrop(size) in one resampling: the centred square of the shorter side, resized
-    (segmentation, center_crop=False: the whole image, so every pixel is scored)."""
+    """Resize(size) + CenterCrop(size) in one resampling, bilinear as the released test transform: the
+    centred square of the shorter side, resized (segmentation, center_crop=False: the whole image, so
+    every pixel is scored)."""
     w, h = img.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop else (0, 0, w, h)
-    image = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+    image = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))  # torchvision Resize's default, as released
     return image, None if mask is None else np.asarray(mask.resize((size, size), Image.NEAREST, box=box))
 
 
@@ -404,7 +409,7 @@ class Segmenter(nn.Module):
         self.encoder.norm.requires_grad_(False)  # unused: the taps are taken before it
         d, depth = encoder.cls_token.shape[-1], len(encoder.blocks)
         c = channels or d // 3  # 256 for ViT-B: lighter than UPerNet's usual 512
-        self.taps = [depth // 3, depth // 2, 2 * depth // 3, depth]
+        self.taps = self.tap_blocks(depth)
         up = lambda: nn.ConvTranspose2d(d, d, kernel_size=2, stride=2)  # noqa: E731
         self.rescale = nn.ModuleList([nn.Sequential(up(), nn.BatchNorm2d(d), nn.GELU(), up()),  # x4
                                       up(), nn.Identity(), nn.MaxPool2d(2)])  # x2, x1, x0.5
@@ -414,6 +419,10 @@ class Segmenter(nn.Module):
         self.fpn = nn.ModuleList([conv_bn_relu(c, c, 3) for _ in range(3)])
         self.fuse = conv_bn_relu(4 * c, c, 3)
         self.classifier = nn.Conv2d(c, 1, 1)
+
+    @staticmethod
+    def tap_blocks(depth: int) -> list[int]:
+        return [depth // 3, depth // 2, 2 * depth // 3, depth]
 
     def forward(self, x):  # x: (B, 3, S, S) normalised -> logits (B, 1, S, S)
         g = self.encoder.grid_size
@@ -521,8 +530,22 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
         cfg.steps = steps
     if cfg.warmup_steps is None:
         cfg.warmup_steps = warmup if cfg.steps == steps else round(warmup / steps * cfg.steps)
-    cfg.eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+    if cfg.eval_every is None:  # classification: once an epoch, as the released fine-tuning validates
+        cfg.eval_every = max(1, cfg.steps // 10) if cfg.task == "segment" else max(1, math.ceil(n_train / cfg.batch_size))
     return cfg
+
+
+def resolve_encoder(cfg: FinetuneConfig) -> tuple[str, MRMConfig, str, int]:
+    """(init, encoder sizes, preset name, input size): the checkpoint, its sizes, and the fine-tuning input.
+    Classification runs at the pre-training input; segmentation at 512 for the base encoder (SPEC), while
+    the tiny demo stays at its 64 px (a CPU budget; tests cover the position-table interpolation)."""
+    init = pick_init(cfg)
+    sizes = encoder_sizes(cfg, init)
+    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
+    size = cfg.input_size or (512 if cfg.task == "segment" and preset == "base" else sizes.img_size)
+    if size % sizes.patch_size:
+        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    return init, sizes, preset, size
 
 
 def pick_init(cfg: FinetuneConfig) -> str:
@@ -669,7 +692,7 @@ def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float
     return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
 
 
-RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint"}
+RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
 
 
 def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
@@ -794,14 +817,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(cfg, device)
-    init = pick_init(cfg)
-    sizes = encoder_sizes(cfg, init)
-    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
-    # classification at the pre-training input; segmentation at 512 for the base encoder (SPEC), while the
-    # tiny demo stays at its 64 px (a CPU budget; tests cover the position-table interpolation)
-    size = cfg.input_size or (512 if cfg.task == "segment" and preset == "base" else sizes.img_size)
-    if size % sizes.patch_size:
-        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    init, sizes, preset, size = resolve_encoder(cfg)
     datasets, names = build_splits(cfg, size, rendered)
     cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
     lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
@@ -848,6 +864,51 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
 # Command line: the flags are FinetuneConfig's fields
 
 
+def plan(cfg: FinetuneConfig) -> dict:
+    """--dry_run: every setting run() would use, resolved the same way, without reading an image. The split
+    lists are counted (lines and labels), not checked against the images."""
+    cfg = resolve_lists(FinetuneConfig(**asdict(cfg)))
+    init, sizes, preset, size = resolve_encoder(cfg)
+    if cfg.dataset == "synthetic" and not cfg.train_list:
+        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
+        labels = 1 if cfg.task == "segment" else len(data.FINDINGS)
+    else:
+        counts, labels = {}, 1
+        for name in ("train", "val", "test"):
+            path = getattr(cfg, f"{name}_list")
+            if not path:
+                raise ConfigError(f"give --{name}_list (or --splits DIR) for --dataset {cfg.dataset}")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such split list")
+            rows = [line.split() for line in data.text_lines(path) if line.strip()]
+            counts[name] = len(rows)
+            if name == "train" and cfg.task == "classify":
+                labels = len(rows[0]) - 1 if rows else 0
+    if cfg.label_fraction < 1:
+        counts["train"] = len(label_subset(counts["train"], cfg.label_fraction, cfg.seed))
+    cfg = resolve_schedule(cfg, preset, counts["train"])
+    classify = cfg.task == "classify"
+    return {
+        "task": cfg.task, "dataset": cfg.dataset, "ratio": cfg.ratio, "init": init,
+        "encoder": {"preset": preset, "input_size": size, "patch_size": sizes.patch_size, "embed_dim": sizes.embed_dim,
+                    "depth": sizes.depth, "num_heads": sizes.num_heads, "drop_path": cfg.drop_path,
+                    "frozen": cfg.linear_probe},
+        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels}" if classify else
+                 f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {sizes.embed_dim // 3} channels, "
+                 "one logit a pixel"),
+        "records": counts, "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels)])),
+        "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
+                     "lr": [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr],
+                     "epochs": round(cfg.steps * cfg.batch_size / max(1, counts["train"]), 2),
+                     "eval_every": cfg.eval_every, "validations": math.ceil(cfg.steps / cfg.eval_every),
+                     "lr_schedule": "linear warm-up, then cosine to 0" if classify else "linear warm-up, then poly (power 1) to 0"},
+        "optimizer": "SGD, momentum 0.9, no weight decay" if classify else
+                     "AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.65",
+        "augmentation": f"random resized crop (area {cfg.min_crop}-1) + horizontal flip; evaluation: bilinear resize, "
+                        + ("centre crop" if classify else "whole image"),
+        "amp": cfg.amp, "out": cfg.out, "config": asdict(cfg)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # each flag's help is the comment beside its field ('%' doubled for argparse)
@@ -870,6 +931,11 @@ CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["c
 def main(argv=None):
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
     with data.one_line_errors("finetune.py", NonFiniteLoss):
+        if cfg.dry_run:  # what resolving the settings says goes to stderr: stdout is the JSON alone
+            with contextlib.redirect_stdout(sys.stderr):
+                settings = plan(cfg)
+            print(json.dumps(settings))
+            return
         run(cfg)
 
 

@@ -10,6 +10,7 @@ Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end),
 (checks.py): are held-out reports' masked words restored better from their film than from noise? `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
 import argparse
+import csv
 import inspect
 import json
 import math
@@ -82,6 +83,7 @@ class TrainConfig:
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
     fusion_check: int = 300          # synthetic data: held-out records for the fusion check at the end (0: none)
+    dry_run: bool = False            # print every resolved setting as one JSON object and stop, before reading any image
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -209,10 +211,12 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
     return dataset, tok
 
 
-def model_config(cfg: TrainConfig, tok) -> MRMConfig:
+def model_config(cfg: TrainConfig, tok=None) -> MRMConfig:
+    """The model's sizes and switches; the vocabulary's size and ids from `tok` (without it, the preset's)."""
+    vocab = {} if tok is None else dict(vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
+                                        mask_token_id=tok.token_to_id("[MASK]"))
     return MRMConfig.from_preset(
-        cfg.preset, vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
-        mask_token_id=tok.token_to_id("[MASK]"), mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
+        cfg.preset, **vocab, mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
         mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
         fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
 
@@ -581,7 +585,7 @@ HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainCon
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
 RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
-                     "save_every", "log_every", "skip_bad", "fusion_check", "trust_checkpoint"}
+                     "save_every", "log_every", "skip_bad", "fusion_check", "trust_checkpoint", "dry_run"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
@@ -600,10 +604,46 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     return TrainConfig(**{**saved, **given}), ckpt
 
 
+def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
+    """--dry_run: the settings train() would run with, resolved the same way, without reading an image. A
+    CSV is counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
+    cfg = resolve(TrainConfig(**asdict(cfg)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.data == "synthetic":
+        records = cfg.num_records
+    else:
+        if not os.path.isfile(cfg.data):
+            raise FileNotFoundError(f"{cfg.data}: no such CSV file")
+        records = sum(1 for row in csv.reader(data.text_lines(cfg.data)) if row) - 1  # less the header
+    if ckpt is not None:
+        mcfg, vocab = MRMConfig.from_dict(ckpt["model_config"]), "from the checkpoint"
+    else:
+        mcfg = model_config(cfg, data.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+        vocab = cfg.tokenizer or f"built from the training reports (up to {cfg.vocab_size})"
+    steps_per_epoch = records // world // cfg.batch_size // cfg.accum_iter  # every sampler and loader drops the rest
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = amp_dtype(cfg, device)
+    return {"preset": cfg.preset, "data": cfg.data, "records": records, "processes": world,
+            "effective_batch": eff_batch, "batch_per_process": cfg.batch_size, "accum_iter": cfg.accum_iter,
+            "lr": cfg.blr * eff_batch / 256, "blr": cfg.blr, "steps_per_epoch": steps_per_epoch,
+            "epochs": cfg.epochs, "start_epoch": ckpt["epoch"] if ckpt else 0, "total_steps": cfg.epochs * steps_per_epoch,
+            "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "crop": 2 * mcfg.img_size,
+            "input": mcfg.img_size, "vocabulary": vocab, "init": cfg.init or "random",
+            "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "device": str(device),
+            "model": {k: v for k, v in mcfg.to_dict().items()
+                      if cfg.tokenizer or ckpt or k not in ("vocab_size", "pad_token_id", "mask_token_id")},
+            "config": asdict(cfg)}
+
+
 def main(argv=None):
     with data.one_line_errors("train.py", NonFiniteLoss):
         try:
-            train(*parse_config(argv))
+            cfg, ckpt = parse_config(argv)
+            if cfg.dry_run:
+                print(json.dumps(plan(cfg, ckpt)))
+                return
+            train(cfg, ckpt)
         finally:
             if dist.is_initialized():  # a stopped run leaves no process group behind
                 dist.destroy_process_group()

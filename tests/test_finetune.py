@@ -211,7 +211,7 @@ def test_test_view_is_centre_square():
     img = np.zeros((40, 80), np.uint8)
     img[:, 20:60] = 200  # the centred 40 x 40 square
     out, _ = finetune.eval_view(Image.fromarray(img), 20)
-    # bicubic reads a pixel beyond the box at its edges: the border columns blend a little black in
+    # the resampling reads a pixel beyond the box at its edges: the border columns blend a little black in
     assert (out[:, 1:-1] >= 199).all() and (out > 150).all()
 
 
@@ -456,3 +456,35 @@ def test_a_list_of_another_label_count_says_which_dataset_fits(tmp_path):
         finetune.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
     datasets, names = finetune.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
     assert names == ("COVID-19",) and len(datasets["train"]) == 2
+
+
+def dry_run(capsys, *argv) -> dict:
+    finetune.main(["--dry_run", *argv])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("dataset, ratio, schedule", [("nih", 1, (50, 3000, 3e-2)), ("chexpert", 10, (1500, 60000, 5e-4)),
+                                                      ("rsna", 100, (2000, 50000, 5e-4))])
+def test_dry_run_resolves_the_released_schedules_without_reading_images(tmp_path, capsys, dataset, ratio, schedule):
+    k = len(finetune.LABEL_NAMES[dataset])
+    for name, n in (("train", 250), ("val", 40), ("test", 60)):  # images that do not exist: never opened
+        (tmp_path / f"{name}.txt").write_text("".join(f"missing/{i}.png" + " 0" * k + "\n" for i in range(n)))
+    plan = dry_run(capsys, "--dataset", dataset, "--ratio", str(ratio), "--init", "none", "--out", str(tmp_path / "o"),
+                   *[f"--{s}_list={tmp_path / s}.txt" for s in ("train", "val", "test")])
+    warmup, steps, lr = schedule
+    assert plan["schedule"] == {"steps": steps, "warmup_steps": warmup, "batch_size": 96, "lr": [lr],
+                                "epochs": round(steps * 96 / 250, 2), "eval_every": 3,  # once an epoch: 250 / 96
+                                "validations": math.ceil(steps / 3), "lr_schedule": "linear warm-up, then cosine to 0"}
+    assert plan["records"] == {"train": 250, "val": 40, "test": 60} and len(plan["label_names"]) == k
+    assert plan["encoder"]["preset"] == "base" and plan["encoder"]["input_size"] == 224
+    assert plan["head"] == f"mean of the patch tokens, LayerNorm, Linear 768 -> {k}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_of_the_demo_and_of_segmentation(capsys, tmp_path):
+    demo = dry_run(capsys, "--init", "none", "--out", str(tmp_path))
+    assert demo["schedule"]["steps"] == 300 and demo["schedule"]["eval_every"] == 63  # 2,000 / 32, once an epoch
+    assert demo["records"] == {"train": 2000, "val": 500, "test": 1000} and demo["encoder"]["input_size"] == 64
+    seg = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20")
+    assert seg["encoder"]["input_size"] == 512 and seg["optimizer"].startswith("AdamW")
+    assert seg["schedule"]["steps"] == finetune.SEG_RECIPES["base"]["steps"]

@@ -411,3 +411,19 @@ def test_the_demo_keeps_left_and_right_the_paper_run_mirrors():
     assert train.resolve(train.TrainConfig()).hflip is False
     assert train.resolve(train.TrainConfig(preset="base")).hflip is True
     assert train.resolve(train.TrainConfig(hflip=True)).hflip is True
+
+
+def test_dry_run_resolves_the_recipe_without_reading_images(tmp_path, capsys, monkeypatch):
+    with open(tmp_path / "training.csv", "w", newline="") as f:  # images that do not exist: never opened
+        csv.writer(f).writerows([("image_path", "report_content")] + [(f"missing/{i}.jpg", "FINDINGS: x.") for i in range(2600)])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    train.main(["--dry_run", "--preset", "base", "--data", str(tmp_path / "training.csv"), "--out", str(tmp_path / "o")])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["records"] == 2600 and plan["processes"] == 4 and plan["effective_batch"] == 256
+    assert plan["lr"] == pytest.approx(1.5e-4) and plan["steps_per_epoch"] == 10  # 2,600 / 4 / 64
+    assert plan["total_steps"] == 2000 and plan["warmup_steps"] == 400 and plan["crop"] == 448
+    assert plan["model"]["embed_dim"] == 768 and not (tmp_path / "o").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    train.main(["--dry_run", "--accum_iter", "2"])  # the demo
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["effective_batch"] == 64 and plan["steps_per_epoch"] == 32 and plan["lr"] == pytest.approx(1.5e-2 / 4)
