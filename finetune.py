@@ -58,13 +58,22 @@ SCHEDULES = {
     ("synthetic", 1): (20, 300, 1e-1), ("synthetic", 10): (20, 300, 1e-1), ("synthetic", 100): (20, 300, 1e-1),
 }
 CLASSIFY_BATCH = 96
-# Segmentation: AdamW lr 2e-5, weight decay 0.05, layer decay 0.65 (SPEC.md section 3). The paper gives no
-# step counts; warm-up 1,500 then 20,000 steps of batch 16 is ours (mmseg's usual warm-up, ~40 epochs of
-# SIIM's 7,969 training images). The tiny preset's line is the synthetic demo's.
+# Segmentation: AdamW lr 2e-5, weight decay 0.05, layer decay 0.65, linear warm-up then poly (power 1) to 0,
+# batch 8 (4 GPUs x 2 images), as the released Siim_Segmentation configs: upernet_mrm-base_fp16_8x2_512x512_
+# 160k_siim.py (100%: 160k iterations, warm-up 1,500, validation every 500) and its _10per.py (10%: the 5k
+# schedule, warm-up 100, validation every 50). No 1% config was released: 1% runs the 10% schedule. The
+# paper gives no step counts. The tiny preset's lines are the synthetic demo's (a CPU budget).
 SEG_RECIPES = {
-    "base": dict(warmup_steps=1500, steps=20000, lr=2e-5, batch_size=16),
-    "tiny": dict(warmup_steps=20, steps=200, lr=1e-3, batch_size=32),
+    ("base", 100): dict(warmup_steps=1500, steps=160000, lr=2e-5, batch_size=8, eval_every=500),
+    ("base", 10): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
+    ("base", 1): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
+    **{("tiny", r): dict(warmup_steps=20, steps=200, lr=1e-3, batch_size=32, eval_every=20) for r in (1, 10, 100)},
 }
+# The released head (upernet_mrm.py, widened in the configs above): UPerHead of 768 channels and an auxiliary
+# FCN head of 256 on the block-8 level, dropout 0.1 before each classifier, losses focal 2.0 + Dice 1.0 and
+# (auxiliary) focal 0.8 + Dice 0.4. The tiny demo keeps a third of its width, 64 channels, on a CPU.
+SEG_HEADS = {"base": dict(channels=768, aux_channels=256), "tiny": dict(channels=64, aux_channels=64)}
+SEG_LOSS_WEIGHTS = {"main": (2.0, 1.0), "aux": (0.8, 0.4)}  # (focal, Dice)
 SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
 SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
 
@@ -101,7 +110,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None
     epochs: float | None = None      # instead of --steps: passes over the train list (warm-up scaled alike)
     batch_size: int | None = None
-    eval_every: int | None = None    # steps between validations (default: classification once an epoch; segmentation 10 a run)
+    eval_every: int | None = None    # steps between validations (default, as released: classification once an epoch; segmentation every 500 (100%) / 50)
     dry_run: bool = False            # print every resolved setting as one JSON object and stop, before reading any image
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     num_workers: int = 2             # data loading processes
@@ -366,8 +375,12 @@ class FinetuneDataset(Dataset):
             image, mask = eval_view(img, self.size, mask, center_crop=mask is None)
         else:
             rng = np.random.default_rng([self.seed, position])
-            # segmentation keeps at least half the image: a pneumothorax sits at the lung's edge
-            image, mask = train_view(img, self.size, rng, (self.min_crop if mask is None else 0.5, 1.0), mask)
+            if mask is None:
+                image, _ = train_view(img, self.size, rng, (self.min_crop, 1.0))
+            else:  # the released SIIM pipeline: the whole film resized (keeping its square ratio) and a flip, no crop
+                image, mask = eval_view(img, self.size, mask, center_crop=False)
+                if rng.random() < 0.5:
+                    image, mask = image[:, ::-1], mask[:, ::-1]
         target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
         return {"image": torch.from_numpy(image.copy())[None], "target": target}
 
@@ -403,12 +416,13 @@ class Segmenter(nn.Module):
     x4, x2, x1, x0.5 of the patch grid -> a light UPerNet head (lateral convs, top-down fusion, pyramid
     pooling on the coarsest level) -> one logit per pixel at the input size (SPEC.md section 3)."""
 
-    def __init__(self, encoder: ViT, channels: int | None = None, pool_scales=(1, 2, 3, 6)):
+    def __init__(self, encoder: ViT, channels: int | None = None, aux_channels: int | None = None,
+                 pool_scales=(1, 2, 3, 6), dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
         self.encoder.norm.requires_grad_(False)  # unused: the taps are taken before it
         d, depth = encoder.cls_token.shape[-1], len(encoder.blocks)
-        c = channels or d // 3  # 256 for ViT-B: lighter than UPerNet's usual 512
+        c = channels or d // 3
         self.taps = self.tap_blocks(depth)
         up = lambda: nn.ConvTranspose2d(d, d, kernel_size=2, stride=2)  # noqa: E731
         self.rescale = nn.ModuleList([nn.Sequential(up(), nn.BatchNorm2d(d), nn.GELU(), up()),  # x4
@@ -418,13 +432,18 @@ class Segmenter(nn.Module):
         self.ppm_out = conv_bn_relu(d + len(pool_scales) * c, c, 3)
         self.fpn = nn.ModuleList([conv_bn_relu(c, c, 3) for _ in range(3)])
         self.fuse = conv_bn_relu(4 * c, c, 3)
+        self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(c, 1, 1)
+        # auxiliary FCN head on the block-8 level (x1 of the grid), used in training only
+        self.aux = nn.Sequential(conv_bn_relu(d, aux_channels or c, 3), nn.Dropout2d(dropout),
+                                 nn.Conv2d(aux_channels or c, 1, 1))
 
     @staticmethod
     def tap_blocks(depth: int) -> list[int]:
         return [depth // 3, depth // 2, 2 * depth // 3, depth]
 
-    def forward(self, x):  # x: (B, 3, S, S) normalised -> logits (B, 1, S, S)
+    def forward(self, x):
+        """x: (B, 3, S, S) normalised -> logits (B, 1, S, S); in training also the auxiliary head's."""
         g = self.encoder.grid_size
         grids = [t[:, 1:].transpose(1, 2).unflatten(2, (g, g)) for t in self.encoder.hidden_states(x, self.taps)]
         pyramid = [r(t) for r, t in zip(self.rescale, grids)]  # (B, D, 4g), (B, D, 2g), (B, D, g), (B, D, g/2)
@@ -437,12 +456,17 @@ class Segmenter(nn.Module):
         outs = [conv(lv) for conv, lv in zip(self.fpn, levels[:3])] + [levels[3]]
         size = outs[0].shape[-2:]  # 4g: a quarter of the input
         outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
-        logits = self.classifier(self.fuse(torch.cat(outs, dim=1)))  # (B, 1, 4g, 4g)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.classifier(self.dropout(self.fuse(torch.cat(outs, dim=1))))  # (B, 1, 4g, 4g)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if not self.training:
+            return logits
+        aux = F.interpolate(self.aux(pyramid[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, aux
 
 
-def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.25):
-    """Binary focal loss (RetinaNet's), mean over pixels: easy background pixels weigh little."""
+def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.5):
+    """Binary focal loss, mean over pixels: easy background pixels weigh little. gamma 2 and alpha 0.5 are
+    mmseg's FocalLoss defaults, which the released configs use (RetinaNet's alpha is 0.25)."""
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p = torch.sigmoid(logits)
     p_true = p * target + (1 - p) * (1 - target)
@@ -513,7 +537,7 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
     """Fill steps, warm-up, lr and batch from the released schedule of (--dataset, --ratio), or for
     segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
     if cfg.task == "segment":
-        r = SEG_RECIPES[preset]
+        r = SEG_RECIPES[(preset, cfg.ratio)]
         warmup, steps, lr, batch = r["warmup_steps"], r["steps"], r["lr"], r["batch_size"]
     else:
         schedule = SCHEDULES.get((cfg.dataset, cfg.ratio))
@@ -530,8 +554,12 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
         cfg.steps = steps
     if cfg.warmup_steps is None:
         cfg.warmup_steps = warmup if cfg.steps == steps else round(warmup / steps * cfg.steps)
-    if cfg.eval_every is None:  # classification: once an epoch, as the released fine-tuning validates
-        cfg.eval_every = max(1, cfg.steps // 10) if cfg.task == "segment" else max(1, math.ceil(n_train / cfg.batch_size))
+    if cfg.eval_every is None:  # as released: classification once an epoch, segmentation by its config
+        if cfg.task == "segment":
+            every = SEG_RECIPES[(preset, cfg.ratio)]["eval_every"]
+        else:
+            every = math.ceil(n_train / cfg.batch_size)
+        cfg.eval_every = max(1, min(every, cfg.steps))
     return cfg
 
 
@@ -651,7 +679,8 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
                                 ("shape mismatch, skipped", report["mismatched"])):
                 if keys:
                     print(f"  {title}: " + ", ".join(keys))
-    model = Classifier(encoder, num_labels) if cfg.task == "classify" else Segmenter(encoder)
+    model = Classifier(encoder, num_labels) if cfg.task == "classify" else \
+        Segmenter(encoder, **SEG_HEADS["base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"])
     if cfg.linear_probe:
         encoder.requires_grad_(False)
     return model
@@ -760,9 +789,10 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
             logits = model(x)
         if classify:  # BCE-with-logits per label, in fp32
             loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-        else:  # focal + dice (Sec. 4.6)
+        else:  # focal + Dice (Sec. 4.6) on the main and the auxiliary head, weighted as released
             mask = target[:, None].float()
-            loss = focal_loss(logits.float(), mask) + dice_loss(logits.float(), mask)
+            loss = sum(wf * focal_loss(out.float(), mask) + wd * dice_loss(out.float(), mask)
+                       for out, (wf, wd) in zip(logits, SEG_LOSS_WEIGHTS.values()))
         scaler.scale(loss).backward()
         if classify:
             scaler.unscale_(optimizer)
@@ -894,8 +924,9 @@ def plan(cfg: FinetuneConfig) -> dict:
                     "depth": sizes.depth, "num_heads": sizes.num_heads, "drop_path": cfg.drop_path,
                     "frozen": cfg.linear_probe},
         "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels}" if classify else
-                 f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {sizes.embed_dim // 3} channels, "
-                 "one logit a pixel"),
+                 f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {SEG_HEADS[preset]['channels']} "
+                 f"channels, dropout 0.1, one logit a pixel; auxiliary FCN head ({SEG_HEADS[preset]['aux_channels']} "
+                 "channels) on the block-8 level in training; loss focal 2.0 + Dice 1.0, auxiliary 0.8 + 0.4"),
         "records": counts, "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels)])),
         "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
                      "lr": [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr],
@@ -904,8 +935,9 @@ def plan(cfg: FinetuneConfig) -> dict:
                      "lr_schedule": "linear warm-up, then cosine to 0" if classify else "linear warm-up, then poly (power 1) to 0"},
         "optimizer": "SGD, momentum 0.9, no weight decay" if classify else
                      "AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.65",
-        "augmentation": f"random resized crop (area {cfg.min_crop}-1) + horizontal flip; evaluation: bilinear resize, "
-                        + ("centre crop" if classify else "whole image"),
+        "augmentation": (f"random resized crop (area {cfg.min_crop}-1) + horizontal flip; evaluation: bilinear "
+                         "resize, centre crop") if classify else
+                        "the whole film resized (bilinear) + horizontal flip, no crop; evaluation: the whole film",
         "amp": cfg.amp, "out": cfg.out, "config": asdict(cfg)}
 
 

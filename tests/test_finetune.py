@@ -65,8 +65,10 @@ def test_dice_per_image_by_hand():
 
 def test_segmentation_losses_by_hand():
     logits, target = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
-    # p = 0.5 everywhere: alpha * (1 - p)^2 * ln 2
-    assert finetune.focal_loss(logits, target).item() == pytest.approx(0.25 * 0.25 * math.log(2))
+    # p = 0.5 everywhere: alpha * (1 - p)^2 * ln 2, alpha 0.5 (mmseg's default, as released)
+    assert finetune.focal_loss(logits, target).item() == pytest.approx(0.5 * 0.25 * math.log(2))
+    # a background pixel weighs (1 - alpha): the same 0.5 here
+    assert finetune.focal_loss(logits, 1 - target).item() == pytest.approx(0.5 * 0.25 * math.log(2))
     # soft Dice with p = 0.5 on 4 true pixels: 1 - (2 * 2 + 1) / (2 + 4 + 1)
     assert finetune.dice_loss(logits, target).item() == pytest.approx(1 - 5 / 7)
     assert finetune.dice_loss(torch.full((1, 1, 2, 2), 30.0), target).item() == pytest.approx(0, abs=1e-6)
@@ -266,12 +268,30 @@ def test_load_pretrained_interpolates_position_table(tmp_path, capsys):
 
 def test_segmenter_shapes_and_taps():
     enc = ViT(64, 8, 3, 48, 12, 3)
-    model = finetune.Segmenter(enc).eval()
+    model = finetune.Segmenter(enc, channels=24, aux_channels=16).eval()
     assert model.taps == [4, 6, 8, 12]  # SPEC: blocks 4, 6, 8, 12
     out = model(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 1, 64, 64)
+    assert out.shape == (2, 1, 64, 64)  # evaluation: the main head only
     out.sum().backward()
     assert enc.blocks[11].mlp.fc2.weight.grad is not None and enc.blocks[0].attn.qkv.weight.grad is not None
+    main, aux = model.train()(torch.randn(2, 3, 64, 64))  # training: the auxiliary FCN head too (released)
+    assert main.shape == aux.shape == (2, 1, 64, 64) and model.aux[0][0].out_channels == 16
+    assert finetune.SEG_HEADS["base"] == {"channels": 768, "aux_channels": 256}
+
+
+def test_segmentation_train_view_is_the_whole_film_or_its_mirror():
+    films = finetune.SyntheticFilms(finetune.SYNTH_START, 2, 64, ("pneumothorax",))
+    ds = finetune.FinetuneDataset(films, 32, masks=films)
+    test = ds[1]
+    mirrored = 0
+    for p in range(8):
+        view = ds[(1, p)]
+        same = np.array_equal(view["image"], test["image"]) and torch.equal(view["target"], test["target"])
+        flipped = np.array_equal(view["image"][0].numpy(), test["image"][0].numpy()[:, ::-1]) and \
+            torch.equal(view["target"], test["target"].flip(-1))
+        assert same or flipped
+        mirrored += flipped and not same
+    assert 0 < mirrored < 8
 
 
 def test_layer_decay_groups():
@@ -487,4 +507,9 @@ def test_dry_run_of_the_demo_and_of_segmentation(capsys, tmp_path):
     assert demo["records"] == {"train": 2000, "val": 500, "test": 1000} and demo["encoder"]["input_size"] == 64
     seg = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20")
     assert seg["encoder"]["input_size"] == 512 and seg["optimizer"].startswith("AdamW")
-    assert seg["schedule"]["steps"] == finetune.SEG_RECIPES["base"]["steps"]
+    assert seg["schedule"]["steps"] == 160000 and seg["schedule"]["warmup_steps"] == 1500  # released, 100%
+    assert seg["schedule"]["batch_size"] == 8 and seg["schedule"]["eval_every"] == 500
+    seg10 = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20",
+                    "--ratio", "10")
+    assert (seg10["schedule"]["steps"], seg10["schedule"]["warmup_steps"], seg10["schedule"]["eval_every"]) == \
+        (5000, 100, 50)
