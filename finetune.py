@@ -533,7 +533,7 @@ def resolve_lists(cfg: FinetuneConfig) -> FinetuneConfig:
     return cfg
 
 
-def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> FinetuneConfig:
+def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int | None) -> FinetuneConfig:
     """Fill steps, warm-up, lr and batch from the released schedule of (--dataset, --ratio), or for
     segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
     if cfg.task == "segment":
@@ -549,6 +549,8 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
     cfg.batch_size = cfg.batch_size or batch
     cfg.lr = cfg.lr if cfg.lr is not None else lr
     if cfg.epochs is not None:
+        if n_train is None:
+            raise ConfigError("--epochs needs the train list, to count an epoch's steps")
         cfg.steps = max(1, round(cfg.epochs * n_train / cfg.batch_size))
     elif cfg.steps is None:
         cfg.steps = steps
@@ -557,9 +559,9 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int) -> Finetune
     if cfg.eval_every is None:  # as released: classification once an epoch, segmentation by its config
         if cfg.task == "segment":
             every = SEG_RECIPES[(preset, cfg.ratio)]["eval_every"]
-        else:
-            every = math.ceil(n_train / cfg.batch_size)
-        cfg.eval_every = max(1, min(every, cfg.steps))
+        else:  # unknown (None) only in a --dry_run without the lists
+            every = math.ceil(n_train / cfg.batch_size) if n_train else None
+        cfg.eval_every = max(1, min(every, cfg.steps)) if every else None
     return cfg
 
 
@@ -903,18 +905,19 @@ def plan(cfg: FinetuneConfig) -> dict:
         counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
         labels = 1 if cfg.task == "segment" else len(data.FINDINGS)
     else:
-        counts, labels = {}, 1
+        counts, labels = {}, len(LABEL_NAMES.get(cfg.dataset, ())) or None
         for name in ("train", "val", "test"):
             path = getattr(cfg, f"{name}_list")
-            if not path:
-                raise ConfigError(f"give --{name}_list (or --splits DIR) for --dataset {cfg.dataset}")
+            if not path:  # a plan without the lists: the schedule still resolves, the counts stay unknown
+                counts[name] = None
+                continue
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such split list")
             rows = [line.split() for line in data.text_lines(path) if line.strip()]
             counts[name] = len(rows)
             if name == "train" and cfg.task == "classify":
                 labels = len(rows[0]) - 1 if rows else 0
-    if cfg.label_fraction < 1:
+    if cfg.label_fraction < 1 and counts["train"]:
         counts["train"] = len(label_subset(counts["train"], cfg.label_fraction, cfg.seed))
     cfg = resolve_schedule(cfg, preset, counts["train"])
     classify = cfg.task == "classify"
@@ -923,15 +926,17 @@ def plan(cfg: FinetuneConfig) -> dict:
         "encoder": {"preset": preset, "input_size": size, "patch_size": sizes.patch_size, "embed_dim": sizes.embed_dim,
                     "depth": sizes.depth, "num_heads": sizes.num_heads, "drop_path": cfg.drop_path,
                     "frozen": cfg.linear_probe},
-        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels}" if classify else
+        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels or 'K'}" if classify else
                  f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {SEG_HEADS[preset]['channels']} "
                  f"channels, dropout 0.1, one logit a pixel; auxiliary FCN head ({SEG_HEADS[preset]['aux_channels']} "
                  "channels) on the block-8 level in training; loss focal 2.0 + Dice 1.0, auxiliary 0.8 + 0.4"),
-        "records": counts, "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels)])),
+        "records": counts,
+        "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels or 0)])),
         "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
                      "lr": [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr],
-                     "epochs": round(cfg.steps * cfg.batch_size / max(1, counts["train"]), 2),
-                     "eval_every": cfg.eval_every, "validations": math.ceil(cfg.steps / cfg.eval_every),
+                     "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,
+                     "eval_every": cfg.eval_every or "once an epoch (give the lists to count it)",
+                     "validations": math.ceil(cfg.steps / cfg.eval_every) if cfg.eval_every else None,
                      "lr_schedule": "linear warm-up, then cosine to 0" if classify else "linear warm-up, then poly (power 1) to 0"},
         "optimizer": "SGD, momentum 0.9, no weight decay" if classify else
                      "AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.65",

@@ -513,3 +513,14 @@ def test_dry_run_of_the_demo_and_of_segmentation(capsys, tmp_path):
                     "--ratio", "10")
     assert (seg10["schedule"]["steps"], seg10["schedule"]["warmup_steps"], seg10["schedule"]["eval_every"]) == \
         (5000, 100, 50)
+
+
+@pytest.mark.parametrize("argv, schedule", [
+    (["--task", "segment", "--dataset", "siim", "--ratio", "10"], (5000, 100, 2e-5, 8, 50)),
+    (["--task", "segment", "--dataset", "siim", "--ratio", "100"], (160000, 1500, 2e-5, 8, 500)),
+    (["--dataset", "nih", "--ratio", "1"], (3000, 50, 3e-2, 96, "once an epoch (give the lists to count it)")),
+])
+def test_dry_run_without_lists_prints_the_released_schedule(tmp_path, monkeypatch, capsys, argv, schedule):
+    monkeypatch.chdir(tmp_path)  # no out/ckpt.pt here: the base encoder, as for the real datasets
+    s = dry_run(capsys, *argv)["schedule"]
+    assert (s["steps"], s["warmup_steps"], s["lr"][0], s["batch_size"], s["eval_every"]) == schedule
