@@ -162,7 +162,7 @@ def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 
 
 
 # -----------------------------------------------------------------------------
-# What a masked film can tell at all: a linear ceiling for the image-only words
+# What a masked film shows: a linear read of its visible pixels, for the image-only words
 
 
 def softmax_regression(x: torch.Tensor, y: torch.Tensor, k: int, weight_decay: float, steps: int = 300):
@@ -189,8 +189,8 @@ def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 6
     itself. Per (finding, attribute), among the films that show the finding: a multinomial logistic
     regression fitted on half, its weight decay chosen on a quarter, scored on the last quarter, beside
     the prior (always guessing the most common value). Returns {'finding attribute': {'accuracy', 'prior'},
-    'mean_gain': mean of accuracy - prior}. mean_gain estimates how far above a guess a reader of the
-    masked film could restore the image-only words (each attribute weighted alike)."""
+    'mean_gain': mean of accuracy - prior}: how far above a guess a linear reader of the masked film
+    restores the image-only words (each attribute weighted alike). Not an upper bound: a measure of the trace."""
     films, _ = held_out(first, n, 2 * img_size, seed)
     cases = [data.synth_case(i, seed) for i in range(first, first + n)]
     x = torch.from_numpy(films)[:, None].float() / 255

@@ -1,13 +1,14 @@
-"""How much of a report's image-only words a masked film can tell at all: a linear ceiling.
+"""How much of a report's image-only words a masked film can tell, by a linear read of its visible pixels.
 
 MRM restores a report's masked words from the visible words and a pooled feature of the *masked* film
 (75% of the patches removed, Sec. 3.1). On the synthetic records, checks.attribute_ceiling fits, per
 finding and attribute (side, size, zone), a logistic regression on the pixels a masked film leaves
 visible, and prints its held-out accuracy beside always guessing the commonest value. The mean gain is
-about how far above a guess a perfect linear reader of the masked film could restore image-only words:
-the fusion check's target of film - noise >= 0.10 asks for nearly all of it.
+how far above a guess a linear reader of the masked film restores image-only words, trained on about
+400 films per attribute. It is not an upper bound (a reader trained on more films may do better) but
+a measure of how faint the trace is; the fusion check's target of film - noise >= 0.10 asks for more.
 
-    python experiments/ceiling.py                      # 3,000 films, masking 0.75, 0.5 and none: about 3 min
+    python experiments/ceiling.py                      # 3,000 films, masking 0.75, 0.5 and none: about 2 min
 """
 import argparse
 import os
