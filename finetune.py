@@ -97,7 +97,7 @@ class FinetuneConfig:
     seg_findings: str = "pneumothorax"  # synthetic segmentation: findings whose masks are the target, comma-separated
     # model
     init: str = "auto"               # checkpoint: ours (train.py), MAE's or the released MRM.pth; none = scratch; auto: out/ckpt.pt if present
-    trust_checkpoint: bool = False   # load --init even if it pickles objects beyond weights (runs their code): trusted files only
+    trust_checkpoint: bool = False   # load --init even if it pickles more than weights (runs its code)
     preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
     input_size: int = 0              # 0: the encoder's pre-training size; 512 for segmentation with the base encoder
     drop_path: float = 0.1           # stochastic depth of the encoder
@@ -110,8 +110,8 @@ class FinetuneConfig:
     warmup_steps: int | None = None
     epochs: float | None = None      # instead of --steps: passes over the train list (warm-up scaled alike)
     batch_size: int | None = None
-    eval_every: int | None = None    # steps between validations (default, as released: classification once an epoch; segmentation every 500 (100%) / 50)
-    dry_run: bool = False            # print every resolved setting as one JSON object and stop, before reading any image
+    eval_every: int | None = None    # steps between validations (default, as released: an epoch; segmentation 500 / 50)
+    dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     num_workers: int = 2             # data loading processes
     out: str = "out/finetune"        # results.json, log.jsonl, lr_<lr>/best.pt and last.pt
@@ -937,7 +937,7 @@ def plan(cfg: FinetuneConfig) -> dict:
                      "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,
                      "eval_every": cfg.eval_every or "once an epoch (give the lists to count it)",
                      "validations": math.ceil(cfg.steps / cfg.eval_every) if cfg.eval_every else None,
-                     "lr_schedule": "linear warm-up, then cosine to 0" if classify else "linear warm-up, then poly (power 1) to 0"},
+                     "lr_schedule": "linear warm-up, then " + ("cosine to 0" if classify else "poly (power 1) to 0")},
         "optimizer": "SGD, momentum 0.9, no weight decay" if classify else
                      "AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.65",
         "augmentation": (f"random resized crop (area {cfg.min_crop}-1) + horizontal flip; evaluation: bilinear "

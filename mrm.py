@@ -667,7 +667,8 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
     ckpt = read_checkpoint(path, trust)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a model checkpoint (expected a state dict, or a dict with one under 'model')")
+        raise CheckpointError(f"{path}: not a model checkpoint "
+                              "(expected a state dict, or a dict with one under 'model')")
     target = module.state_dict()
     loaded, unexpected, mismatched, resized = {}, [], [], []
     for key, value in sd.items():

@@ -83,7 +83,7 @@ class TrainConfig:
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
     fusion_check: int = 300          # synthetic data: held-out records for the fusion check at the end (0: none)
-    dry_run: bool = False            # print every resolved setting as one JSON object and stop, before reading any image
+    dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -627,7 +627,8 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     return {"preset": cfg.preset, "data": cfg.data, "records": records, "processes": world,
             "effective_batch": eff_batch, "batch_per_process": cfg.batch_size, "accum_iter": cfg.accum_iter,
             "lr": cfg.blr * eff_batch / 256, "blr": cfg.blr, "steps_per_epoch": steps_per_epoch,
-            "epochs": cfg.epochs, "start_epoch": ckpt["epoch"] if ckpt else 0, "total_steps": cfg.epochs * steps_per_epoch,
+            "epochs": cfg.epochs, "start_epoch": ckpt["epoch"] if ckpt else 0,
+            "total_steps": cfg.epochs * steps_per_epoch,
             "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "crop": 2 * mcfg.img_size,
             "input": mcfg.img_size, "vocabulary": vocab, "init": cfg.init or "random",
             "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "device": str(device),

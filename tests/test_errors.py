@@ -65,7 +65,8 @@ def test_train_refuses_it_in_one_line(trap, tmp_path, argv, capsys):
 @pytest.mark.parametrize("resume", [False, True])
 def test_finetune_refuses_it_in_one_line(trap, tmp_path, resume, capsys):
     path, marker = trap
-    argv = ["--init", str(path), "--num_records", "16", "--steps", "2", "--num_workers", "0", "--out", str(tmp_path / "ft")]
+    argv = ["--init", str(path), "--num_records", "16", "--steps", "2", "--num_workers", "0",
+            "--out", str(tmp_path / "ft")]
     if resume:  # a last.pt of a fine-tuning run, swapped for the trap
         (tmp_path / "ft" / "lr_0.1").mkdir(parents=True)
         os.replace(path, tmp_path / "ft" / "lr_0.1" / "last.pt")

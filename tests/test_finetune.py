@@ -483,8 +483,8 @@ def dry_run(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("dataset, ratio, schedule", [("nih", 1, (50, 3000, 3e-2)), ("chexpert", 10, (1500, 60000, 5e-4)),
-                                                      ("rsna", 100, (2000, 50000, 5e-4))])
+@pytest.mark.parametrize("dataset, ratio, schedule", [
+    ("nih", 1, (50, 3000, 3e-2)), ("chexpert", 10, (1500, 60000, 5e-4)), ("rsna", 100, (2000, 50000, 5e-4))])
 def test_dry_run_resolves_the_released_schedules_without_reading_images(tmp_path, capsys, dataset, ratio, schedule):
     k = len(finetune.LABEL_NAMES[dataset])
     for name, n in (("train", 250), ("val", 40), ("test", 60)):  # images that do not exist: never opened

@@ -415,9 +415,11 @@ def test_the_demo_keeps_left_and_right_the_paper_run_mirrors():
 
 def test_dry_run_resolves_the_recipe_without_reading_images(tmp_path, capsys, monkeypatch):
     with open(tmp_path / "training.csv", "w", newline="") as f:  # images that do not exist: never opened
-        csv.writer(f).writerows([("image_path", "report_content")] + [(f"missing/{i}.jpg", "FINDINGS: x.") for i in range(2600)])
+        csv.writer(f).writerows([("image_path", "report_content")]
+                                + [(f"missing/{i}.jpg", "FINDINGS: x.") for i in range(2600)])
     monkeypatch.setenv("WORLD_SIZE", "4")
-    train.main(["--dry_run", "--preset", "base", "--data", str(tmp_path / "training.csv"), "--out", str(tmp_path / "o")])
+    train.main(["--dry_run", "--preset", "base", "--data", str(tmp_path / "training.csv"),
+                "--out", str(tmp_path / "o")])
     plan = json.loads(capsys.readouterr().out)
     assert plan["records"] == 2600 and plan["processes"] == 4 and plan["effective_batch"] == 256
     assert plan["lr"] == pytest.approx(1.5e-4) and plan["steps_per_epoch"] == 10  # 2,600 / 4 / 64
