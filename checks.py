@@ -126,20 +126,26 @@ def pooled_features(encoder, prepare_images, films: np.ndarray, batch: int = 200
     return torch.cat(out).float()
 
 
-def logistic_regression(x: torch.Tensor, y: torch.Tensor, weight_decay: float, steps: int = 200):
-    """Multi-label logistic regression fitted to convergence (L-BFGS): x (N, D), y (N, K) -> (W (D, K), b (K,))."""
-    w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
-    b = torch.zeros(y.shape[1], requires_grad=True)
+def fit_linear(x: torch.Tensor, y: torch.Tensor, k: int, loss_fn, weight_decay: float, steps: int):
+    """A linear map x (N, D) -> (N, k) logits fitted to convergence (L-BFGS) on loss_fn(logits, y) plus
+    weight_decay * |W|^2. Returns (W (D, k), b (k,))."""
+    w = torch.zeros(x.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + weight_decay * (w ** 2).sum()
+        loss = loss_fn(x @ w + b, y) + weight_decay * (w ** 2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
     return w.detach(), b.detach()
+
+
+def logistic_regression(x: torch.Tensor, y: torch.Tensor, weight_decay: float, steps: int = 200):
+    """Multi-label logistic regression: x (N, D), y (N, K) 0/1 -> (W (D, K), b (K,))."""
+    return fit_linear(x, y, y.shape[1], torch.nn.functional.binary_cross_entropy_with_logits, weight_decay, steps)
 
 
 def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
@@ -166,19 +172,8 @@ def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 
 
 
 def softmax_regression(x: torch.Tensor, y: torch.Tensor, k: int, weight_decay: float, steps: int = 300):
-    """Multinomial logistic regression fitted to convergence (L-BFGS): x (N, D), y (N,) in 0..k-1 -> (W, b)."""
-    w = torch.zeros(x.shape[1], k, requires_grad=True)
-    b = torch.zeros(k, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + weight_decay * (w ** 2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
+    """Multinomial logistic regression: x (N, D), y (N,) in 0..k-1 -> (W (D, k), b (k,))."""
+    return fit_linear(x, y, k, torch.nn.functional.cross_entropy, weight_decay, steps)
 
 
 def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 64, patch: int = 8, seed: int = 0,

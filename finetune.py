@@ -307,9 +307,9 @@ def read_id_list(path: str, image_root: str, mask_root: str):
 
 
 def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
-    """RandomResizedCrop(size) + horizontal flip (SPEC.md section 3), bilinear as torchvision's default in the
-    released fine-tuning, the mask (if any) cropped alike with nearest-neighbour. Returns uint8 (size, size)
-    arrays: image, and mask or None."""
+    """RandomResizedCrop(size) + horizontal flip, bilinear, as the released fine-tuning's transforms
+    (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike with
+    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
     box = data.random_resized_crop_box(*img.size, rng, scale=scale)
     flip = rng.random() < 0.5
     out = []
@@ -567,8 +567,9 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int | None) -> F
 
 def resolve_encoder(cfg: FinetuneConfig) -> tuple[str, MRMConfig, str, int]:
     """(init, encoder sizes, preset name, input size): the checkpoint, its sizes, and the fine-tuning input.
-    Classification runs at the pre-training input; segmentation at 512 for the base encoder (SPEC), while
-    the tiny demo stays at its 64 px (a CPU budget; tests cover the position-table interpolation)."""
+    Classification runs at the pre-training input; segmentation at 512 for the base encoder (the released
+    SIIM configs' 512 x 512), while the tiny demo stays at its 64 px (a CPU budget; tests cover the
+    position-table interpolation)."""
     init = pick_init(cfg)
     sizes = encoder_sizes(cfg, init)
     preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
