@@ -103,6 +103,7 @@ class FinetuneConfig:
     drop_path: float = 0.1           # stochastic depth of the encoder
     min_crop: float = 0.08           # classification: smallest area share of a training crop (SPEC: RandomResizedCrop's 0.08)
     linear_probe: bool = False       # freeze the encoder, train the new norm and head only
+    head_init: str = "zero"          # classification head: zero (released, near 0) or probe (LP-FT: a probe first)
     # optimisation (None: from the schedule of --dataset and --ratio)
     lr: float | None = None
     lr_grid: str = ""                # comma-separated lrs (e.g. 3e-2,3e-3,5e-4): run each, keep the best on validation
@@ -537,6 +538,8 @@ def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int | None) -> F
     """Fill steps, warm-up, lr and batch from the released schedule of (--dataset, --ratio), or for
     segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
     if cfg.task == "segment":
+        if cfg.head_init != "zero":
+            raise ConfigError("--head_init probe fits a classification head; segmentation heads start as released")
         r = SEG_RECIPES[(preset, cfg.ratio)]
         warmup, steps, lr, batch = r["warmup_steps"], r["steps"], r["lr"], r["batch_size"]
     else:
@@ -719,6 +722,47 @@ def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMCon
     return scores, truths
 
 
+@torch.no_grad()
+def head_inputs(model: Classifier, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype):
+    """(N, D): what the head reads, fc_norm(mean patch token), for every record's test view."""
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    model.eval()  # the caller sets its training mode again
+    out = []
+    for batch in data.progress(loader, desc="features for the probe"):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            x = to_input(batch["image"], device, sizes)
+            tokens = model.encoder.hidden_states(x, [len(model.encoder.blocks)])[-1]
+        out.append(model.fc_norm(tokens[:, 1:].float().mean(1)).cpu())
+    return torch.cat(out)
+
+
+def fit_head_to_probe(model: Classifier, datasets: dict, names, cfg: FinetuneConfig, sizes: MRMConfig, device,
+                      dtype, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+    """LP-FT (Kumar et al., 2022, "Fine-tuning can distort pretrained features"): before any step, set the
+    head to a logistic regression fitted to convergence on the frozen encoder's features of the training
+    records' test views, without augmentation (weight decay chosen on validation mean AUC), so fine-tuning starts where a linear probe ends
+    instead of from a head near 0 that a short schedule never finishes training. The features are
+    standardised for the fit and the standardisation folded into the head, which stays one Linear."""
+    import checks  # its L-BFGS logistic regression; checks imports this module's roc_auc, so not at the top
+
+    x = {k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in ("train", "val")}
+    mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
+    z = {k: (v - mean) / std for k, v in x.items()}
+    y = torch.as_tensor(datasets["train"].labels, dtype=torch.float32)
+    best = None
+    for wd in weight_decays:
+        w, b = checks.logistic_regression(z["train"], y, wd)
+        val = mean_auc(roc_auc(datasets["val"].labels, (z["val"] @ w + b).numpy()), names)
+        if best is None or val > best["val"]:
+            best = {"val": val, "weight_decay": wd, "w": w, "b": b}
+    with torch.no_grad():  # head(f) = ((f - mean) / std) @ w + b
+        model.head.weight.copy_((best["w"] / std[:, None]).T)
+        model.head.bias.copy_(best["b"] - (mean / std) @ best["w"])
+    print(f"head fitted to a probe of the frozen features (weight decay {best['weight_decay']:g}): "
+          f"validation mean AUC {best['val']:.4f} before fine-tuning")
+    return {"val": best["val"], "weight_decay": best["weight_decay"]}
+
+
 def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
     """The one number a run is judged by: mean AUC over labels, or mean Dice over images."""
     return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
@@ -744,9 +788,12 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     config = {**asdict(cfg), "lr": lr}
     step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
-    if cfg.resume and os.path.exists(last_path):
+    resumed = cfg.resume and os.path.exists(last_path)
+    if resumed:
         state = read_checkpoint(last_path)
-        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and state["config"].get(k) != config[k])
+        default = asdict(FinetuneConfig())  # a flag newer than the checkpoint had its default then
+        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE
+                         and state["config"].get(k, default.get(k)) != config[k])
         if changed:
             raise ConfigError(f"{last_path}: --resume continues the same run; changed: "
                              + ", ".join(f"{k} {state['config'].get(k)!r} -> {config[k]!r}" for k in changed))
@@ -770,7 +817,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
                         sampler=StepSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step=step),
                         pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
-    if step:
+    if resumed:
         torch.set_rng_state(state["rng"])  # drop-path continues where the stopped run left it
         if device.type == "cuda" and state.get("cuda_rng") is not None:  # on a GPU drop-path draws from CUDA's
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -781,6 +828,30 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         if cfg.linear_probe:
             model.encoder.eval()  # frozen: no drop-path either
 
+    def validate(train_loss):
+        """Score the validation split, keep the best weights and the state to resume from, log one line."""
+        values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
+        train_mode()
+        val = summary(values, names, cfg, "validation")
+        if val > best["val"]:
+            best.update(val=val, step=step)
+            save_checkpoint(best_path, {"model": model.state_dict(), "step": step, "val": val, "config": config,
+                                        "model_config": sizes.to_dict(), "labels": list(names)})
+        save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "scaler": scaler.state_dict(), "step": step, "best": best, "config": config,
+                                    "rng": torch.get_rng_state(),
+                                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
+        record = {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
+                  ("val_auc_mean" if classify else "val_dice"): val}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return val
+
+    if not resumed and classify and cfg.head_init == "probe":
+        # LP-FT: the head starts as a linear probe, and that start is a candidate for the kept weights, so
+        # the selected model is never below the probe on validation
+        fit_head_to_probe(model, datasets, names, cfg, sizes, device, dtype)
+        validate(None)
     train_mode()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"lr {lr:g}", leave=False, dynamic_ncols=True, disable=None)
     loss_sum, loss_steps = torch.zeros((), device=device), 0  # since the last validation
@@ -816,21 +887,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. "
                                 f"{best_path} and {last_path} are left as they were: lower the lr, or --amp off")
-        values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
-        train_mode()
-        val = summary(values, names, cfg, "validation")
-        if val > best["val"]:
-            best.update(val=val, step=step)
-            save_checkpoint(best_path, {"model": model.state_dict(), "step": step, "val": val, "config": config,
-                                        "model_config": sizes.to_dict(), "labels": list(names)})
-        save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(), "step": step, "best": best, "config": config,
-                                    "rng": torch.get_rng_state(),
-                                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
-        record = {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
-                  ("val_auc_mean" if classify else "val_dice"): val}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        val = validate(train_loss)
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best['val']:.4f}")
     bar.close()
     print(f"lr {lr:g}: best validation {'mean AUC' if classify else 'Dice'} {best['val']:.4f} at step {best['step']}")
@@ -927,7 +984,9 @@ def plan(cfg: FinetuneConfig) -> dict:
         "encoder": {"preset": preset, "input_size": size, "patch_size": sizes.patch_size, "embed_dim": sizes.embed_dim,
                     "depth": sizes.depth, "num_heads": sizes.num_heads, "drop_path": cfg.drop_path,
                     "frozen": cfg.linear_probe},
-        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels or 'K'}" if classify else
+        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels or 'K'}"
+                 + (", fitted first as a linear probe of the frozen features (LP-FT)" if cfg.head_init == "probe"
+                    else "") if classify else
                  f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {SEG_HEADS[preset]['channels']} "
                  f"channels, dropout 0.1, one logit a pixel; auxiliary FCN head ({SEG_HEADS[preset]['aux_channels']} "
                  "channels) on the block-8 level in training; loss focal 2.0 + Dice 1.0, auxiliary 0.8 + 0.4"),
@@ -963,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
-           "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"]}
+           "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"], "head_init": ["zero", "probe"]}
 
 
 def main(argv=None):

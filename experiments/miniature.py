@@ -66,7 +66,10 @@ class MiniConfig:
     test_records: int = 2000
     steps: tuple = (50, 120, 250)    # optimizer steps of 32 at 1%, 10%, 100% of the labels
     lr: float = 0.1                  # SGD (finetune.py); 0.1 and 0.3 tied on validation
-    min_crop: float = 0.8            # training crops keep >= 80% of the film: 0.08 (SPEC) left every run near chance on validation
+    min_crop: float = 0.8            # training crops keep >= 80% of the film: 0.08 (released) left every run near
+                                     # chance on validation
+    head_init: str = "probe"         # LP-FT (finetune.py --head_init probe): from a near-0 head, 50-250 steps landed
+                                     # 5-21 points below a linear probe of the same encoder
     seeds: int = 3
     check_records: int = 500         # held-out reports for the fusion check
     variants: tuple = tuple(VARIANTS)
@@ -115,8 +118,8 @@ def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered:
                 fc = finetune.FinetuneConfig(
                     init=init, num_records=cfg.finetune_records, num_val=cfg.val_records,
                     num_test=cfg.test_records, label_fraction=ratio, steps=steps, warmup_steps=max(1, steps // 15),
-                    lr=cfg.lr, min_crop=cfg.min_crop, batch_size=32, eval_every=max(1, steps // 5), num_workers=0,
-                    out=run_dir, seed=seed)
+                    lr=cfg.lr, min_crop=cfg.min_crop, head_init=cfg.head_init, batch_size=32,
+                    eval_every=max(1, steps // 5), num_workers=0, out=run_dir, seed=seed)
                 results = finetune.run(fc, rendered)
                 for lr_dir in os.listdir(run_dir):  # the weights are not needed again: 54 runs would keep ~9 GB
                     for name in ("best.pt", "last.pt"):

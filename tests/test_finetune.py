@@ -366,6 +366,36 @@ def test_label_fraction_run_and_linear_probe(tmp_path, monkeypatch):
     assert not torch.equal(best["head.weight"], same_init["head.weight"])
 
 
+def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkeypatch):
+    """LP-FT: the folded head scores the validation views exactly as the standardised probe does, that
+    start is validated (step 0) and kept unless fine-tuning beats it on validation."""
+    import checks
+
+    fitted = {}
+    probe_fit = finetune.fit_head_to_probe
+
+    def spy(model, datasets, names, cfg, sizes, device, dtype):
+        fitted.update(probe_fit(model, datasets, names, cfg, sizes, device, dtype))
+        x = {k: finetune.head_inputs(model, datasets[k], cfg, sizes, device, None) for k in ("train", "val")}
+        mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
+        w, b = checks.logistic_regression((x["train"] - mean) / std, torch.as_tensor(datasets["train"].labels),
+                                          fitted["weight_decay"])
+        with torch.no_grad():
+            assert torch.allclose(model.head(x["val"]), (x["val"] - mean) / std @ w + b, atol=1e-3)
+        fitted["probe_val"] = finetune.mean_auc(roc_auc(datasets["val"].labels, model.head(x["val"]).detach().numpy()),
+                                                data.FINDINGS)
+        return fitted
+
+    monkeypatch.setattr(finetune, "fit_head_to_probe", spy)
+    results = finetune.run(small_config(tmp_path, head_init="probe", steps=4, eval_every=2))
+    log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
+    assert [r["step"] for r in log] == [0, 2, 4] and log[0]["train_loss"] is None
+    assert log[0]["val_auc_mean"] == pytest.approx(fitted["val"]) == pytest.approx(fitted["probe_val"])
+    assert results["val_auc_mean"] == max(r["val_auc_mean"] for r in log) >= fitted["val"]
+    with pytest.raises(ConfigError, match="classification head"):
+        finetune.resolve_schedule(small_config(tmp_path, task="segment", head_init="probe"), "tiny", 16)
+
+
 def test_segmentation_end_to_end(tmp_path):
     results = finetune.run(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
                                         num_records=16, num_val=8, num_test=8, steps=2, eval_every=1, input_size=128))
@@ -417,6 +447,22 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert len(open(tmp_path / "cut" / "lr_0.1" / "log.jsonl").readlines()) == 2
     with pytest.raises(ValueError, match="changed: batch_size 8 -> 4"):
         finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True, batch_size=4))
+
+
+def test_resume_after_the_probe_start_continues_exactly(tmp_path, monkeypatch):
+    # LP-FT: the first validation is the probe start (step 0); stopped at the second, the run resumes from
+    # the probed head without fitting it again
+    cfg = dict(steps=4, head_init="probe")
+    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
+    run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), **cfg), monkeypatch)
+    assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 0
+    monkeypatch.setattr(finetune, "fit_head_to_probe", lambda *a: pytest.fail("the probe was fitted again"))
+    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
+    a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_auc"] == whole["test_auc"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "lr_0.1" / "log.jsonl")] == [0, 2, 4]
 
 
 def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):

@@ -51,6 +51,9 @@ def test_writes_every_variant_ratio_and_seed(experiment):
     # each fine-tuning run keeps its results and log, not its weights
     kept = {f for _, _, files in os.walk(root / "runs" / "mrm" / "finetune_0.01_seed0") for f in files}
     assert "results.json" in kept and "log.jsonl" in kept and not kept & {"best.pt", "last.pt"}
+    # LP-FT: each run's head starts as a linear probe, validated before the first step
+    with open(root / "runs" / "mrm" / "finetune_0.01_seed0" / "lr_0.1" / "log.jsonl") as f:
+        assert json.loads(f.readline())["step"] == 0
 
 
 def test_pretraining_follows_the_variant(experiment):

@@ -1,0 +1,285 @@
+"""Why the report decoder does not read the film: four measurements behind the README's "Where the film is lost".
+
+MRM fuses one global feature of the masked radiograph (the mean of the encoder's visible patch tokens,
+Sec. 3.1) into the report decoder. On the synthetic records the fusion check finds film = noise. These
+measurements locate the loss:
+
+    python experiments/reading.py side out/ckpt.pt      # only the side words masked: film, noise, other film
+    python experiments/reading.py feature out/ckpt.pt   # how strongly the fused feature tells a finding's side
+    python experiments/reading.py sweep                 # how strong that must be for the decoder to read it
+    python experiments/reading.py decoder               # the decoder alone on a frozen encoder, for many steps
+
+`side`: held-out reports with exactly one finding that has a side; every 'right' / 'left' masked, every
+other word visible, so the finding and its phrasing are in sight and only the film can tell the side.
+`feature`: the fused feature (fusion_proj of the pooled tokens) of held-out films under several patch
+masks: its norm, how much of its variance is the film and how much the mask, and how well a linear
+read (logistic regression, fitted on half the films, scored on the rest) tells a pleural effusion's side,
+as an accuracy and as d' (the class distance, in standard deviations, that gives that accuracy).
+`sweep`: a toy report (finding, side pairs, as tests/test_checks.py) whose feature tells each side at a
+chosen strength, measured by the same linear read; the tiny report decoder is trained on it alone and
+scored on the side words.
+`decoder`: the report decoder and fusion projection trained alone (L_R, the demo's lr and schedule) on
+cached pooled features of a frozen encoder (random, or a checkpoint's), scored every --every steps on
+the fusion check's image-only words with each report's film and with another's.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checks  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+from mrm import MRM, MRMConfig, ReportDecoder, global_pool, init_weights, random_masking  # noqa: E402
+
+FIRST = checks.CHECK_START + 20_000  # held-out records no other check uses
+
+
+def load(path: str) -> tuple[MRM, object]:
+    from tokenizers import Tokenizer
+    ckpt = train.load_checkpoint(path)
+    model = MRM(MRMConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Tokenizer.from_str(ckpt["tokenizer"])
+
+
+def films_of(indices, hr: int) -> np.ndarray:
+    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512))["image"]), hr)
+                     for i in indices])
+
+
+@torch.no_grad()
+def fused(model: MRM, films: np.ndarray, masks: int, seed: int = 0) -> torch.Tensor:
+    """(masks, N, d): the feature the report decoder receives, for each film under `masks` patch masks."""
+    cfg, L = model.cfg, model.encoder.num_patches
+    x = model.prepare_images(torch.from_numpy(films)[:, None])[2]
+    out = []
+    for r in range(masks):
+        noise = torch.rand(len(films), L, generator=torch.Generator().manual_seed(seed + r))
+        ids_keep = random_masking(len(films), L, cfg.mask_ratio, None, None, noise)[0]
+        pooled = torch.cat([global_pool(model.encoder(x[j:j + 256], ids_keep[j:j + 256])[:, 1:], cfg.fusion)
+                            for j in range(0, len(films), 256)])
+        out.append(model.fusion_proj(pooled) if model.fusion_proj is not None else pooled)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def side_words(model: MRM, tok, n: int = 1500, repeats: int = 3) -> dict:
+    """Accuracy on the masked side words per finding: {finding or 'all': {condition: accuracy}}."""
+    cfg = model.cfg
+    picked = []
+    for i in range(FIRST, FIRST + n):
+        sided = [k for k, f in data.synth_case(i)["findings"].items() if "side" in f]
+        if len(sided) == 1:
+            picked.append((i, sided[0]))
+    film = torch.from_numpy(films_of([i for i, _ in picked], 2 * cfg.img_size))[:, None]
+    t = torch.from_numpy(data.encode_reports(tok, [data.synth_report(i) for i, _ in picked],
+                                             cfg.max_text_len).astype(np.int64))
+    is_side = torch.isin(t, torch.tensor([tok.token_to_id("right"), tok.token_to_id("left")]))
+    labels, tokens = torch.where(is_side, t, -100), t.masked_fill(is_side, cfg.mask_token_id)
+    row = torch.arange(len(t))[:, None].expand_as(t)[is_side]
+    finding = np.array([picked[r][1] for r in row.tolist()])
+    gen = torch.Generator().manual_seed(0)
+    hits = {}
+    for _ in range(repeats):
+        patch_noise = torch.rand(len(film), model.encoder.num_patches, generator=gen)
+        noise = torch.randint(0, 256, film.shape, generator=gen, dtype=torch.uint8)
+        for condition, x in (("film", film), ("noise", noise), ("other_film", film.roll(1, 0))):
+            hit = (model(x, tokens, labels, noise=patch_noise)["mlm_logits"].argmax(-1) == t[is_side]).numpy()
+            for name in ["all", *sorted(set(finding))]:
+                sel = hit if name == "all" else hit[finding == name]
+                hits.setdefault(name, {}).setdefault(condition, []).append(sel.mean())
+    return {name: {c: float(np.mean(v)) for c, v in by.items()} | {"words": int(len(hit) if name == "all" else
+            (finding == name).sum())} for name, by in hits.items()}
+
+
+def linear_read(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """x (N, d), y (N,) in {0, 1}: a logistic regression fitted on the first half, scored on the second.
+    Returns (accuracy, d'), d' = 2 probit(accuracy): the distance between the two classes along the read,
+    in standard deviations, for two equal Gaussians that give that accuracy."""
+    return linear_read_split(x, y, len(x) // 2)
+
+
+def linear_read_split(x: torch.Tensor, y: torch.Tensor, half: int) -> tuple[float, float]:
+    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
+    z = (x - mean) / std
+    w, b = checks.softmax_regression(z[:half], y[:half], 2, 1e-2)
+    accuracy = float(((z[half:] @ w + b).argmax(1) == y[half:]).float().mean())
+    return accuracy, float(2 * torch.special.ndtri(torch.tensor(accuracy).clamp(1e-3, 1 - 1e-3)))
+
+
+def feature_report(model: MRM, n: int = 600, masks: int = 6) -> dict:
+    indices = range(FIRST + 5000, FIRST + 5000 + n)
+    f = fused(model, films_of(indices, 2 * model.cfg.img_size), masks if model.cfg.mask_ratio > 0 else 1)
+    side = np.array([{"right": 0, "left": 1}.get(data.synth_case(i)["findings"].get("pleural effusion", {})
+                                                 .get("side"), -1) for i in indices])
+    keep = torch.from_numpy(side >= 0)
+    y, fe = torch.from_numpy(side[side >= 0]), f[:, keep]  # films with an effusion, each under every mask
+    half = fe.shape[1] // 2  # films, not masks, split: the read is scored on films it was not fitted on
+    x = torch.cat([fe[:, :half].flatten(0, 1), fe[:, half:].flatten(0, 1)])
+    labels = torch.cat([y[:half].repeat(fe.shape[0]), y[half:].repeat(fe.shape[0])])
+    accuracy, d = linear_read_split(x, labels, half * fe.shape[0])
+    return {"norm": float(f.norm(dim=-1).mean()), "variance": float(f.flatten(0, 1).var(0).sum()),
+            "variance_between_films": float(f.mean(0).var(0).sum()),
+            "variance_from_the_mask": float(f.var(0).mean(0).sum()) if f.shape[0] > 1 else 0.0,
+            "effusion_films": int(keep.sum()), "effusion_side_linear_read": accuracy, "effusion_side_d_prime": d}
+
+
+# -----------------------------------------------------------------------------
+# The toy side task, at a chosen strength
+
+PAD, CLS, MASK, LEFT, FINDING, DIM = 0, 2, 3, 4, 10, 16
+
+
+def toy_batch(n: int, rng, codes: np.ndarray, scale: float, noise: float):
+    """[CLS] f1 s1 f2 s2 ... (1-3 findings of 8, side LEFT or LEFT + 1), half the real tokens masked; the
+    feature is scale * the sum of codes[finding, side] plus N(0, noise^2) in each of its DIM dimensions."""
+    tokens, feature = np.full((n, 8), PAD), rng.normal(0, noise, (n, DIM)).astype(np.float32)
+    tokens[:, 0] = CLS
+    for b in range(n):
+        k = rng.integers(1, 4)
+        pairs = list(zip(rng.choice(8, k, replace=False), rng.integers(0, 2, k)))
+        tokens[b, 1:1 + 2 * k] = [t for f, s in pairs for t in (FINDING + f, LEFT + s)]
+        feature[b] += scale * sum(codes[f, s] for f, s in pairs)
+    tokens = torch.from_numpy(tokens)
+    chosen = (tokens > CLS) & torch.from_numpy(rng.random(tokens.shape) < 0.5)
+    return torch.where(chosen, MASK, tokens), torch.where(chosen, tokens, -100), torch.from_numpy(feature)
+
+
+def toy_strength(codes: np.ndarray, scale: float, noise: float, n: int = 8000) -> tuple[float, float]:
+    """linear_read of finding 0's side from the toy feature, measured as on the real one."""
+    tokens, labels, feature = toy_batch(n, np.random.default_rng(5), codes, scale, noise)
+    full = torch.where(labels != -100, labels, tokens)
+    rows, at = torch.nonzero(full == FINDING, as_tuple=True)
+    return linear_read(feature[rows], full[rows, at + 1] - LEFT)
+
+
+def toy_read(scale: float, noise: float, steps: int, seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    codes = np.random.default_rng(1).normal(size=(8, 2, DIM)).astype(np.float32)
+    cfg = MRMConfig.from_preset("tiny", vocab_size=20, max_text_len=8)
+    decoder, proj = ReportDecoder(cfg), torch.nn.Linear(DIM, cfg.text_embed_dim)
+    init_weights(proj)
+    opt = torch.optim.AdamW([*decoder.parameters(), *proj.parameters()], lr=1e-3, betas=(0.9, 0.95))
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = train.lr_at(step, steps, 20, 1e-3)
+        tokens, labels, feature = toy_batch(32, rng, codes, scale, noise)
+        loss = F.cross_entropy(decoder(tokens, proj(feature)).flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tokens, labels, feature = toy_batch(2000, rng, codes, scale, noise)
+    side = (labels == LEFT) | (labels == LEFT + 1)
+    with torch.no_grad():
+        return float((decoder.eval()(tokens, proj(feature)).argmax(-1)[side] == labels[side]).float().mean())
+
+
+# -----------------------------------------------------------------------------
+# The decoder alone, on a frozen encoder's cached features
+
+
+def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int = 8, standardise: bool = False):
+    torch.manual_seed(0)
+    reports = [data.synth_report(i) for i in range(n)]
+    if ckpt:
+        model, tok = load(ckpt)
+    else:
+        tok = data.train_tokenizer(reports)
+        special = {k: tok.token_to_id(f"[{k.upper()}]") for k in ("pad", "mask")}
+        model = MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=special["pad"],
+                                          mask_token_id=special["mask"]))
+    cfg, proj, dec = model.cfg, model.fusion_proj, model.report_decoder
+    hr = 2 * cfg.img_size
+    model.fusion_proj = None  # fused() then returns the pooled tokens; the projection is trained below
+    pooled = fused(model, films_of(range(n), hr), masks)  # (masks, n, D)
+    films, held = checks.held_out(checks.CHECK_START, 300, hr)
+    held_pooled = fused(model, films, 1, seed=999)[0]
+    if standardise:
+        mean, std = pooled.flatten(0, 1).mean(0), pooled.flatten(0, 1).std(0) + 1e-6
+        pooled, held_pooled = (pooled - mean) / std, (held_pooled - mean) / std
+    params = [*dec.parameters(), *proj.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            betas=(0.9, 0.95))
+    lr = 1.5e-2 * 32 / 256  # the demo's
+    reports_t, held_t = (data.encode_reports(tok, r, cfg.max_text_len) for r in (reports, held))
+    ids = {g: torch.tensor([i for i in map(tok.token_to_id, words) if i is not None])
+           for g, words in checks.WORD_GROUPS.items()}
+    rng = np.random.default_rng(0)
+
+    def masked(rows, r):
+        m = [data.mask_report(t, cfg.text_mask_ratio, r, cfg.mask_token_id, cfg.pad_token_id) for t in rows]
+        return (torch.from_numpy(np.stack([x[0] for x in m]).astype(np.int64)),
+                torch.from_numpy(np.stack([x[1] for x in m]).astype(np.int64)))
+
+    @torch.no_grad()
+    def score():
+        dec.eval()
+        r, right, count = np.random.default_rng([0, 7]), {"film": 0, "other_film": 0}, 0
+        for _ in range(4):
+            t, lab = masked(held_t, r)
+            scored = lab != -100
+            target, in_sight = lab[scored], (t[:, :, None] == lab[:, None, :]).any(1)[scored]
+            only = torch.stack([torch.isin(target, ids[g]) for g in checks.ATTRIBUTES]).any(0) & ~in_sight
+            count += int(only.sum())
+            for condition, f in (("film", held_pooled), ("other_film", held_pooled.roll(1, 0))):
+                right[condition] += int((dec(t, proj(f)).argmax(-1)[scored] == target)[only].sum())
+        dec.train()
+        return {c: v / count for c, v in right.items()}
+
+    dec.train()
+    start, rows = time.time(), []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = train.lr_at(step, steps, n // 32, lr)
+        pick = rng.integers(0, n, 32)
+        t, lab = masked(reports_t[pick], rng)
+        loss = F.cross_entropy(dec(t, proj(pooled[rng.integers(0, masks, 32), pick])).flatten(0, 1), lab.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % every == 0:
+            rows.append({"step": step + 1, "loss": loss.item(), **score()})
+            print(f"step {step + 1}: image-only words {rows[-1]['film']:.3f} from the film, "
+                  f"{rows[-1]['other_film']:.3f} from another's ({time.time() - start:.0f} s)", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["side", "feature", "sweep", "decoder"])
+    parser.add_argument("checkpoint", nargs="?", default="", help="a train.py ckpt.pt (decoder: optional)")
+    parser.add_argument("--steps", type=int, default=6000, help="decoder: optimizer steps")
+    parser.add_argument("--every", type=int, default=1000, help="decoder: steps between scores")
+    parser.add_argument("--standardise", action="store_true", help="decoder: standardise the cached features")
+    args = parser.parse_args(argv)
+    if args.what in ("side", "feature") and not args.checkpoint:
+        parser.error(f"{args.what} needs a checkpoint")
+    if args.what == "side":
+        for name, r in side_words(*load(args.checkpoint)).items():
+            print(f"{name:17s} {r['words']:5d} words: film {r['film']:.3f}, noise {r['noise']:.3f}, "
+                  f"other film {r['other_film']:.3f}")
+    elif args.what == "feature":
+        for k, v in feature_report(load(args.checkpoint)[0]).items():
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    elif args.what == "sweep":
+        codes = np.random.default_rng(1).normal(size=(8, 2, DIM)).astype(np.float32)
+        print("| linear read of the side (d') | decoder after 300 steps | after 1,000 steps |\n| --- | --- | --- |")
+        for scale, noise in ((1.0, 0.0), (0.3, 1.0), (0.1, 1.0), (0.05, 1.0), (0.02, 1.0)):
+            accuracy, d = toy_strength(codes, scale, noise)
+            print(f"| {accuracy:.3f} ({d:.2f}) | {toy_read(scale, noise, 300):.3f} | "
+                  f"{toy_read(scale, noise, 1000):.3f} |", flush=True)
+    else:
+        decoder_alone(args.checkpoint, args.steps, args.every, standardise=args.standardise)
+
+
+if __name__ == "__main__":
+    main()
