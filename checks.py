@@ -40,12 +40,36 @@ GROUPS = list(WORD_GROUPS) + ["other", "all", "image_only", "with_twin"]
 CONDITIONS = ("film", "noise", "other_film")  # what stands in the radiograph's place
 
 
+def films_of(indices, hr: int, seed: int = 0) -> np.ndarray:
+    """Synthetic records' films, each rendered as pre-training renders it and resized whole to hr x hr
+    (no crop, no flip): (len(indices), hr, hr) uint8."""
+    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512), seed)["image"]), hr)
+                     for i in indices])
+
+
 def held_out(first: int, n: int, hr: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Records first..first+n-1, each film rendered as pre-training renders it and resized whole to
-    hr x hr (no crop, no flip), and its report: ((n, hr, hr) uint8, [str])."""
-    films = [data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512), seed)["image"]), hr)
-             for i in range(first, first + n)]
-    return np.stack(films), [data.synth_report(i, seed) for i in range(first, first + n)]
+    """Records first..first+n-1: their films (films_of) and reports: ((n, hr, hr) uint8, [str])."""
+    return films_of(range(first, first + n), hr, seed), [data.synth_report(i, seed) for i in range(first, first + n)]
+
+
+def group_token_ids(tok) -> dict:
+    """{group: ids of its words} for WORD_GROUPS (words the tokenizer lacks are left out)."""
+    return {g: torch.tensor([i for i in map(tok.token_to_id, words) if i is not None], dtype=torch.long)
+            for g, words in WORD_GROUPS.items()}
+
+
+def word_groups(tokens: torch.Tensor, labels: torch.Tensor, group_ids: dict) -> tuple[torch.Tensor, dict]:
+    """tokens (B, T) with [MASK] in place, labels (B, T) (-100 where not masked) -> the masked words'
+    targets (M,), row-major like the model's logits, and {group: (M,) bool} for GROUPS."""
+    scored = labels != -100
+    target = labels[scored]
+    # a masked word is in sight elsewhere when the same id is a visible token of its report
+    in_sight = (tokens[:, :, None] == labels[:, None, :]).any(1)[scored]  # (M,)
+    sel = {g: torch.isin(target, ids) for g, ids in group_ids.items()}
+    attribute = torch.stack([sel[g] for g in ATTRIBUTES]).any(0)
+    sel.update(other=~torch.stack(list(sel.values())).any(0), all=torch.ones_like(attribute),
+               image_only=attribute & ~in_sight, with_twin=attribute & in_sight)
+    return target, sel
 
 
 @torch.no_grad()
@@ -57,8 +81,7 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
     cfg, device = model.cfg, next(model.parameters()).device
     was_training = model.training
     model.eval()
-    group_ids = {g: torch.tensor([i for i in map(tok.token_to_id, words) if i is not None], dtype=torch.long)
-                 for g, words in WORD_GROUPS.items()}
+    group_ids = group_token_ids(tok)
     tokens = data.encode_reports(tok, reports, cfg.max_text_len)
     L = (cfg.img_size // cfg.patch_size) ** 2
     rng, gen = np.random.default_rng([seed, 7]), torch.Generator().manual_seed(seed)
@@ -74,14 +97,7 @@ def fusion_check(model, tok, films: np.ndarray, reports: list[str], masks_per_re
             film = torch.from_numpy(films[rows])[:, None]
             noise = torch.randint(0, 256, film.shape, generator=gen, dtype=torch.uint8)
             patch_noise = torch.rand(len(film), L, generator=gen)  # one image mask for both conditions
-            scored = labels != -100
-            target = labels[scored]  # (M,), row-major like the model's logits
-            # a masked word is in sight elsewhere when the same id is a visible token of its report
-            in_sight = (t[:, :, None] == labels[:, None, :]).any(1)[scored]  # (M,)
-            sel = {g: torch.isin(target, ids) for g, ids in group_ids.items()}
-            attribute = torch.stack([sel[g] for g in ATTRIBUTES]).any(0)
-            sel.update(other=~torch.stack(list(sel.values())).any(0), all=torch.ones_like(attribute),
-                       image_only=attribute & ~in_sight, with_twin=attribute & in_sight)
+            target, sel = word_groups(t, labels, group_ids)
             for g, s in sel.items():
                 count[g] += int(s.sum())
             # another held-out record's film: real, but not this report's (a decoder that reads the film is
@@ -149,9 +165,11 @@ def logistic_regression(x: torch.Tensor, y: torch.Tensor, weight_decay: float, s
 
 
 def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
-    """features, labels: {'train', 'val', 'test'} -> (N, D) tensors and (N, K) 0/1 arrays. Features are
-    standardised with the training split's statistics; the weight decay is chosen on validation mean AUC
-    and the test split scored once. Returns {'val_auc_mean', 'test_auc_mean', 'weight_decay'}."""
+    """features, labels: {'train', 'val'} and optionally 'test' -> (N, D) tensors and (N, K) 0/1 arrays.
+    Features are standardised with the training split's statistics; the weight decay is chosen on
+    validation mean AUC and the test split, if given, scored once. Returns {'val_auc_mean',
+    'test_auc_mean' (with a test split), 'weight_decay', 'w' (D, K), 'b' (K,), 'mean', 'std' (D,)}: the
+    probe scores (f - mean) / std @ w + b."""
     from finetune import roc_auc  # the project's exact Mann-Whitney AUC
 
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
@@ -159,11 +177,12 @@ def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 
     best = None
     for wd in weight_decays:
         w, b = logistic_regression(x["train"], torch.as_tensor(labels["train"], dtype=torch.float32), wd)
-        score = {k: (x[k] @ w + b).numpy() for k in ("val", "test")}
-        val = float(np.nanmean(roc_auc(labels["val"], score["val"])))
+        val = float(np.nanmean(roc_auc(labels["val"], (x["val"] @ w + b).numpy())))
         if best is None or val > best["val_auc_mean"]:
-            best = {"val_auc_mean": val, "test_auc_mean": float(np.nanmean(roc_auc(labels["test"], score["test"]))),
-                    "weight_decay": wd}
+            best = {"val_auc_mean": val, "weight_decay": wd, "w": w, "b": b, "mean": mean, "std": std}
+    if "test" in x:
+        test = (x["test"] @ best["w"] + best["b"]).numpy()
+        best["test_auc_mean"] = float(np.nanmean(roc_auc(labels["test"], test)))
     return best
 
 

@@ -403,9 +403,12 @@ class Classifier(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # near 0: every label starts at p = 0.5
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x):  # x: (B, 3, S, S) normalised -> logits (B, K)
+    def features(self, x):  # x: (B, 3, S, S) normalised -> what the head reads (B, D)
         tokens = self.encoder.hidden_states(x, [len(self.encoder.blocks)])[-1]  # (B, 1 + L, D)
-        return self.head(self.fc_norm(tokens[:, 1:].mean(dim=1)))
+        return self.fc_norm(tokens[:, 1:].mean(dim=1))
+
+    def forward(self, x):  # -> logits (B, K)
+        return self.head(self.features(x))
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -730,37 +733,30 @@ def head_inputs(model: Classifier, dataset: FinetuneDataset, cfg: FinetuneConfig
     out = []
     for batch in data.progress(loader, desc="features for the probe"):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            x = to_input(batch["image"], device, sizes)
-            tokens = model.encoder.hidden_states(x, [len(model.encoder.blocks)])[-1]
-        out.append(model.fc_norm(tokens[:, 1:].float().mean(1)).cpu())
+            out.append(model.features(to_input(batch["image"], device, sizes)).float().cpu())
     return torch.cat(out)
 
 
-def fit_head_to_probe(model: Classifier, datasets: dict, names, cfg: FinetuneConfig, sizes: MRMConfig, device,
-                      dtype, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype,
+                      weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
     """LP-FT (Kumar et al., 2022, "Fine-tuning can distort pretrained features"): before any step, set the
     head to a logistic regression fitted to convergence on the frozen encoder's features of the training
-    records' test views, without augmentation (weight decay chosen on validation mean AUC), so fine-tuning starts where a linear probe ends
-    instead of from a head near 0 that a short schedule never finishes training. The features are
-    standardised for the fit and the standardisation folded into the head, which stays one Linear."""
-    import checks  # its L-BFGS logistic regression; checks imports this module's roc_auc, so not at the top
+    records' test views, without augmentation (weight decay chosen on validation mean AUC), so fine-tuning
+    starts where a linear probe ends instead of from a head near 0 that a short schedule never finishes
+    training. The features are standardised for the fit (checks.linear_probe) and the standardisation
+    folded into the head, which stays one Linear."""
+    import checks  # checks imports this module's roc_auc, so not at the top
 
-    x = {k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in ("train", "val")}
-    mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
-    z = {k: (v - mean) / std for k, v in x.items()}
-    y = torch.as_tensor(datasets["train"].labels, dtype=torch.float32)
-    best = None
-    for wd in weight_decays:
-        w, b = checks.logistic_regression(z["train"], y, wd)
-        val = mean_auc(roc_auc(datasets["val"].labels, (z["val"] @ w + b).numpy()), names)
-        if best is None or val > best["val"]:
-            best = {"val": val, "weight_decay": wd, "w": w, "b": b}
+    splits = ("train", "val")
+    probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
+                                {k: datasets[k].labels for k in splits}, weight_decays)
+    w, mean, std = probe["w"], probe["mean"], probe["std"]
     with torch.no_grad():  # head(f) = ((f - mean) / std) @ w + b
-        model.head.weight.copy_((best["w"] / std[:, None]).T)
-        model.head.bias.copy_(best["b"] - (mean / std) @ best["w"])
-    print(f"head fitted to a probe of the frozen features (weight decay {best['weight_decay']:g}): "
-          f"validation mean AUC {best['val']:.4f} before fine-tuning")
-    return {"val": best["val"], "weight_decay": best["weight_decay"]}
+        model.head.weight.copy_((w / std[:, None]).T)
+        model.head.bias.copy_(probe["b"] - (mean / std) @ w)
+    print(f"head fitted to a probe of the frozen features (weight decay {probe['weight_decay']:g}): "
+          f"validation mean AUC {probe['val_auc_mean']:.4f} before fine-tuning")
+    return {"val": probe["val_auc_mean"], "weight_decay": probe["weight_decay"]}
 
 
 def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
@@ -850,7 +846,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     if not resumed and classify and cfg.head_init == "probe":
         # LP-FT: the head starts as a linear probe, and that start is a candidate for the kept weights, so
         # the selected model is never below the probe on validation
-        fit_head_to_probe(model, datasets, names, cfg, sizes, device, dtype)
+        fit_head_to_probe(model, datasets, cfg, sizes, device, dtype)
         validate(None)
     train_mode()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"lr {lr:g}", leave=False, dynamic_ncols=True, disable=None)

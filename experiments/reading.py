@@ -30,28 +30,22 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checks  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
+from miniature import load_model  # noqa: E402
 from mrm import MRM, MRMConfig, ReportDecoder, global_pool, init_weights, random_masking  # noqa: E402
 
 FIRST = checks.CHECK_START + 20_000  # held-out records no other check uses
 
 
 def load(path: str) -> tuple[MRM, object]:
+    """A train.py checkpoint's model (eval mode) and its tokenizer."""
     from tokenizers import Tokenizer
-    ckpt = train.load_checkpoint(path)
-    model = MRM(MRMConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer.from_str(ckpt["tokenizer"])
-
-
-def films_of(indices, hr: int) -> np.ndarray:
-    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512))["image"]), hr)
-                     for i in indices])
+    model, ckpt = load_model(path)
+    return model, Tokenizer.from_str(ckpt["tokenizer"])
 
 
 @torch.no_grad()
@@ -78,7 +72,7 @@ def side_words(model: MRM, tok, n: int = 1500, repeats: int = 3) -> dict:
         sided = [k for k, f in data.synth_case(i)["findings"].items() if "side" in f]
         if len(sided) == 1:
             picked.append((i, sided[0]))
-    film = torch.from_numpy(films_of([i for i, _ in picked], 2 * cfg.img_size))[:, None]
+    film = torch.from_numpy(checks.films_of([i for i, _ in picked], 2 * cfg.img_size))[:, None]
     t = torch.from_numpy(data.encode_reports(tok, [data.synth_report(i) for i, _ in picked],
                                              cfg.max_text_len).astype(np.int64))
     is_side = torch.isin(t, torch.tensor([tok.token_to_id("right"), tok.token_to_id("left")]))
@@ -116,7 +110,7 @@ def linear_read_split(x: torch.Tensor, y: torch.Tensor, half: int) -> tuple[floa
 
 def feature_report(model: MRM, n: int = 600, masks: int = 6) -> dict:
     indices = range(FIRST + 5000, FIRST + 5000 + n)
-    f = fused(model, films_of(indices, 2 * model.cfg.img_size), masks if model.cfg.mask_ratio > 0 else 1)
+    f = fused(model, checks.films_of(indices, 2 * model.cfg.img_size), masks if model.cfg.mask_ratio > 0 else 1)
     side = np.array([{"right": 0, "left": 1}.get(data.synth_case(i)["findings"].get("pleural effusion", {})
                                                  .get("side"), -1) for i in indices])
     keep = torch.from_numpy(side >= 0)
@@ -199,7 +193,7 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
     cfg, proj, dec = model.cfg, model.fusion_proj, model.report_decoder
     hr = 2 * cfg.img_size
     model.fusion_proj = None  # fused() then returns the pooled tokens; the projection is trained below
-    pooled = fused(model, films_of(range(n), hr), masks)  # (masks, n, D)
+    pooled = fused(model, checks.films_of(range(n), hr), masks)  # (masks, n, D)
     films, held = checks.held_out(checks.CHECK_START, 300, hr)
     held_pooled = fused(model, films, 1, seed=999)[0]
     if standardise:
@@ -211,8 +205,7 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
                             betas=(0.9, 0.95))
     lr = 1.5e-2 * 32 / 256  # the demo's
     reports_t, held_t = (data.encode_reports(tok, r, cfg.max_text_len) for r in (reports, held))
-    ids = {g: torch.tensor([i for i in map(tok.token_to_id, words) if i is not None])
-           for g, words in checks.WORD_GROUPS.items()}
+    group_ids = checks.group_token_ids(tok)
     rng = np.random.default_rng(0)
 
     def masked(rows, r):
@@ -226,12 +219,11 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
         r, right, count = np.random.default_rng([0, 7]), {"film": 0, "other_film": 0}, 0
         for _ in range(4):
             t, lab = masked(held_t, r)
-            scored = lab != -100
-            target, in_sight = lab[scored], (t[:, :, None] == lab[:, None, :]).any(1)[scored]
-            only = torch.stack([torch.isin(target, ids[g]) for g in checks.ATTRIBUTES]).any(0) & ~in_sight
+            target, sel = checks.word_groups(t, lab, group_ids)
+            only = sel["image_only"]
             count += int(only.sum())
             for condition, f in (("film", held_pooled), ("other_film", held_pooled.roll(1, 0))):
-                right[condition] += int((dec(t, proj(f)).argmax(-1)[scored] == target)[only].sum())
+                right[condition] += int((dec(t, proj(f)).argmax(-1)[lab != -100] == target)[only].sum())
         dec.train()
         return {c: v / count for c, v in right.items()}
 

@@ -374,8 +374,8 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
     fitted = {}
     probe_fit = finetune.fit_head_to_probe
 
-    def spy(model, datasets, names, cfg, sizes, device, dtype):
-        fitted.update(probe_fit(model, datasets, names, cfg, sizes, device, dtype))
+    def spy(model, datasets, cfg, sizes, device, dtype):
+        fitted.update(probe_fit(model, datasets, cfg, sizes, device, dtype))
         x = {k: finetune.head_inputs(model, datasets[k], cfg, sizes, device, None) for k in ("train", "val")}
         mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
         w, b = checks.logistic_regression((x["train"] - mean) / std, torch.as_tensor(datasets["train"].labels),
