@@ -5,7 +5,7 @@ Read top to bottom:
   2. synthetic records, the default data: chest-radiograph-like images with findings drawn in, and
      reports that name them (side, zone, size are only in the image), labels and per-pixel masks;
   3. reports: WordPiece tokenizer (load or train), encoding to 100 ids, masking (Sec. 3.1);
-  4. augmentation (SPEC.md section 1): random resized crop to 448, bicubic, horizontal flip;
+  4. augmentation (released main_pretrain.py): random resized crop to 448, bicubic, horizontal flip;
   5. the records of a run (synthetic or `training.csv`) and the Dataset that train.py reads;
   6. command line: `python data.py synth | resize | mimic | siim-masks ...` (see `python data.py -h`).
 
@@ -467,7 +467,7 @@ def mask_report(ids: np.ndarray, ratio: float, rng, mask_id: int, pad_id: int):
 
 
 # -----------------------------------------------------------------------------
-# 4. Augmentation (SPEC.md section 1: RandomResizedCrop(448, scale 0.2-1, bicubic) + horizontal flip)
+# 4. Augmentation (released main_pretrain.py: RandomResizedCrop(448, scale 0.2-1, bicubic) + horizontal flip)
 
 
 def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -489,7 +489,7 @@ def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), rati
 
 def augment(img: Image.Image, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
     """Random resized crop to size x size (bicubic, antialiased when shrinking), then a coin-flip
-    mirror. Returns (size, size) uint8. min_crop: the smallest share of the area a crop keeps (SPEC: 0.2).
+    mirror. Returns (size, size) uint8. min_crop: the smallest share of the area a crop keeps (released: 0.2).
     Note: mirroring swaps the heart's side while the report still says 'left' (the released recipe;
     train.py --no-hflip keeps laterality)."""
     out = resize_box(img, random_resized_crop_box(*img.size, rng, (min_crop, 1.0)), size)

@@ -1,4 +1,4 @@
-"""Fine-tune the pre-trained encoder (SPEC.md section 3): multi-label classification scored by ROC-AUC
+"""Fine-tune the pre-trained encoder (Sec. 4.2, 4.6; the released NIH_ChestX-ray/train.py): multi-label classification scored by ROC-AUC
 (NIH ChestX-ray14, CheXpert, RSNA Pneumonia, COVID-19; Tables 1-3) and pneumothorax segmentation
 scored by Dice (SIIM-ACR).
 
@@ -36,7 +36,7 @@ import data
 from mrm import CheckpointError, ConfigError, MRMConfig, ViT, load_pretrained, read_checkpoint
 from train import NonFiniteLoss, amp_dtype, lr_at, save_checkpoint
 
-# Label columns of the released split lists (SPEC.md section 3), so tables print names, not indices.
+# Label columns of the released split lists (DatasetsSplits/), so tables print names, not indices.
 LABEL_NAMES = {
     "nih": ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"),
@@ -101,7 +101,7 @@ class FinetuneConfig:
     preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
     input_size: int = 0              # 0: the encoder's pre-training size; 512 for segmentation with the base encoder
     drop_path: float = 0.1           # stochastic depth of the encoder
-    min_crop: float = 0.08           # classification: smallest area share of a training crop (SPEC: RandomResizedCrop's 0.08)
+    min_crop: float = 0.08           # classification: smallest area share of a training crop (released: RandomResizedCrop's 0.08)
     linear_probe: bool = False       # freeze the encoder, train the new norm and head only
     head_init: str = "zero"          # classification head: zero (released, near 0) or probe (LP-FT: a probe first)
     # optimisation (None: from the schedule of --dataset and --ratio)
@@ -391,7 +391,7 @@ class FinetuneDataset(Dataset):
 
 
 class Classifier(nn.Module):
-    """Encoder, mean of the patch tokens, new LayerNorm (fc_norm), Linear head (SPEC.md section 3)."""
+    """Encoder, mean of the patch tokens, new LayerNorm (fc_norm), Linear head (the released models_vit.py)."""
 
     def __init__(self, encoder: ViT, num_labels: int):
         super().__init__()
@@ -418,7 +418,7 @@ def conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
 class Segmenter(nn.Module):
     """ViT tokens after blocks 4, 6, 8, 12 (a third, half, two thirds and all of the depth) -> a pyramid at
     x4, x2, x1, x0.5 of the patch grid -> a light UPerNet head (lateral convs, top-down fusion, pyramid
-    pooling on the coarsest level) -> one logit per pixel at the input size (SPEC.md section 3)."""
+    pooling on the coarsest level) -> one logit per pixel at the input size (the released upernet_mrm.py)."""
 
     def __init__(self, encoder: ViT, channels: int | None = None, aux_channels: int | None = None,
                  pool_scales=(1, 2, 3, 6), dropout: float = 0.1):
@@ -777,7 +777,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     torch.manual_seed(cfg.seed)  # the new head's init, drop-path
     model = build_model(cfg, sizes, init, len(names), datasets["train"].size).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if classify:  # SPEC.md section 3: SGD, momentum 0.9, no weight decay
+    if classify:  # the released NIH_ChestX-ray/train.py: SGD, momentum 0.9, no weight decay
         optimizer = torch.optim.SGD([{"params": params, "lr_scale": 1.0}], lr=lr, momentum=0.9, weight_decay=0.0)
     else:  # AdamW, weight decay 0.05, layer-wise lr decay 0.65
         optimizer = torch.optim.AdamW(layer_decay_groups(model, 0.05, 0.65), lr=lr, betas=(0.9, 0.999))

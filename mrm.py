@@ -8,7 +8,7 @@ to serve two restorations (Fig. 2):
 The total is L = L_R + lambda * L_I (Eq. 3). After pre-training only the encoder (a ViT-B/16) is kept.
 
 Read top to bottom: helpers (patches, sin-cos tables, masking), the transformer parts, the encoder,
-the two decoders, the losses, and MRM itself last. Sizes come from SPEC.md section 1.
+the two decoders, the losses, and MRM itself last. Sizes come from App. A.2 and the released model_mrm.py.
 Convention used everywhere: L patches on a G x G grid, mask = 1 where a patch was removed.
 """
 import argparse
@@ -63,7 +63,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
     """The fixed 2D table of MAE: (G*G, D), or (1 + G*G, D) with a zero row first for [CLS].
 
     Patch i = r * G + c gets the 1D code of its column c in the first D/2 channels and of its row r in
-    the last D/2 (MAE's meshgrid puts the column coordinate first). SPEC.md: the released MRM helper
+    the last D/2 (MAE's meshgrid puts the column coordinate first). The released helper (model_mrm.py)
     divides the exponent by 2*D instead of D/2; we use MAE's formula, which its weights were trained with.
     """
     assert embed_dim % 4 == 0, "2D sin-cos needs a width divisible by 4"
@@ -171,7 +171,7 @@ class PatchEmbed(nn.Module):
 
 
 def init_weights(m: nn.Module):
-    """SPEC.md section 1 init (MAE's): xavier-uniform Linears with zero bias, LayerNorm 1/0,
+    """The released init (MAE's, model_mrm.py): xavier-uniform Linears with zero bias, LayerNorm 1/0,
     token embeddings normal(0, 0.02)."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
@@ -378,7 +378,7 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> torch.Tensor:
     """Eq. 1: cross entropy of the masked tokens only, averaged over them. logits (M, V), targets (M,).
-    (The released code averaged over all 100 positions, padding included; SPEC.md says not to copy that.)
+    (The released code averaged over all 100 positions, padding included; this project does not copy that.)
 
     denominator: divide the summed cross entropy by this instead of M. Reports differ in length, so a
     batch split over processes or accumulation steps must divide by the whole batch's count (train.py).
@@ -401,7 +401,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class MRMConfig:
-    """Every size and switch of the model; MRMConfig() is the paper's base model (SPEC.md section 1)."""
+    """Every size and switch of the model; MRMConfig() is the paper's base model (App. A.2)."""
 
     # image encoder: ViT-B/16 on the 224 low-res input (the high-res image is 2 * img_size)
     img_size: int = 224

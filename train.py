@@ -1,4 +1,4 @@
-"""Pre-train MRM (SPEC.md section 2). The same script runs on a laptop and under torchrun:
+"""Pre-train MRM (Sec. 4.6; released main_pretrain.py, run.sh). The same script runs on a laptop and under torchrun:
 
     python train.py                                        # tiny model, synthetic records, CPU: minutes
     torchrun --nproc_per_node 4 train.py --preset base \\
@@ -33,7 +33,7 @@ import checks
 import data
 from mrm import MRM, CheckpointError, ConfigError, MRMConfig, load_pretrained, patchify, read_checkpoint, unpatchify
 
-# The recipe's numbers that depend on the model size: base is the paper's (SPEC.md section 2), tiny is
+# The recipe's numbers that depend on the model size: base is the paper's (Sec. 4.6, run.sh), tiny is
 # a demo that visibly learns within a few minutes on a 2-core CPU.
 RECIPES = {
     "base": dict(epochs=200, warmup_epochs=40, batch_size=64, blr=1.5e-4, num_records=10000, hflip=True),
@@ -51,9 +51,9 @@ class TrainConfig:
     vocab_size: int = 30000          # of a vocabulary built here
     num_records: int | None = None   # synthetic records
     hflip: bool | None = None        # mirror half the crops (released code); the report still says 'left', so the demo does not
-    min_crop: float = 0.2            # smallest area share a random resized crop keeps (SPEC: 0.2)
+    min_crop: float = 0.2            # smallest area share a random resized crop keeps (released: 0.2)
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
-    # optimisation (SPEC.md section 2)
+    # optimisation (Sec. 4.6, the released run.sh)
     epochs: int | None = None        # passes over the records
     warmup_epochs: float | None = None  # linear warm-up before the cosine
     batch_size: int | None = None    # per process (base: 4 GPUs x 64 = the paper's 256)
@@ -105,7 +105,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: none on biases, norms and other 1-D parameters (SPEC.md section 2)."""
+    """Weight decay on matrices only: none on biases, norms and other 1-D parameters (MAE's, released main_pretrain.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -232,7 +232,7 @@ def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch
 
 
 def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) of SPEC.md section 2, fused: one kernel over all parameters (4x faster than the
+    """AdamW (0.9, 0.95) of the released main_pretrain.py, fused: one kernel over all parameters (4x faster than the
     default on this project's 2-core CPU: README, Performance), and with fp16 its GradScaler's inf check
     stays on the device."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),

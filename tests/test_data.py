@@ -344,7 +344,7 @@ def test_augment_is_a_crop_or_its_mirror():
 
 
 def test_min_crop_bounds_the_crop_area():
-    """min_crop=1 keeps the whole square film (resized, maybe mirrored); the SPEC's 0.2 often cuts it;
+    """min_crop=1 keeps the whole square film (resized, maybe mirrored); the released 0.2 often cuts it;
     PretrainDataset passes its min_crop on (train.py --min_crop)."""
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8))

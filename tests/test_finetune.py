@@ -198,7 +198,7 @@ def test_train_view_crops_mask_with_image():
 
 def test_min_crop_one_trains_on_the_whole_film():
     """--min_crop 1 (the miniature's 0.8 leans this way): every training view is the evaluation view
-    of the whole square film, or its mirror; the SPEC's 0.08 crops."""
+    of the whole square film, or its mirror; the released 0.08 crops."""
     films = finetune.SyntheticFilms(finetune.SYNTH_START, 2, 64)
     labels = films.labels
     whole = finetune.FinetuneDataset(films, 32, labels, min_crop=1.0)
@@ -269,7 +269,7 @@ def test_load_pretrained_interpolates_position_table(tmp_path, capsys):
 def test_segmenter_shapes_and_taps():
     enc = ViT(64, 8, 3, 48, 12, 3)
     model = finetune.Segmenter(enc, channels=24, aux_channels=16).eval()
-    assert model.taps == [4, 6, 8, 12]  # SPEC: blocks 4, 6, 8, 12
+    assert model.taps == [4, 6, 8, 12]  # the released upernet_mrm.py: blocks 4, 6, 8, 12
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 1, 64, 64)  # evaluation: the main head only
     out.sum().backward()
