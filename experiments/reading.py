@@ -1,4 +1,4 @@
-"""Why the report decoder does not read the film: four measurements behind the README's "Where the film is lost".
+"""Why the report decoder does not read the film: five measurements behind the README's "Where the film is lost".
 
 MRM fuses one global feature of the masked radiograph (the mean of the encoder's visible patch tokens,
 Sec. 3.1) into the report decoder. On the synthetic records the fusion check finds film = noise. These
@@ -8,6 +8,7 @@ measurements locate the loss:
     python experiments/reading.py feature out/ckpt.pt   # how strongly the fused feature tells a finding's side
     python experiments/reading.py sweep                 # how strong that must be for the decoder to read it
     python experiments/reading.py decoder               # the decoder alone on a frozen encoder, for many steps
+    python experiments/reading.py reader                # the decoder alone on the masked pixels (or an oracle)
 
 `side`: held-out reports with exactly one finding that has a side; every 'right' / 'left' masked, every
 other word visible, so the finding and its phrasing are in sight and only the film can tell the side.
@@ -21,6 +22,10 @@ scored on the side words.
 `decoder`: the report decoder and fusion projection trained alone (L_R, the demo's lr and schedule) on
 cached pooled features of a frozen encoder (random, or a checkpoint's), scored every --every steps on
 the fusion check's image-only words with each report's film and with another's.
+`reader`: a new report decoder and projection trained alone for the demo's 640 steps on features of
+known content: the masked film's own visible pixels (`--feature pixels`, at `--mask_ratio`), or an oracle
+code of every finding and attribute (`--feature oracle`): how far a decoder gets in the demo's budget
+from a feature that holds the masked film as plainly as its pixels do, and from a perfect one.
 """
 import argparse
 import os
@@ -177,28 +182,87 @@ def toy_read(scale: float, noise: float, steps: int, seed: int = 0) -> float:
 
 
 # -----------------------------------------------------------------------------
-# The decoder alone, on a frozen encoder's cached features
+# The decoder alone, on a frozen encoder's cached features or on features of known content
 
 
 def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int = 8, standardise: bool = False):
+    """The report decoder and fusion projection (a checkpoint's, or new ones) trained on a frozen encoder's
+    cached pooled features (a random encoder's without a checkpoint)."""
     torch.manual_seed(0)
     reports = [data.synth_report(i) for i in range(n)]
-    if ckpt:
-        model, tok = load(ckpt)
-    else:
-        tok = data.train_tokenizer(reports)
-        special = {k: tok.token_to_id(f"[{k.upper()}]") for k in ("pad", "mask")}
-        model = MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=special["pad"],
-                                          mask_token_id=special["mask"]))
-    cfg, proj, dec = model.cfg, model.fusion_proj, model.report_decoder
-    hr = 2 * cfg.img_size
-    model.fusion_proj = None  # fused() then returns the pooled tokens; the projection is trained below
+    model, tok = load(ckpt) if ckpt else new_model(reports)
+    hr = 2 * model.cfg.img_size
+    proj, model.fusion_proj = model.fusion_proj, None  # fused() then returns the pooled tokens
     pooled = fused(model, checks.films_of(range(n), hr), masks)  # (masks, n, D)
     films, held = checks.held_out(checks.CHECK_START, 300, hr)
     held_pooled = fused(model, films, 1, seed=999)[0]
     if standardise:
         mean, std = pooled.flatten(0, 1).mean(0), pooled.flatten(0, 1).std(0) + 1e-6
         pooled, held_pooled = (pooled - mean) / std, (held_pooled - mean) / std
+    return train_reader(model.report_decoder, proj, tok, model.cfg, reports, pooled, held, held_pooled, steps, every)
+
+
+def new_model(reports: list[str]) -> tuple[MRM, object]:
+    """A tiny MRM with a tokenizer built from `reports`, as train.py builds them."""
+    tok = data.train_tokenizer(reports)
+    special = {k: tok.token_to_id(f"[{k.upper()}]") for k in ("pad", "mask")}
+    return MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=special["pad"],
+                                     mask_token_id=special["mask"])), tok
+
+
+def oracle_features(indices, dim: int = 64) -> torch.Tensor:
+    """(N, dim): for each record the sum of a fixed random code per finding present and per value of each
+    of its attributes (side, size, zone): everything the image-only words need, plainly and linearly."""
+    out = np.zeros((len(indices), dim), np.float32)
+    for row, i in enumerate(indices):
+        for name, f in data.synth_case(i)["findings"].items():
+            for key in [name, *(f"{name} {a} {f[a]}" for a in ("side", "size", "zone") if a in f)]:
+                out[row] += np.random.default_rng([1, *key.encode()]).normal(size=dim)  # a code per key, in any call
+    return torch.from_numpy(out)
+
+
+def pixel_features(films: np.ndarray, mask_ratio: float, masks: int, patch: int, seed: int) -> torch.Tensor:
+    """(masks, N, 4 L): the visible pixels of each masked film, as the 2 x 2 means of each of its L patches
+    (0 where a patch is masked), standardised: what a linear map of the masked film itself can give."""
+    x = torch.from_numpy(films).float()[:, None] / 255
+    cells = F.avg_pool2d(x, patch // 2)[:, 0]  # (N, 2G, 2G)
+    cells = (cells - cells.mean(0)) / (cells.std(0) + 1e-3)
+    N, G = len(films), cells.shape[-1] // 2
+    out = []
+    for r in range(masks):
+        noise = torch.rand(N, G * G, generator=torch.Generator().manual_seed(seed + r))
+        keep = 1 - random_masking(N, G * G, mask_ratio, None, None, noise)[1]  # (N, L), 1 = visible
+        keep = keep.view(N, G, G).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        out.append((cells * keep).flatten(1))
+    return torch.stack(out)
+
+
+def reader(feature: str, mask_ratio: float, steps: int, every: int, n: int = 2048, masks: int = 10):
+    """A new tiny report decoder and projection trained on `feature` features of the training records
+    (oracle_features, or pixel_features at mask_ratio under `masks` masks, the demo's 10 epochs' worth),
+    scored on the fusion check's held-out records."""
+    torch.manual_seed(0)
+    reports = [data.synth_report(i) for i in range(n)]
+    model, tok = new_model(reports)
+    held_ids = range(checks.CHECK_START, checks.CHECK_START + 300)
+    held = [data.synth_report(i) for i in held_ids]
+    if feature == "oracle":
+        train_f, held_f = oracle_features(range(n))[None], oracle_features(held_ids)
+    else:
+        hr, p = 2 * model.cfg.img_size, 2 * model.cfg.patch_size  # high-res patches, as the image decoder's
+        both = pixel_features(np.concatenate([checks.films_of(range(n), hr), checks.films_of(held_ids, hr)]),
+                              mask_ratio, masks, p, 0)
+        train_f, held_f = both[:, :n], both[0, n:]
+    proj = torch.nn.Linear(train_f.shape[-1], model.cfg.text_embed_dim)
+    init_weights(proj)
+    return train_reader(model.report_decoder, proj, tok, model.cfg, reports, train_f, held, held_f, steps, every)
+
+
+def train_reader(dec, proj, tok, cfg, reports, features, held, held_features, steps: int, every: int) -> list:
+    """Train dec + proj with Eq. 1 alone (the demo's lr, warm-up and schedule, batch 32) on reports[i] with
+    features[random mask, i] (masks, N, D); every `every` steps score the fusion check's image-only words
+    and side words of `held` from their own held_features and from another report's."""
+    n = len(reports)
     params = [*dec.parameters(), *proj.parameters()]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.05},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -216,16 +280,19 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
     @torch.no_grad()
     def score():
         dec.eval()
-        r, right, count = np.random.default_rng([0, 7]), {"film": 0, "other_film": 0}, 0
+        r, right, count = np.random.default_rng([0, 7]), {}, {"image_only": 0, "side": 0}
         for _ in range(4):
             t, lab = masked(held_t, r)
             target, sel = checks.word_groups(t, lab, group_ids)
-            only = sel["image_only"]
-            count += int(only.sum())
-            for condition, f in (("film", held_pooled), ("other_film", held_pooled.roll(1, 0))):
-                right[condition] += int((dec(t, proj(f)).argmax(-1)[lab != -100] == target)[only].sum())
+            for g in count:
+                count[g] += int(sel[g].sum())
+            for condition, f in (("film", held_features), ("other_film", held_features.roll(1, 0))):
+                hit = dec(t, proj(f)).argmax(-1)[lab != -100] == target
+                for g in count:
+                    key = condition if g == "image_only" else f"{g}_{condition}"
+                    right[key] = right.get(key, 0) + int(hit[sel[g]].sum())
         dec.train()
-        return {c: v / count for c, v in right.items()}
+        return {k: v / max(1, count["image_only" if k in ("film", "other_film") else "side"]) for k, v in right.items()}
 
     dec.train()
     start, rows = time.time(), []
@@ -234,24 +301,29 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
             group["lr"] = train.lr_at(step, steps, n // 32, lr)
         pick = rng.integers(0, n, 32)
         t, lab = masked(reports_t[pick], rng)
-        loss = F.cross_entropy(dec(t, proj(pooled[rng.integers(0, masks, 32), pick])).flatten(0, 1), lab.flatten())
+        f = features[rng.integers(0, len(features), 32), pick]
+        loss = F.cross_entropy(dec(t, proj(f)).flatten(0, 1), lab.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if (step + 1) % every == 0:
             rows.append({"step": step + 1, "loss": loss.item(), **score()})
-            print(f"step {step + 1}: image-only words {rows[-1]['film']:.3f} from the film, "
-                  f"{rows[-1]['other_film']:.3f} from another's ({time.time() - start:.0f} s)", flush=True)
+            r = rows[-1]
+            print(f"step {step + 1}: image-only words {r['film']:.3f} from the film, {r['other_film']:.3f} from "
+                  f"another's; side words {r['side_film']:.3f} / {r['side_other_film']:.3f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["side", "feature", "sweep", "decoder"])
+    parser.add_argument("what", choices=["side", "feature", "sweep", "decoder", "reader"])
     parser.add_argument("checkpoint", nargs="?", default="", help="a train.py ckpt.pt (decoder: optional)")
-    parser.add_argument("--steps", type=int, default=6000, help="decoder: optimizer steps")
-    parser.add_argument("--every", type=int, default=1000, help="decoder: steps between scores")
+    parser.add_argument("--steps", type=int, help="decoder, reader: optimizer steps (6,000; reader: the demo's 640)")
+    parser.add_argument("--every", type=int, help="decoder, reader: steps between scores (1,000; reader: 160)")
     parser.add_argument("--standardise", action="store_true", help="decoder: standardise the cached features")
+    parser.add_argument("--feature", choices=["oracle", "pixels"], default="pixels", help="reader: what it is given")
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="reader --feature pixels: patches removed")
     args = parser.parse_args(argv)
     if args.what in ("side", "feature") and not args.checkpoint:
         parser.error(f"{args.what} needs a checkpoint")
@@ -269,8 +341,10 @@ def main(argv=None):
             accuracy, d = toy_strength(codes, scale, noise)
             print(f"| {accuracy:.3f} ({d:.2f}) | {toy_read(scale, noise, 300):.3f} | "
                   f"{toy_read(scale, noise, 1000):.3f} |", flush=True)
+    elif args.what == "decoder":
+        decoder_alone(args.checkpoint, args.steps or 6000, args.every or 1000, standardise=args.standardise)
     else:
-        decoder_alone(args.checkpoint, args.steps, args.every, standardise=args.standardise)
+        reader(args.feature, args.mask_ratio, args.steps or 640, args.every or 160)
 
 
 if __name__ == "__main__":

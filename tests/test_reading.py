@@ -46,3 +46,29 @@ def test_side_probe_masks_exactly_the_side_words():
     assert found["all"]["words"] == words > 0
     assert sum(r["words"] for k, r in found.items() if k != "all") == words
     assert all(0 <= r[c] <= 1 for r in found.values() for c in ("film", "noise", "other_film"))
+
+
+def test_oracle_features_tell_every_attribute_and_nothing_else():
+    indices = range(400)
+    f = reading.oracle_features(indices)
+    cases = [data.synth_case(i)["findings"] for i in indices]
+    plain = [{k: {a: v[a] for a in ("side", "size", "zone") if a in v} for k, v in c.items()} for c in cases]
+    same = [(i, j) for i in range(400) for j in range(i) if plain[i] == plain[j]]
+    assert same and all(torch.equal(f[i], f[j]) for i, j in same)  # the same findings: the same feature
+    side = [(i, c["pleural effusion"]["side"] == "left") for i, c in enumerate(cases) if "pleural effusion" in c]
+    rows, y = torch.tensor([i for i, _ in side]), torch.tensor([int(s) for _, s in side])
+    assert reading.linear_read(f[rows], y)[0] > 0.95  # an effusion's side is plain in it
+    assert torch.equal(reading.oracle_features([7, 3])[1], f[3])  # a record's code, whatever else is asked
+
+
+def test_pixel_features_keep_only_the_visible_patches():
+    films = np.random.default_rng(0).integers(0, 256, (6, 128, 128), dtype=np.uint8)
+    f = reading.pixel_features(films, 0.75, masks=3, patch=16, seed=0)  # an 8 x 8 grid, 2 x 2 cells each
+    assert f.shape == (3, 6, 4 * 64)
+    cells = f.view(3, 6, 16, 16).unfold(2, 2, 2).unfold(3, 2, 2)  # (masks, N, 8, 8, 2, 2)
+    visible = (cells != 0).any(-1).any(-1)
+    assert (visible.sum((-1, -2)) == 16).all()  # 25% of 64 patches, whole, in each film under each mask
+    assert not torch.equal(visible[0], visible[1])  # each mask its own
+    whole = reading.pixel_features(films, 0.0, masks=1, patch=16, seed=0)[0]
+    assert torch.allclose(whole.view(6, 16, 16).unfold(1, 2, 2).unfold(2, 2, 2)[visible[0]],
+                          cells[0][visible[0]])  # the visible cells are the whole film's
