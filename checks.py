@@ -7,7 +7,7 @@ with each report's own radiograph, with uniform noise in its place, and with ano
 (other_film), with the same text and image masks, and compares the accuracy per group of words:
 
   side (right, left), size (mild, moderate, small, large), zone (upper, mid, lower, base): what the
-  synthetic film decides and the phrasing never does (data.write_report); presence (no and the
+  synthetic film decides and the phrasing never does (synthetic.write_report); presence (no and the
   findings' names); other (every other word: phrasing the text alone can tell); all.
 
 "image_only" pools the masked attribute words (side, size, zone) that no visible word of the same
@@ -21,12 +21,21 @@ that film shows.
 The pooled spread says how much the fusion's input (the mean of the encoder's patch tokens) differs
 between radiographs: the norm of its per-dimension std over films over the norm of its mean. A random
 encoder gives about 0.2; near 0, every film gives the same feature and nothing can be read from it.
+
+Below the fusion check: a linear probe of frozen features, the ceiling a linear read of the visible
+pixels sets, the fine-tuning metrics (ROC-AUC with ties, Dice) and train.py's recon.png (Fig. 3).
 """
+import os
+import warnings
+
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 import data
+import synthetic
+from mrm import MRM, patchify, unpatchify
 
 CHECK_START = 2_000_000  # held-out synthetic records: pre-training (0..) and fine-tuning (1,000,000..) never see them
 WORD_GROUPS = {
@@ -43,13 +52,13 @@ CONDITIONS = ("film", "noise", "other_film")  # what stands in the radiograph's 
 def films_of(indices, hr: int, seed: int = 0) -> np.ndarray:
     """Synthetic records' films, each rendered as pre-training renders it and resized whole to hr x hr
     (no crop, no flip): (len(indices), hr, hr) uint8."""
-    return np.stack([data.full_view(Image.fromarray(data.synth_record(i, min(2 * hr, 512), seed)["image"]), hr)
+    return np.stack([data.full_view(Image.fromarray(synthetic.synth_record(i, min(2 * hr, 512), seed)["image"]), hr)
                      for i in indices])
 
 
 def held_out(first: int, n: int, hr: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Records first..first+n-1: their films (films_of) and reports: ((n, hr, hr) uint8, [str])."""
-    return films_of(range(first, first + n), hr, seed), [data.synth_report(i, seed) for i in range(first, first + n)]
+    return films_of(range(first, first + n), hr, seed), [synthetic.synth_report(i, seed) for i in range(first, first + n)]
 
 
 def group_token_ids(tok) -> dict:
@@ -170,8 +179,6 @@ def linear_probe(features: dict, labels: dict, weight_decays=(1e-4, 1e-3, 1e-2, 
     validation mean AUC and the test split, if given, scored once. Returns {'val_auc_mean',
     'test_auc_mean' (with a test split), 'weight_decay', 'w' (D, K), 'b' (K,), 'mean', 'std' (D,)}: the
     probe scores (f - mean) / std @ w + b."""
-    from finetune import roc_auc  # the project's exact Mann-Whitney AUC
-
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     x = {k: (v - mean) / std for k, v in features.items()}
     best = None
@@ -206,7 +213,7 @@ def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 6
     'mean_gain': mean of accuracy - prior}: how far above a guess a linear reader of the masked film
     restores the image-only words (each attribute weighted alike). Not an upper bound: a measure of the trace."""
     films, _ = held_out(first, n, 2 * img_size, seed)
-    cases = [data.synth_case(i, seed) for i in range(first, first + n)]
+    cases = [synthetic.synth_case(i, seed) for i in range(first, first + n)]
     x = torch.from_numpy(films)[:, None].float() / 255
     low = torch.nn.functional.interpolate(x, scale_factor=0.5, mode="bicubic", antialias=True)[:, 0].clamp(0, 1)
     grid = img_size // patch
@@ -215,7 +222,7 @@ def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 6
     seen = low * pixels + 0.5 * (1 - pixels)
     features = torch.cat([torch.nn.functional.avg_pool2d(seen[:, None], 4).flatten(1), keep.flatten(1)], 1)
     result, gains = {}, []
-    for name in data.FINDINGS:
+    for name in synthetic.FINDINGS:
         for attribute in ATTRIBUTES:
             rows = [k for k, c in enumerate(cases) if attribute in c["findings"].get(name, {})]
             if len(rows) < 40:
@@ -237,3 +244,160 @@ def attribute_ceiling(n: int = 3000, mask_ratio: float = 0.75, img_size: int = 6
             gains.append(best[1] - prior)
     result["mean_gain"] = float(np.mean(gains))
     return result
+
+
+# -----------------------------------------------------------------------------
+# Metrics of fine-tuning: pure numpy, checked against hand-worked values in tests/test_finetune.py
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x, tied values sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first index of each tie group
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of ranks start+1 .. end
+    return ranks
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
+    """ROC-AUC per label: (N,) or (N, K) 0/1 truths and scores -> a float or (K,). Exact with ties: the
+    Mann-Whitney statistic on average ranks, i.e. P(score of a positive > a negative) + P(tie) / 2.
+    NaN for a label whose truths hold one class."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim == 1:
+        return roc_auc(y_true[:, None], y_score[:, None])[0]
+    aucs = np.full(y_true.shape[1], np.nan)
+    for k in range(y_true.shape[1]):
+        positive = y_true[:, k] > 0.5
+        n_pos, n_neg = positive.sum(), (~positive).sum()
+        if n_pos and n_neg:
+            ranks = _average_ranks(y_score[:, k])
+            aucs[k] = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return aucs
+
+
+def mean_auc(aucs: np.ndarray, names, split: str = "") -> float:
+    """The mean over labels that have both classes; a label left out is named in a warning."""
+    for name, auc in zip(names, aucs):
+        if np.isnan(auc):
+            warnings.warn(f"{split} label {name!r} has one class only: its AUC is undefined, left out of the mean")
+    return float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
+
+
+def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool predictions and truths -> (N,) Dice, 2|P & T| / (|P| + |T|). An empty truth scores 1
+    if the prediction is empty too, else 0 (the SIIM-ACR rule)."""
+    pred, target = np.asarray(pred, bool).reshape(len(pred), -1), np.asarray(target, bool).reshape(len(target), -1)
+    both = (pred & target).sum(1)
+    total = pred.sum(1) + target.sum(1)
+    return np.where(total == 0, 1.0, 2 * both / np.maximum(total, 1))
+
+
+# -----------------------------------------------------------------------------
+# The reconstruction picture (Fig. 3): masked input, restored image, original; masked, restored and
+# original report, restored words green where right and red where wrong.
+
+
+@torch.no_grad()
+def reconstruct(model: MRM, dataset: data.PretrainDataset, n: int = 4) -> dict:
+    """Run the model on the first n records, whole images, fixed masks. Returns images (B, 1, 2H, 2W) in
+    [0, 1]: 'masked' input, 'restored' (restored patches + visible ones, if there is an image decoder),
+    'original'; and token rows: 'tokens' (masked report), 'restored_ids', 'right' (bool), 'labels'."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    hr, p = 2 * cfg.img_size, cfg.patch_size
+    rng = np.random.default_rng(0)  # the same records and masks every time: pictures compare across epochs
+    imgs, toks, labels = [], [], []
+    for i in range(min(n, len(dataset))):
+        img, j, _ = dataset.load(i)
+        imgs.append(data.full_view(img, hr))
+        t, l = data.mask_report(dataset.tokens[j], cfg.text_mask_ratio, rng, dataset.mask_id, dataset.pad_id)
+        toks.append(t)
+        labels.append(l)
+    images = torch.from_numpy(np.stack(imgs))[:, None].to(device)
+    tokens, labels = torch.from_numpy(np.stack(toks)).long(), torch.from_numpy(np.stack(labels)).long()
+    noise = torch.from_numpy(rng.random((len(imgs), dataset.num_patches), dtype=np.float32))
+    was_training = model.training
+    model.eval()
+    out = model(images, tokens.to(device), labels.to(device), noise=noise)
+    model.train(was_training)
+    high, low, _ = model.prepare_images(images)
+    G = cfg.img_size // p
+    # where the picture shows a prediction: the removed patches (every patch when nothing is removed,
+    # as the loss then scores them all)
+    shown = out["mask"] if cfg.mask_ratio > 0 else torch.ones_like(out["mask"])
+    shown = shown.reshape(-1, 1, G, G).repeat_interleave(2 * p, 2).repeat_interleave(2 * p, 3)
+    result = {"masked": F.interpolate(low, scale_factor=2, mode="nearest") * (1 - shown) + 0.5 * shown,
+              "original": high, "tokens": tokens, "labels": labels}
+    if "pred" in out:
+        pred, size = out["pred"].float(), 2 * p if cfg.super_resolution else p
+        if cfg.norm_pix_loss:  # the decoder predicts normalised patches: undo with the target's statistics
+            target = patchify(high if cfg.super_resolution else low, size)
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        restored = unpatchify(pred, size, high.shape[1])
+        if not cfg.super_resolution:
+            restored = F.interpolate(restored, scale_factor=2, mode="bicubic")
+        result["restored"] = (restored * shown + high * (1 - shown)).clamp(0, 1)
+    if "mlm_logits" in out:  # the guesses, in the row-major order of labels != -100
+        scored = labels != -100
+        result["restored_ids"] = tokens.masked_scatter(scored, out["mlm_logits"].argmax(-1).cpu())
+        result["right"] = result["restored_ids"] == torch.where(scored, labels, tokens)
+    return result
+
+
+def words(tok, ids, colours=None) -> list[tuple[str, str]]:
+    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [CLS] and [PAD] dropped."""
+    out = []
+    for n, i in enumerate(ids):
+        t = tok.id_to_token(int(i))
+        if t == "[PAD]":
+            break
+        if t != "[CLS]":
+            out.append((t[2:] if t.startswith("##") else " " + t, colours[n] if colours else "black"))
+    return out
+
+
+def draw_words(draw, font, x, y, width, title, pieces) -> int:
+    """Wrap coloured pieces into `width` pixels from (x, y); returns the y below the text."""
+    line_h = font.size + 4
+    draw.text((x, y), title, fill="gray", font=font)
+    y += line_h
+    cx = x
+    for text, colour in pieces:
+        if cx + draw.textlength(text, font=font) > x + width and cx > x:
+            cx, y, text = x, y + line_h, text.lstrip()
+        draw.text((cx, y), text, fill=colour, font=font)
+        cx += draw.textlength(text, font=font)
+    return y + line_h + 6
+
+
+def save_recon(model: MRM, dataset: data.PretrainDataset, tok, path: str, panel: int = 256, text_w: int = 720):
+    r = reconstruct(model, dataset)
+    columns = [r[k] for k in ("masked", "restored", "original") if k in r]
+    font = ImageFont.load_default(size=13)
+    rows = []
+    for b in range(len(r["tokens"])):
+        row = Image.new("RGB", (len(columns) * panel + text_w, 2 * panel), "white")
+        for c, col in enumerate(columns):
+            arr = (col[b, 0].cpu().numpy() * 255).round().astype(np.uint8)
+            row.paste(Image.fromarray(arr).resize((panel, panel), Image.BICUBIC), (c * panel, 0))
+        draw, x = ImageDraw.Draw(row), len(columns) * panel + 10
+        y = draw_words(draw, font, x, 4, text_w - 20, "masked report", words(tok, r["tokens"][b]))
+        if "restored_ids" in r:
+            scored = r["labels"][b] != -100
+            colours = ["black" if not s else "green" if ok else "red" for s, ok in zip(scored, r["right"][b])]
+            y = draw_words(draw, font, x, y, text_w - 20, "restored (green right, red wrong)",
+                           words(tok, r["restored_ids"][b], colours))
+        original = torch.where(r["labels"][b] != -100, r["labels"][b], r["tokens"][b])
+        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, original))
+        rows.append(row.crop((0, 0, row.width, max(panel, y))))
+    sheet = Image.new("RGB", (rows[0].width, sum(row.height for row in rows) + 24), "white")
+    title = " | ".join(k for k in ("masked input", "restored", "original") if k.split()[0] in r)
+    ImageDraw.Draw(sheet).text((10, 4), title, fill="gray", font=font)
+    y = 24
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    sheet.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)

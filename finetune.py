@@ -1,6 +1,6 @@
-"""Fine-tune the pre-trained encoder (Sec. 4.2, 4.6; the released NIH_ChestX-ray/train.py): multi-label classification scored by ROC-AUC
-(NIH ChestX-ray14, CheXpert, RSNA Pneumonia, COVID-19; Tables 1-3) and pneumothorax segmentation
-scored by Dice (SIIM-ACR).
+"""Fine-tune the pre-trained encoder (Sec. 4.2, 4.6; the released NIH_ChestX-ray/train.py): multi-label
+classification scored by ROC-AUC (NIH ChestX-ray14, CheXpert, RSNA Pneumonia, COVID-19; Tables 1-3) and
+pneumothorax segmentation scored by Dice (SIIM-ACR).
 
     python finetune.py                                    # synthetic findings, tiny model, CPU: minutes
     python finetune.py --dataset nih --ratio 1 --init MRM.pth \\
@@ -15,38 +15,28 @@ classification runs (one GPU); mixed precision on a GPU.
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import os
-import re
 import sys
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import checks
 import data
-from mrm import CheckpointError, ConfigError, MRMConfig, ViT, load_pretrained, read_checkpoint
-from train import NonFiniteLoss, amp_dtype, lr_at, save_checkpoint
+import synthetic
+from checkpoints import CheckpointError, load_pretrained, load_summary, read_checkpoint, save_checkpoint
+from checks import dice_per_image, mean_auc, roc_auc
+from datasets import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
+from mrm import ConfigError, MRMConfig, ViT
+from train import NonFiniteLoss, amp_dtype, config_parser, lr_at
 
-# Label columns of the released split lists (DatasetsSplits/), so tables print names, not indices.
-LABEL_NAMES = {
-    "nih": ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"),
-    "chexpert": ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
-    "rsna": ("Pneumonia",),
-    "covid": ("COVID-19",),          # COVID-19 vs other pneumonia
-    "viral": ("Viral pneumonia",),   # viral vs bacterial pneumonia
-    "siim": ("Pneumothorax",),
-    "synthetic": data.FINDINGS,
-}
 # Released classification schedules: (warm-up steps, total steps, lr) by dataset and label %, batch 96.
 SCHEDULES = {
     ("nih", 1): (50, 3000, 3e-2), ("nih", 10): (500, 30000, 3e-3), ("nih", 100): (5000, 200000, 3e-3),
@@ -74,17 +64,13 @@ SEG_RECIPES = {
 # (auxiliary) focal 0.8 + Dice 0.4. The tiny demo keeps a third of its width, 64 channels, on a CPU.
 SEG_HEADS = {"base": dict(channels=768, aux_channels=256), "tiny": dict(channels=64, aux_channels=64)}
 SEG_LOSS_WEIGHTS = {"main": (2.0, 1.0), "aux": (0.8, 0.4)}  # (focal, Dice)
-SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
-SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
-
-
 @dataclass
 class FinetuneConfig:
     # what to learn
     task: str = "classify"           # classify (ROC-AUC) or segment (Dice)
     dataset: str = "synthetic"       # synthetic, nih, chexpert, rsna, covid, viral, siim, or custom (labels l1..lK)
-    ratio: int = 100                 # label % whose released schedule applies (1, 10, 100); with --splits, its train list
-    splits: str = ""                 # folder of released split lists: train_1/train_10/train_list by --ratio, val_list, test_list
+    ratio: int = 100                 # label % (1, 10, 100): its released schedule, and with --splits its train list
+    splits: str = ""                 # folder of released lists: train_1/train_10/train_list by --ratio, val, test
     train_list: str = ""             # lines 'relative/path l1 ... lK' (segmentation: image ids)
     val_list: str = ""
     test_list: str = ""
@@ -96,12 +82,12 @@ class FinetuneConfig:
     num_test: int = 1000             # synthetic: test records
     seg_findings: str = "pneumothorax"  # synthetic segmentation: findings whose masks are the target, comma-separated
     # model
-    init: str = "auto"               # checkpoint: ours (train.py), MAE's or the released MRM.pth; none = scratch; auto: out/ckpt.pt if present
+    init: str = "auto"               # ours (train.py), MAE's or MRM.pth; none: scratch; auto: out/ckpt.pt if there
     trust_checkpoint: bool = False   # load --init even if it pickles more than weights (runs its code)
     preset: str = "auto"             # tiny or base; auto: the checkpoint's own sizes, else base (tiny for synthetic)
     input_size: int = 0              # 0: the encoder's pre-training size; 512 for segmentation with the base encoder
     drop_path: float = 0.1           # stochastic depth of the encoder
-    min_crop: float = 0.08           # classification: smallest area share of a training crop (released: RandomResizedCrop's 0.08)
+    min_crop: float = 0.08           # classification: smallest area share of a training crop (released: 0.08)
     linear_probe: bool = False       # freeze the encoder, train the new norm and head only
     head_init: str = "zero"          # classification head: zero (released, near 0) or probe (LP-FT: a probe first)
     # optimisation (None: from the schedule of --dataset and --ratio)
@@ -118,272 +104,6 @@ class FinetuneConfig:
     out: str = "out/finetune"        # results.json, log.jsonl, lr_<lr>/best.pt and last.pt
     resume: bool = False             # continue each lr's run from its last.pt in --out
     seed: int = 0                    # init of the new layers, data order, crops, label subset
-
-
-# -----------------------------------------------------------------------------
-# Metrics: pure numpy, checked against hand-worked values in tests/test_finetune.py
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of x, tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])  # first index of each tie group
-    ends = np.r_[starts[1:], len(x)]
-    ranks = np.empty(len(x))
-    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)  # mean of ranks start+1 .. end
-    return ranks
-
-
-def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
-    """ROC-AUC per label: (N,) or (N, K) 0/1 truths and scores -> a float or (K,). Exact with ties: the
-    Mann-Whitney statistic on average ranks, i.e. P(score of a positive > a negative) + P(tie) / 2.
-    NaN for a label whose truths hold one class."""
-    y_true, y_score = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
-    if y_true.ndim == 1:
-        return roc_auc(y_true[:, None], y_score[:, None])[0]
-    aucs = np.full(y_true.shape[1], np.nan)
-    for k in range(y_true.shape[1]):
-        positive = y_true[:, k] > 0.5
-        n_pos, n_neg = positive.sum(), (~positive).sum()
-        if n_pos and n_neg:
-            ranks = _average_ranks(y_score[:, k])
-            aucs[k] = (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return aucs
-
-
-def mean_auc(aucs: np.ndarray, names, split: str = "") -> float:
-    """The mean over labels that have both classes; a label left out is named in a warning."""
-    for name, auc in zip(names, aucs):
-        if np.isnan(auc):
-            warnings.warn(f"{split} label {name!r} has one class only: its AUC is undefined, left out of the mean")
-    return float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
-
-
-def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(N, H, W) bool predictions and truths -> (N,) Dice, 2|P & T| / (|P| + |T|). An empty truth scores 1
-    if the prediction is empty too, else 0 (the SIIM-ACR rule)."""
-    pred, target = np.asarray(pred, bool).reshape(len(pred), -1), np.asarray(target, bool).reshape(len(target), -1)
-    both = (pred & target).sum(1)
-    total = pred.sum(1) + target.sum(1)
-    return np.where(total == 0, 1.0, 2 * both / np.maximum(total, 1))
-
-
-# -----------------------------------------------------------------------------
-# Data: split lists (or synthetic records), training and test views
-
-
-def read_split_list(path: str, image_root: str, num_labels: int | None = None):
-    """A released split list: lines 'relative/path l1 ... lK'. Checks every line's label count and that
-    every image exists, naming the list and line. Returns (data.ImageFiles, labels (N, K) float32)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such split list")
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    paths, labels, lines = [], [], []
-    for line_no, line in enumerate(data.text_lines(path), start=1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            values = [float(v) for v in parts[1:]]
-        except ValueError:
-            values = [math.nan]
-        if not all(math.isfinite(v) for v in values):
-            raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
-        if num_labels is None:
-            num_labels = len(values)
-        if len(values) != num_labels or num_labels == 0:
-            raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
-        paths.append(parts[0])
-        labels.append(values)
-        lines.append(line_no)
-    if not paths:
-        raise data.BadRecord(f"{path}: the split list is empty")
-    missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
-    if missing:
-        shown = "; ".join(f"line {n}: {os.path.join(root, p)}" for n, p in missing[:5])
-        raise data.BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
-    return data.ImageFiles(paths, root, csv_path=path, lines=lines), np.array(labels, dtype=np.float32)
-
-
-def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random fraction of n records (at least one)."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
-    k = max(1, round(fraction * n))
-    return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
-
-
-class Subset:
-    """Records `ids` of an image source (ImageFiles, SyntheticFilms, ...), re-indexed 0..len-1."""
-
-    def __init__(self, source, ids):
-        self.source, self.ids = source, np.asarray(ids)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, i):
-        return self.source.load(int(self.ids[i]))
-
-    def load_mask(self, i):
-        return self.source.load_mask(int(self.ids[i]))
-
-    def where(self, i):
-        return self.source.where(int(self.ids[i]))
-
-
-class SyntheticFilms:
-    """Synthetic records first..first+n-1 rendered once into memory, with their labels and masks."""
-
-    def __init__(self, first: int, n: int, size: int, findings=(), seed: int = 0):
-        self.first = first
-        keep = [data.FINDINGS.index(f) for f in findings]
-        images, masks, labels = [], [], []
-        for i in data.progress(range(first, first + n), desc="rendering synthetic records", unit=" records"):
-            rec = data.synth_record(i, size, seed)
-            images.append(rec["image"])
-            labels.append(rec["labels"])
-            if keep:
-                masks.append(rec["masks"][keep].any(0))
-        self.images, self.labels = np.stack(images), np.stack(labels).astype(np.float32)
-        self.masks = np.stack(masks) if keep else None
-
-    def __len__(self):
-        return len(self.images)
-
-    def load(self, i):
-        return Image.fromarray(self.images[i])
-
-    def load_mask(self, i):
-        return Image.fromarray(self.masks[i].astype(np.uint8) * 255)
-
-    def where(self, i):
-        return f"synthetic record {self.first + i}"
-
-
-class MaskFiles:
-    """Segmentation masks <mask_root>/<id>.png, 0 = background, anything else = the finding."""
-
-    def __init__(self, ids, mask_root):
-        self.ids, self.root = list(ids), mask_root
-
-    def load_mask(self, i):
-        path = os.path.join(self.root, f"{self.ids[i]}.png")
-        try:
-            return data.load_image(path)
-        except data.BadRecord as e:
-            raise data.BadRecord(f"{e} (the mask of image {self.ids[i]})") from None
-
-
-def _stem(p: str) -> str:
-    """The image id of a list entry: its file name less an image suffix. SIIM ids hold dots
-    (1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361): only a known suffix is dropped."""
-    name = os.path.basename(p)
-    stem, suffix = os.path.splitext(name)
-    return stem if suffix.lower() in data.IMAGE_SUFFIXES else name
-
-
-def read_id_list(path: str, image_root: str, mask_root: str):
-    """A SIIM split list (one image id a line, or a path whose stem is the id). Finds each id's image under
-    image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such split list")
-    ids = [_stem(line.split()[0]) for line in data.text_lines(path) if line.strip()]
-    found = {}
-    for folder, _, files in os.walk(image_root):
-        for name in files:
-            stem, suffix = os.path.splitext(name)
-            if suffix.lower() in data.IMAGE_SUFFIXES:
-                found.setdefault(stem, os.path.relpath(os.path.join(folder, name), image_root))
-    missing = [i for i in ids if i not in found]
-    if missing:
-        raise data.BadRecord(f"{path}: {len(missing)} of {len(ids)} image ids have no image under {image_root}: "
-                             + ", ".join(missing[:5]))
-    no_mask = [i for i in ids if not os.path.exists(os.path.join(mask_root, f"{i}.png"))]
-    if no_mask:
-        raise data.BadRecord(f"{path}: {len(no_mask)} of {len(ids)} image ids have no {mask_root}/<id>.png mask "
-                             "(python data.py siim-masks writes them): " + ", ".join(no_mask[:5]))
-    return data.ImageFiles([found[i] for i in ids], image_root), MaskFiles(ids, mask_root)
-
-
-def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
-    """RandomResizedCrop(size) + horizontal flip, bilinear, as the released fine-tuning's transforms
-    (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike with
-    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
-    box = data.random_resized_crop_box(*img.size, rng, scale=scale)
-    flip = rng.random() < 0.5
-    out = []
-    for picture, resample in ((img, Image.BILINEAR), (mask, Image.NEAREST)):
-        if picture is None:
-            out.append(None)
-            continue
-        picture = picture.resize((size, size), resample, box=box)
-        out.append(np.asarray(picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture))
-    return out
-
-
-def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, center_crop: bool = True):
-    """Resize(size) + CenterCrop(size) in one resampling, bilinear as the released test transform: the
-    centred square of the shorter side, resized (segmentation, center_crop=False: the whole image, so
-    every pixel is scored)."""
-    w, h = img.size
-    s = min(w, h)
-    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop else (0, 0, w, h)
-    image = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))  # torchvision Resize's default, as released
-    return image, None if mask is None else np.asarray(mask.resize((size, size), Image.NEAREST, box=box))
-
-
-class StepSampler(Sampler):
-    """Training positions from start_step * batch to steps * batch. Position p is record perm_e[p % n] of
-    epoch e = p // n, and p also seeds that sample's crop: so the run is a function of the seed alone,
-    and a run resumed at a step draws exactly what the stopped one would have."""
-
-    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start_step: int = 0):
-        self.n, self.batch_size, self.steps, self.seed, self.start_step = n, batch_size, steps, seed, start_step
-
-    def __len__(self):
-        return (self.steps - self.start_step) * self.batch_size
-
-    def __iter__(self):
-        epoch, perm = -1, None
-        for p in range(self.start_step * self.batch_size, self.steps * self.batch_size):
-            if p // self.n != epoch:
-                epoch = p // self.n
-                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            yield int(perm[p % self.n]), p
-
-
-class FinetuneDataset(Dataset):
-    """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn
-    with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
-
-    def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0,
-                 min_crop: float = 0.08):
-        self.images, self.size, self.labels, self.masks, self.seed = images, size, labels, masks, seed
-        self.min_crop = min_crop
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key) -> dict:
-        i, position = key if isinstance(key, tuple) else (key, None)
-        img = self.images.load(i)
-        mask = self.masks.load_mask(i) if self.masks is not None else None
-        if mask is not None and mask.size != img.size:  # SIIM masks are 1024 px; the image may be shrunk
-            mask = mask.resize(img.size, Image.NEAREST)
-        if position is None:
-            image, mask = eval_view(img, self.size, mask, center_crop=mask is None)
-        else:
-            rng = np.random.default_rng([self.seed, position])
-            if mask is None:
-                image, _ = train_view(img, self.size, rng, (self.min_crop, 1.0))
-            else:  # the released SIIM pipeline: the whole film resized (keeping its square ratio) and a flip, no crop
-                image, mask = eval_view(img, self.size, mask, center_crop=False)
-                if rng.random() < 0.5:
-                    image, mask = image[:, ::-1], mask[:, ::-1]
-        target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
-        return {"image": torch.from_numpy(image.copy())[None], "target": target}
 
 
 # -----------------------------------------------------------------------------
@@ -498,7 +218,8 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> l
         elif name.startswith("encoder."):
             layer = 0  # patch embedding, [CLS]
         wd = 0.0 if p.ndim == 1 or name == "encoder.cls_token" else weight_decay  # as MAE, BEiT, mmseg
-        group = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": decay ** (depth + 1 - layer)})
+        scale = decay ** (depth + 1 - layer)
+        group = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})
         group["params"].append(p)
     return list(groups.values())
 
@@ -512,29 +233,6 @@ def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0
 
 # -----------------------------------------------------------------------------
 # Putting a run together
-
-
-def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
-    """The refusal of a list whose label count is not its --dataset's, saying which --dataset fits."""
-    fits = [d for d, names in LABEL_NAMES.items() if len(names) == found and d not in ("synthetic", "siim")]
-    default = " (the default)" if dataset == "synthetic" else ""
-    return (f"{path}: {found} label(s) a line, not the {expected} of --dataset {dataset}{default}: pass "
-            + (f"--dataset {' or '.join(fits)} (its label names and released schedule), or " if fits else "")
-            + "--dataset custom with --steps (or --epochs) and --lr")
-
-
-def resolve_lists(cfg: FinetuneConfig) -> FinetuneConfig:
-    """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
-    if cfg.task not in ("classify", "segment"):
-        raise ConfigError(f"--task must be classify or segment, got {cfg.task!r}")
-    if cfg.splits:
-        if cfg.ratio not in SPLIT_FILES:
-            raise ConfigError(f"--ratio must be one of {sorted(SPLIT_FILES)} with --splits, got {cfg.ratio}")
-        for field, name in (("train_list", SPLIT_FILES[cfg.ratio]), ("val_list", "val_list.txt"),
-                            ("test_list", "test_list.txt")):
-            if not getattr(cfg, field):
-                setattr(cfg, field, os.path.join(cfg.splits, name))
-    return cfg
 
 
 def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int | None) -> FinetuneConfig:
@@ -608,67 +306,6 @@ def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
     return MRMConfig.from_preset(preset)
 
 
-def build_splits(cfg: FinetuneConfig, size: int, rendered: dict | None = None) -> tuple[dict, tuple]:
-    """{'train', 'val', 'test'} FinetuneDatasets and the label names. `rendered`: a dict that keeps the
-    synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
-    cfg = resolve_lists(cfg)
-    segment = cfg.task == "segment"
-    if cfg.dataset == "synthetic" and not cfg.train_list:
-        findings = [f.strip() for f in cfg.seg_findings.split(",")] if segment else []
-        unknown = [f for f in findings if f not in data.FINDINGS]
-        if unknown:
-            raise ConfigError(f"--seg_findings: unknown {unknown}; choose from {data.FINDINGS}")
-        render = min(2 * size, 512)  # as pre-training saw them: crops of a larger film
-        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
-        splits, first = {}, SYNTH_START
-        for name, n in counts.items():
-            key = (first, n, render, tuple(findings))
-            films = rendered.get(key) if rendered is not None else None
-            if films is None:
-                films = SyntheticFilms(first, n, render, findings)
-                if rendered is not None:
-                    rendered[key] = films
-            splits[name] = (films, films.labels, films if segment else None)
-            first += n
-        names = ("+".join(findings),) if segment else data.FINDINGS
-    else:
-        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
-        empty = [k for k, v in lists.items() if not v]
-        if empty:
-            raise ConfigError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
-        splits = {}
-        expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
-        for name, path in lists.items():  # train first: val and test must have its label count
-            if segment:
-                if not cfg.mask_root:
-                    raise ConfigError("segmentation from split lists needs --mask_root (python data.py siim-masks)")
-                images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
-                                             cfg.mask_root)
-                splits[name] = (images, None, masks)
-            else:
-                images, labels = read_split_list(path, cfg.image_root, None if name == "train" else expected)
-                if name == "train" and expected not in (None, labels.shape[1]):
-                    raise ConfigError(label_count_hint(cfg.dataset, expected, labels.shape[1], path))
-                expected = labels.shape[1]
-                splits[name] = (images, labels, None)
-        val = splits["val"][1] > 0.5
-        if not (val.any(0) & ~val.all(0)).any():
-            raise data.BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
-                                 "select a model: give a validation list with positives and negatives")
-        k = splits["train"][1].shape[1] if not segment else 1
-        names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
-    images, labels, masks = splits["train"]
-    if cfg.label_fraction < 1:
-        keep = label_subset(len(images), cfg.label_fraction, cfg.seed)
-        images = Subset(images, keep)
-        labels = labels[keep] if labels is not None else None
-        masks = Subset(masks, keep) if masks is not None else None
-        splits["train"] = (images, labels, masks)
-    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop)
-                for name, (img, lab, msk) in splits.items()}
-    return datasets, names
-
-
 def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: int, size: int, verbose=True):
     """The encoder at input `size` (its position table interpolated from the checkpoint's if the size
     differs), loaded from `init`, under a new classification or segmentation head."""
@@ -676,18 +313,8 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
                   sizes.mlp_ratio, drop_path_rate=cfg.drop_path)
     if init != "none":
         report = load_pretrained(encoder, init, verbose=False, trust=cfg.trust_checkpoint)
-        if verbose:  # the pre-training decoders are expected to go unused: count them, list what matters
-            total = len(encoder.state_dict())
-            unused = {}
-            for key in report["unexpected"]:
-                unused[key.split(".")[0]] = unused.get(key.split(".")[0], 0) + 1
-            print(f"encoder: {total - len(report['missing'])}/{total} tensors from {init}"
-                  + "".join(f"; position table {r}" for r in report["resized"])
-                  + ("; unused: " + ", ".join(f"{k} ({n})" for k, n in unused.items()) if unused else ""))
-            for title, keys in (("missing, left as initialised", report["missing"]),
-                                ("shape mismatch, skipped", report["mismatched"])):
-                if keys:
-                    print(f"  {title}: " + ", ".join(keys))
+        if verbose:
+            print(load_summary(report, len(encoder.state_dict()), init))
     model = Classifier(encoder, num_labels) if cfg.task == "classify" else \
         Segmenter(encoder, **SEG_HEADS["base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"])
     if cfg.linear_probe:
@@ -745,8 +372,6 @@ def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, si
     starts where a linear probe ends instead of from a head near 0 that a short schedule never finishes
     training. The features are standardised for the fit (checks.linear_probe) and the standardisation
     folded into the head, which stays one Linear."""
-    import checks  # checks imports this module's roc_auc, so not at the top
-
     splits = ("train", "val")
     probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
                                 {k: datasets[k].labels for k in splits}, weight_decays)
@@ -957,7 +582,7 @@ def plan(cfg: FinetuneConfig) -> dict:
     init, sizes, preset, size = resolve_encoder(cfg)
     if cfg.dataset == "synthetic" and not cfg.train_list:
         counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
-        labels = 1 if cfg.task == "segment" else len(data.FINDINGS)
+        labels = 1 if cfg.task == "segment" else len(synthetic.FINDINGS)
     else:
         counts, labels = {}, len(LABEL_NAMES.get(cfg.dataset, ())) or None
         for name in ("train", "val", "test"):
@@ -1003,18 +628,7 @@ def plan(cfg: FinetuneConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # each flag's help is the comment beside its field ('%' doubled for argparse)
-    helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(FinetuneConfig), flags=re.M))
-    for f in fields(FinetuneConfig):
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))
-        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=text,
-                                choices=CHOICES.get(f.name))
-    return parser
+    return config_parser(FinetuneConfig, __doc__, CHOICES)
 
 
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],

@@ -7,20 +7,97 @@ to serve two restorations (Fig. 2):
     added to each of them, the "hybrid" tokens (Sec. 3.1, Eq. 1).
 The total is L = L_R + lambda * L_I (Eq. 3). After pre-training only the encoder (a ViT-B/16) is kept.
 
-Read top to bottom: helpers (patches, sin-cos tables, masking), the transformer parts, the encoder,
-the two decoders, the losses, and MRM itself last. Sizes come from App. A.2 and the released model_mrm.py.
+Read top to bottom: the sizes (MRMConfig), helpers (patches, sin-cos tables, masking), the transformer
+parts, the encoder, the two decoders, the losses, and MRM itself last. Sizes come from App. A.2 and
+the released model_mrm.py.
 Convention used everywhere: L patches on a G x G grid, mask = 1 where a patch was removed.
 """
-import argparse
 import math
-import os
-import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Reading MAE's or the released MRM's weights into these modules is plumbing, kept in checkpoints.py;
+# imported here so that `from mrm import MRM, load_pretrained` is all a user needs.
+from checkpoints import load_pretrained  # noqa: F401
+
+# -----------------------------------------------------------------------------
+# Sizes and switches: every part below reads its sizes from here
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The scripts print it, like a bad record or a refused checkpoint, as one
+    line `SCRIPT: error: ...` (data.one_line_errors)."""
+
+
+@dataclass
+class MRMConfig:
+    """Every size and switch of the model; MRMConfig() is the paper's base model (App. A.2)."""
+
+    # image encoder: ViT-B/16 on the 224 low-res input (the high-res image is 2 * img_size)
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    # image decoder
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    # report decoder and tokens (the released WordPiece: [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3)
+    text_embed_dim: int = 384
+    text_depth: int = 6
+    text_num_heads: int = 6
+    vocab_size: int = 30000
+    max_text_len: int = 100
+    pad_token_id: int = 0
+    mask_token_id: int = 3
+    # masking and input normalisation
+    mask_ratio: float = 0.75       # of the image patches (Table 5b: 0.75 / 0.5 / 0)
+    text_mask_ratio: float = 0.5   # of the report tokens; applied by the data pipeline
+    pixel_mean: float = 0.4978
+    pixel_std: float = 0.2449
+    # objective and ablation switches (Tables 4 and 5)
+    mlm_weight: float = 1.0        # weight of L_R; 0 = self-supervision only
+    mim_weight: float = 1.0        # lambda of Eq. 3; 0 = report restoration only
+    super_resolution: bool = True  # False: restore the low-res p x p patch instead of the 2p x 2p one
+    fusion: str = "gap"            # 'gap' (paper) or 'gmp' (Table 5a)
+    fusion_tokens: str = "visible" # tokens given the image feature: 'visible' (paper) or 'all' (released code)
+    norm_pix_loss: bool = False    # the released run script's choice; the paper scores plain [0, 1] pixels
+    multimodal_mim: bool = False   # add the mean visible report embedding to the image decoder's input
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MRMConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MRMConfig":
+        """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(d.keys() - known)
+        if unknown:
+            print(f"MRMConfig: ignoring unknown keys {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    "base": {},
+    # A CPU-sized model for demos and tests: 128-px high-res / 64-px input, an 8 x 8 grid of 8-px patches.
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
+                 text_embed_dim=128, text_depth=2, text_num_heads=4),
+}
+
 
 # -----------------------------------------------------------------------------
 # Patches and positions
@@ -255,7 +332,7 @@ class ImageDecoder(nn.Module):
     Attribute names keep the official `decoder_*` / `mask_token` names behind an `image_decoder.` prefix.
     """
 
-    def __init__(self, cfg: "MRMConfig"):
+    def __init__(self, cfg: MRMConfig):
         super().__init__()
         d = cfg.decoder_embed_dim
         out_p = 2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size
@@ -307,7 +384,7 @@ class ReportDecoder(nn.Module):
     the size of a normal(0, 0.02) embedding, drowns which word is where until the embeddings grow.
     """
 
-    def __init__(self, cfg: "MRMConfig"):
+    def __init__(self, cfg: MRMConfig):
         super().__init__()
         d = cfg.text_embed_dim
         self.pad_token_id, self.mask_token_id = cfg.pad_token_id, cfg.mask_token_id
@@ -342,10 +419,11 @@ class ReportDecoder(nn.Module):
         visible = self.visible(tokens).unsqueeze(-1)  # (B, T, 1)
         return (self.embed(tokens) * visible).sum(1) / visible.sum(1).clamp(min=1)
 
-    def forward(self, tokens, image_feature, predict_at=None):
-        """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d). predict_at: None, a (B, T) bool
-        mask, or (M,) flat positions in the (B * T) tokens, row-major (no host-device sync: see MRM.forward).
-        Returns logits (M, V) at the M positions of predict_at, or (B, T, V) if None."""
+    def forward(self, tokens, image_feature, *, predict_at=None):
+        """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d). Returns logits (B, T, V), or
+        (M, V) at the M positions of predict_at only: a (B, T) bool mask, or (M,) positions in the
+        flattened (B * T) tokens, row-major. The loss scores only the masked words, and the projection to
+        the 30,000-word vocabulary is the costly part, so training asks for those positions alone."""
         x = self.embed(tokens)  # (B, T, d)
         x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
         attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
@@ -388,81 +466,6 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> t
     if targets.numel() == 0:  # the mean over no token is NaN: say why instead
         raise ValueError("no masked report token in the batch (labels are all -100): nothing to restore")
     return F.cross_entropy(logits.float(), targets)
-
-
-# -----------------------------------------------------------------------------
-# Configuration
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work. The scripts print it, like a bad record or a refused checkpoint, as one
-    line `SCRIPT: error: ...` (data.one_line_errors)."""
-
-
-@dataclass
-class MRMConfig:
-    """Every size and switch of the model; MRMConfig() is the paper's base model (App. A.2)."""
-
-    # image encoder: ViT-B/16 on the 224 low-res input (the high-res image is 2 * img_size)
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    # image decoder
-    decoder_embed_dim: int = 768
-    decoder_depth: int = 4
-    decoder_num_heads: int = 6
-    # report decoder and tokens (the released WordPiece: [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3)
-    text_embed_dim: int = 384
-    text_depth: int = 6
-    text_num_heads: int = 6
-    vocab_size: int = 30000
-    max_text_len: int = 100
-    pad_token_id: int = 0
-    mask_token_id: int = 3
-    # masking and input normalisation
-    mask_ratio: float = 0.75       # of the image patches (Table 5b: 0.75 / 0.5 / 0)
-    text_mask_ratio: float = 0.5   # of the report tokens; applied by the data pipeline
-    pixel_mean: float = 0.4978
-    pixel_std: float = 0.2449
-    # objective and ablation switches (Tables 4 and 5)
-    mlm_weight: float = 1.0        # weight of L_R; 0 = self-supervision only
-    mim_weight: float = 1.0        # lambda of Eq. 3; 0 = report restoration only
-    super_resolution: bool = True  # False: restore the low-res p x p patch instead of the 2p x 2p one
-    fusion: str = "gap"            # 'gap' (paper) or 'gmp' (Table 5a)
-    fusion_tokens: str = "visible" # report tokens that get the image feature: 'visible' (paper) or 'all' (released code)
-    norm_pix_loss: bool = False    # the released run script's choice; the paper scores plain [0, 1] pixels
-    multimodal_mim: bool = False   # add the mean visible report embedding to the image decoder's input
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MRMConfig":
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MRMConfig":
-        """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(d.keys() - known)
-        if unknown:
-            print(f"MRMConfig: ignoring unknown keys {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PRESETS = {
-    "base": {},
-    # A CPU-sized model for demos and tests: 128-px high-res / 64-px input, an 8 x 8 grid of 8-px patches.
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                 text_embed_dim=128, text_depth=2, text_num_heads=4),
-}
 
 
 # -----------------------------------------------------------------------------
@@ -510,7 +513,8 @@ class MRM(nn.Module):
         hr = 2 * cfg.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
             gray_too = f" or (B, 1, {hr}, {hr})" if cfg.in_chans == 3 else ""
-            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, got {tuple(images.shape)}")
+            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, "
+                             f"got {tuple(images.shape)}")
         # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
         # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
         low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
@@ -519,13 +523,17 @@ class MRM(nn.Module):
             images, low = images.expand(-1, 3, -1, -1), low.expand(-1, 3, -1, -1)
         return images, low, (low - cfg.pixel_mean) / cfg.pixel_std
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor, *,
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                 mlm_denominator=None, mlm_index: torch.Tensor | None = None) -> dict:
         """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
-        original id where a token was masked, -100 elsewhere. generator or noise (B, L): optional, for
-        the image mask (see random_masking). mlm_denominator: see mlm_loss. mlm_index: optional (M,),
-        the flat positions of the masked tokens, torch.nonzero(labels.flatten() != -100)[:, 0].
+        original id where a token was masked, -100 elsewhere. generator: optional, seeds the image mask.
+
+        The keyword arguments after it make training fast or exact across processes; train.py passes them,
+        and each has a default that needs none of them. noise (B, L): the image mask's noise, drawn on the
+        host (random_masking). mlm_denominator: the number of masked words in the whole global batch, so
+        that a batch split over processes averages alike (mlm_loss). mlm_index (M,): the flat positions of
+        the masked words, torch.nonzero(labels.flatten() != -100)[:, 0], counted on the host.
 
         Returns loss, loss_mim, loss_mlm, pred (B, L, (2p)^2 C), mask (B, L), and mlm_logits (M, V) at
         the M masked report positions, in the order of labels[labels != -100].
@@ -567,135 +575,3 @@ class MRM(nn.Module):
         return out
 
 
-# -----------------------------------------------------------------------------
-# Loading MAE's, the released MRM's and this project's checkpoints
-
-
-def _cls_and_grid(table: torch.Tensor) -> bool:
-    return table.ndim == 3 and math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
-
-
-def interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1 + g*g, D) position table, [CLS] first -> (1, 1 + grid*grid, D), the grid part resized
-    bicubically, as the released fine-tuning does for a new input size (e.g. 14 x 14 -> 32 x 32 at 512 px).
-    The same size returns the table itself."""
-    if not _cls_and_grid(table):
-        raise ValueError(f"position table of shape {tuple(table.shape)} is not [CLS] + a square grid")
-    g = math.isqrt(table.shape[1] - 1)
-    if g == grid:
-        return table
-    patches = table[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)], dim=1)
-
-
-def _compact(keys) -> list[str]:
-    """['blocks.0.norm1.weight', 'blocks.1.norm1.weight'] -> ['blocks.{0-1}.norm1.weight']: exact, but short."""
-    groups = {}
-    for k in keys:
-        m = re.search(r"\.(\d+)\.", k)
-        pattern = k if m is None else k[: m.start()] + ".{}." + k[m.end():]
-        groups.setdefault(pattern, []).append(-1 if m is None else int(m.group(1)))
-    lines = []
-    for pattern, idx in groups.items():
-        if idx == [-1]:
-            lines.append(pattern)
-            continue
-        idx = sorted(idx)
-        contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
-        span = f"{idx[0]}-{idx[-1]}" if contiguous else ",".join(map(str, idx))
-        lines.append(pattern.replace("{}", "{" + span + "}"))
-    return lines
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or that is refused because loading it would run code."""
-
-
-# What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
-# argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
-# which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;
-# numpy 1.x pickled its scalars under numpy.core, numpy 2 under numpy._core.
-_numpy_scalar = np.float64(0).__reduce__()[0]  # the function a pickled numpy scalar is rebuilt with
-SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes
-                (_numpy_scalar, "numpy.core.multiarray.scalar"), (_numpy_scalar, "numpy._core.multiarray.scalar")]
-SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-
-
-def read_checkpoint(path, trust: bool = False) -> dict:
-    """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
-    pickles any other object (which can run any code as it loads) is refused, naming the object, unless
-    `trust` is set: then it is loaded with weights_only=False, for a file you know."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if trust:
-        print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = [] if trust else unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
-                "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
-                "(trust=True in load_pretrained)") from None
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
-
-
-def unsafe_globals(path) -> list[str]:
-    """The objects a checkpoint pickles beyond SAFE_GLOBALS, read from the pickle's opcodes (nothing runs)."""
-    try:
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in SAFE_GLOBAL_NAMES]
-    except Exception:  # not a zip checkpoint at all
-        return []
-
-
-def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False) -> dict:
-    """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
-    holding the ViT as `.encoder`), matching names across layouts:
-      MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
-      this project:       {'model': {'encoder.cls_token', 'image_decoder.decoder_blocks.0...', ...}}
-    A position table for another input size is interpolated (interpolate_pos_embed), not skipped.
-    Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
-    The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
-    with the released helper's slip, see get_2d_sincos_pos_embed), which is what its decoder was trained with.
-    """
-    ckpt = read_checkpoint(path, trust)
-    sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a model checkpoint "
-                              "(expected a state dict, or a dict with one under 'model')")
-    target = module.state_dict()
-    loaded, unexpected, mismatched, resized = {}, [], [], []
-    for key, value in sd.items():
-        key = ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))  # DDP, compile
-        options = [key, "encoder." + key, "image_decoder." + key, key.removeprefix("encoder.")]
-        name = next((k for k in options if k in target), None)
-        if name is None:
-            unexpected.append(key)
-        elif name.endswith("pos_embed") and target[name].shape[1] != value.shape[1] and \
-                target[name].shape[2:] == value.shape[2:] and _cls_and_grid(value) and _cls_and_grid(target[name]):
-            # another input size (segmentation at 512 px): resize the grid instead of dropping the table
-            grid = math.isqrt(target[name].shape[1] - 1)
-            loaded[name] = interpolate_pos_embed(value, grid)
-            resized.append(f"{name} {math.isqrt(value.shape[1] - 1)}^2 -> {grid}^2")
-        elif target[name].shape != value.shape:
-            mismatched.append(f"{name}: checkpoint {tuple(value.shape)} vs model {tuple(target[name].shape)}")
-        else:
-            loaded[name] = value
-    if not loaded:
-        raise CheckpointError(f"{path}: none of its {len(sd)} tensors matches a parameter of {type(module).__name__}")
-    missing = [k for k in target if k not in loaded]
-    module.load_state_dict(loaded, strict=False)
-    if verbose:
-        print(f"loaded {len(loaded)}/{len(target)} tensors of {type(module).__name__} from {path}")
-        for title, keys in [("missing (left as initialised)", _compact(missing)),
-                            ("unexpected (ignored)", _compact(unexpected)), ("shape mismatch (skipped)", mismatched),
-                            ("position table interpolated (bicubic)", resized)]:
-            if keys:
-                print(f"  {title}: " + ", ".join(keys))
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched, "resized": resized}

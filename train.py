@@ -7,7 +7,8 @@
 Every flag is a field of TrainConfig (`python train.py --help` lists them with their defaults).
 Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png
 (the paper's Fig. 3) and tokenizer.json. On synthetic records the run ends with the fusion check
-(checks.py): are held-out reports' masked words restored better from their film than from noise? `--resume out/ckpt.pt` continues exactly where a run stopped.
+(checks.py): are held-out reports' masked words restored better from their film than from noise?
+`--resume out/ckpt.pt` continues exactly where a run stopped.
 """
 import argparse
 import csv
@@ -23,15 +24,15 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checks
 import data
-from mrm import MRM, CheckpointError, ConfigError, MRMConfig, load_pretrained, patchify, read_checkpoint, unpatchify
+import synthetic
+from checkpoints import load_checkpoint, load_pretrained, save_checkpoint
+from mrm import MRM, ConfigError, MRMConfig
 
 # The recipe's numbers that depend on the model size: base is the paper's (Sec. 4.6, run.sh), tiny is
 # a demo that visibly learns within a few minutes on a 2-core CPU.
@@ -50,7 +51,7 @@ class TrainConfig:
     tokenizer: str = ""              # tokenizers JSON or BERT vocab.txt; empty: build a WordPiece from the reports
     vocab_size: int = 30000          # of a vocabulary built here
     num_records: int | None = None   # synthetic records
-    hflip: bool | None = None        # mirror half the crops (released code); the report still says 'left', so the demo does not
+    hflip: bool | None = None        # mirror half the crops (released); the demo does not: its reports name sides
     min_crop: float = 0.2            # smallest area share a random resized crop keeps (released: 0.2)
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
     # optimisation (Sec. 4.6, the released run.sh)
@@ -68,7 +69,7 @@ class TrainConfig:
     mlm_weight: float = 1.0          # weight of L_R; 0 = self-supervision only (Table 4)
     super_resolution: bool = True    # restore 2x patches (Sec. 3.2); off: restore the input patches
     fusion: str = "gap"              # global average (gap) or max (gmp) pooling of the image feature (Table 5a)
-    fusion_tokens: str = "visible"   # report tokens given the image feature: visible (paper) or all, [MASK] too (released code)
+    fusion_tokens: str = "visible"   # tokens given the image feature: visible (paper) or all, [MASK] too (released)
     norm_pix_loss: bool = False      # normalise each target patch (the released run script's choice)
     multimodal_mim: bool = False     # add the report's mean embedding to the image decoder input (Table 4)
     # run
@@ -105,7 +106,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: none on biases, norms and other 1-D parameters (MAE's, released main_pretrain.py)."""
+    """Weight decay on matrices only: none on biases, norms and other 1-D parameters (MAE's rule, as the
+    released main_pretrain.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -135,42 +137,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically, read with a clear refusal
-
-
-def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, flush it to disk, then rename over the old one: a crash at any moment
-    leaves either the old checkpoint or the new one, never a half-written file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
-
-
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "config", "model_config", "tokenizer", "rng")
-
-
-def load_checkpoint(path: str, trust: bool = False) -> dict:
-    ckpt = read_checkpoint(path, trust)  # refuses missing, truncated, unsafe and non-checkpoint files, naming them
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
 # Data and model
 
 
@@ -181,7 +147,7 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
     hr = 2 * mcfg.img_size
     if cfg.data == "synthetic":
         images = data.SyntheticImages(cfg.num_records, size=min(2 * hr, 512), seed=cfg.seed)
-        reports = [data.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
+        reports = [synthetic.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
     else:
         root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data))
         images, reports, n_bad = data.read_training_csv(cfg.data, root, cfg.skip_bad)
@@ -218,7 +184,8 @@ def model_config(cfg: TrainConfig, tok=None) -> MRMConfig:
     return MRMConfig.from_preset(
         cfg.preset, **vocab, mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
         mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
-        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss, multimodal_mim=cfg.multimodal_mim)
+        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss,
+        multimodal_mim=cfg.multimodal_mim)
 
 
 def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
@@ -233,7 +200,7 @@ def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch
 
 def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) of the released main_pretrain.py, fused: one kernel over all parameters (4x faster than the
-    default on this project's 2-core CPU: README, Performance), and with fp16 its GradScaler's inf check
+    default on this project's 2-core CPU: docs/performance.md), and with fp16 its GradScaler's inf check
     stays on the device."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),
                              fused=device.type in ("cuda", "cpu"))
@@ -247,114 +214,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-
-# -----------------------------------------------------------------------------
-# The reconstruction picture (Fig. 3): masked input, restored image, original; masked, restored and
-# original report, restored words green where right and red where wrong.
-
-
-@torch.no_grad()
-def reconstruct(model: MRM, dataset: data.PretrainDataset, n: int = 4) -> dict:
-    """Run the model on the first n records, whole images, fixed masks. Returns images (B, 1, 2H, 2W) in
-    [0, 1]: 'masked' input, 'restored' (restored patches + visible ones, if there is an image decoder),
-    'original'; and token rows: 'tokens' (masked report), 'restored_ids', 'right' (bool), 'labels'."""
-    cfg, device = model.cfg, next(model.parameters()).device
-    hr, p = 2 * cfg.img_size, cfg.patch_size
-    rng = np.random.default_rng(0)  # the same records and masks every time: pictures compare across epochs
-    imgs, toks, labels = [], [], []
-    for i in range(min(n, len(dataset))):
-        img, j, _ = dataset.load(i)
-        imgs.append(data.full_view(img, hr))
-        t, l = data.mask_report(dataset.tokens[j], cfg.text_mask_ratio, rng, dataset.mask_id, dataset.pad_id)
-        toks.append(t)
-        labels.append(l)
-    images = torch.from_numpy(np.stack(imgs))[:, None].to(device)
-    tokens, labels = torch.from_numpy(np.stack(toks)).long(), torch.from_numpy(np.stack(labels)).long()
-    noise = torch.from_numpy(rng.random((len(imgs), dataset.num_patches), dtype=np.float32))
-    was_training = model.training
-    model.eval()
-    out = model(images, tokens.to(device), labels.to(device), noise=noise)
-    model.train(was_training)
-    high, low, _ = model.prepare_images(images)
-    G = cfg.img_size // p
-    # where the picture shows a prediction: the removed patches (every patch when nothing is removed,
-    # as the loss then scores them all)
-    shown = out["mask"] if cfg.mask_ratio > 0 else torch.ones_like(out["mask"])
-    shown = shown.reshape(-1, 1, G, G).repeat_interleave(2 * p, 2).repeat_interleave(2 * p, 3)
-    result = {"masked": F.interpolate(low, scale_factor=2, mode="nearest") * (1 - shown) + 0.5 * shown,
-              "original": high, "tokens": tokens, "labels": labels}
-    if "pred" in out:
-        pred, size = out["pred"].float(), 2 * p if cfg.super_resolution else p
-        if cfg.norm_pix_loss:  # the decoder predicts normalised patches: undo with the target's statistics
-            target = patchify(high if cfg.super_resolution else low, size)
-            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-        restored = unpatchify(pred, size, high.shape[1])
-        if not cfg.super_resolution:
-            restored = F.interpolate(restored, scale_factor=2, mode="bicubic")
-        result["restored"] = (restored * shown + high * (1 - shown)).clamp(0, 1)
-    if "mlm_logits" in out:  # the guesses, in the row-major order of labels != -100
-        scored = labels != -100
-        result["restored_ids"] = tokens.masked_scatter(scored, out["mlm_logits"].argmax(-1).cpu())
-        result["right"] = result["restored_ids"] == torch.where(scored, labels, tokens)
-    return result
-
-
-def words(tok, ids, colours=None) -> list[tuple[str, str]]:
-    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [CLS] and [PAD] dropped."""
-    out = []
-    for n, i in enumerate(ids):
-        t = tok.id_to_token(int(i))
-        if t == "[PAD]":
-            break
-        if t != "[CLS]":
-            out.append((t[2:] if t.startswith("##") else " " + t, colours[n] if colours else "black"))
-    return out
-
-
-def draw_words(draw, font, x, y, width, title, pieces) -> int:
-    """Wrap coloured pieces into `width` pixels from (x, y); returns the y below the text."""
-    line_h = font.size + 4
-    draw.text((x, y), title, fill="gray", font=font)
-    y += line_h
-    cx = x
-    for text, colour in pieces:
-        if cx + draw.textlength(text, font=font) > x + width and cx > x:
-            cx, y, text = x, y + line_h, text.lstrip()
-        draw.text((cx, y), text, fill=colour, font=font)
-        cx += draw.textlength(text, font=font)
-    return y + line_h + 6
-
-
-def save_recon(model: MRM, dataset: data.PretrainDataset, tok, path: str, panel: int = 256, text_w: int = 720):
-    r = reconstruct(model, dataset)
-    columns = [r[k] for k in ("masked", "restored", "original") if k in r]
-    font = ImageFont.load_default(size=13)
-    rows = []
-    for b in range(len(r["tokens"])):
-        row = Image.new("RGB", (len(columns) * panel + text_w, 2 * panel), "white")
-        for c, col in enumerate(columns):
-            arr = (col[b, 0].cpu().numpy() * 255).round().astype(np.uint8)
-            row.paste(Image.fromarray(arr).resize((panel, panel), Image.BICUBIC), (c * panel, 0))
-        draw, x = ImageDraw.Draw(row), len(columns) * panel + 10
-        y = draw_words(draw, font, x, 4, text_w - 20, "masked report", words(tok, r["tokens"][b]))
-        if "restored_ids" in r:
-            scored = r["labels"][b] != -100
-            colours = ["black" if not s else "green" if ok else "red" for s, ok in zip(scored, r["right"][b])]
-            y = draw_words(draw, font, x, y, text_w - 20, "restored (green right, red wrong)",
-                           words(tok, r["restored_ids"][b], colours))
-        original = torch.where(r["labels"][b] != -100, r["labels"][b], r["tokens"][b])
-        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, original))
-        rows.append(row.crop((0, 0, row.width, max(panel, y))))
-    sheet = Image.new("RGB", (rows[0].width, sum(row.height for row in rows) + 24), "white")
-    title = " | ".join(k for k in ("masked input", "restored", "original") if k.split()[0] in r)
-    ImageDraw.Draw(sheet).text((10, 4), title, fill="gray", font=font)
-    y = 24
-    for row in rows:
-        sheet.paste(row, (0, y))
-        y += row.height
-    sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
 
 
 # -----------------------------------------------------------------------------
@@ -527,7 +386,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
                 save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
                                 checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
-                save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
+                checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
         if dist.is_initialized():
             dist.barrier()  # no rank runs ahead of the checkpoint
     if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
@@ -552,7 +411,8 @@ def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str) -> dict:
         result.update(checks.fusion_check(model, tok, films, reports, seed=cfg.seed))
         print(checks.summary(result))
     spread = result["pooled_spread"]
-    print(f"pooled image feature spread between films: {spread['trained']:.3f} (a random encoder: {spread['random']:.3f})")
+    print(f"pooled image feature spread between films: {spread['trained']:.3f} "
+          f"(a random encoder: {spread['random']:.3f})")
     with open(log_path, "a") as f:
         f.write(json.dumps({"fusion_check": result}) + "\n")
     return result
@@ -562,26 +422,36 @@ def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str) -> dict:
 # Command line: the flags are TrainConfig's fields
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # SUPPRESS: the namespace holds only the flags actually given, so a resumed run can tell them apart
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    for f in fields(TrainConfig):
+def config_parser(config, doc: str, choices: dict, shown_default=None, given_only: bool = False):
+    """An argparse parser with one flag per field of the dataclass `config` (finetune.py's too); each
+    flag's help is the comment beside its field. given_only: the namespace holds only the flags given."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if given_only else None)
+    helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(config), flags=re.M))
+    for f in fields(config):
         kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
-        default = f.default if f.default is not None else "from --preset: " + ", ".join(
-            f"{p} {r[f.name]}" for p, r in RECIPES.items())
-        text = f"{HELP.get(f.name, '')} (default: {default})"
+        shown = shown_default(f) if shown_default else f.default
+        kw = {"help": f"{helps.get(f.name, '')} (default: {shown})".replace("%", "%%")}
+        if not given_only:
+            kw["default"] = f.default
         if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, choices=CHOICES.get(f.name), help=text)
+            parser.add_argument(f"--{f.name}", type=kind, choices=choices.get(f.name), **kw)
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def shown_default(f):  # a field left at None takes the preset's recipe
+        return f.default if f.default is not None else "from --preset: " + ", ".join(
+            f"{p} {r[f.name]}" for p, r in RECIPES.items())
+
+    # only the flags given, so that a resumed run can tell them from the saved ones
+    return config_parser(TrainConfig, __doc__, CHOICES, shown_default, given_only=True)
 
 
 CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
            "fusion_tokens": ["visible", "all"]}
-# each flag's help is the comment beside its field in TrainConfig
-HELP = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(TrainConfig), flags=re.M))
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
 RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",

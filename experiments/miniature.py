@@ -27,13 +27,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import checks  # noqa: E402
 import data  # noqa: E402
+import datasets  # noqa: E402
 import finetune  # noqa: E402
 import train  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
@@ -88,7 +89,7 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
                            fusion_check=0,  # run below, on more records, with the twin split
                            **VARIANTS[variant])
     if os.path.exists(path):  # finished or stopped in an earlier experiment: only with the same settings
-        ckpt = train.load_checkpoint(path)
+        ckpt = checkpoints.load_checkpoint(path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(train.resolve(tc)).items()
                    if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
         if changed:
@@ -134,7 +135,7 @@ def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered:
 
 def load_model(path: str) -> tuple[MRM, dict]:
     """A train.py checkpoint's whole model (eval mode) and the checkpoint."""
-    ckpt = train.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     model = MRM(MRMConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -155,11 +156,11 @@ def probe_splits(cfg: "MiniConfig", rendered: dict) -> tuple[dict, dict]:
     """The fine-tuning runs' films (train, val, test), shared with them through `rendered`, as whole films at
     128 px, and their labels."""
     films, labels = {}, {}
-    first = finetune.SYNTH_START
+    first = datasets.SYNTH_START
     for split, n in (("train", cfg.finetune_records), ("val", cfg.val_records), ("test", cfg.test_records)):
-        key = (first, n, 128, ())  # the key finetune.build_splits uses for the tiny preset's 128-px renders
+        key = (first, n, 128, ())  # the key datasets.build_splits uses for the tiny preset's 128-px renders
         if key not in rendered:
-            rendered[key] = finetune.SyntheticFilms(first, n, 128)
+            rendered[key] = datasets.SyntheticFilms(first, n, 128)
         source = rendered[key]
         films[split] = np.stack([data.full_view(source.load(i), 128) for i in range(n)])
         labels[split] = source.labels
@@ -180,7 +181,7 @@ def probe(init: str, cfg: "MiniConfig", films: dict, labels: dict) -> dict:
     for ratio in RATIOS:
         out[str(ratio)] = []
         for seed in range(cfg.seeds):
-            keep = finetune.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
+            keep = datasets.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
             result = checks.linear_probe({**features, "train": features["train"][keep]},
                                          {**labels, "train": labels["train"][keep]})
             out[str(ratio)].append(result["test_auc_mean"])

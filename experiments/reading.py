@@ -1,4 +1,5 @@
-"""Why the report decoder does not read the film: five measurements behind the README's "Where the film is lost".
+"""Why the report decoder does not read the film: five measurements behind experiments/README.md,
+"Where the film is lost".
 
 MRM fuses one global feature of the masked radiograph (the mean of the encoder's visible patch tokens,
 Sec. 3.1) into the report decoder. On the synthetic records the fusion check finds film = noise. These
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checks  # noqa: E402
 import data  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 from miniature import load_model  # noqa: E402
 from mrm import MRM, MRMConfig, ReportDecoder, global_pool, init_weights, random_masking  # noqa: E402
@@ -74,11 +76,11 @@ def side_words(model: MRM, tok, n: int = 1500, repeats: int = 3) -> dict:
     cfg = model.cfg
     picked = []
     for i in range(FIRST, FIRST + n):
-        sided = [k for k, f in data.synth_case(i)["findings"].items() if "side" in f]
+        sided = [k for k, f in synthetic.synth_case(i)["findings"].items() if "side" in f]
         if len(sided) == 1:
             picked.append((i, sided[0]))
     film = torch.from_numpy(checks.films_of([i for i, _ in picked], 2 * cfg.img_size))[:, None]
-    t = torch.from_numpy(data.encode_reports(tok, [data.synth_report(i) for i, _ in picked],
+    t = torch.from_numpy(data.encode_reports(tok, [synthetic.synth_report(i) for i, _ in picked],
                                              cfg.max_text_len).astype(np.int64))
     is_side = torch.isin(t, torch.tensor([tok.token_to_id("right"), tok.token_to_id("left")]))
     labels, tokens = torch.where(is_side, t, -100), t.masked_fill(is_side, cfg.mask_token_id)
@@ -116,7 +118,7 @@ def linear_read_split(x: torch.Tensor, y: torch.Tensor, half: int) -> tuple[floa
 def feature_report(model: MRM, n: int = 600, masks: int = 6) -> dict:
     indices = range(FIRST + 5000, FIRST + 5000 + n)
     f = fused(model, checks.films_of(indices, 2 * model.cfg.img_size), masks if model.cfg.mask_ratio > 0 else 1)
-    side = np.array([{"right": 0, "left": 1}.get(data.synth_case(i)["findings"].get("pleural effusion", {})
+    side = np.array([{"right": 0, "left": 1}.get(synthetic.synth_case(i)["findings"].get("pleural effusion", {})
                                                  .get("side"), -1) for i in indices])
     keep = torch.from_numpy(side >= 0)
     y, fe = torch.from_numpy(side[side >= 0]), f[:, keep]  # films with an effusion, each under every mask
@@ -189,7 +191,7 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
     """The report decoder and fusion projection (a checkpoint's, or new ones) trained on a frozen encoder's
     cached pooled features (a random encoder's without a checkpoint)."""
     torch.manual_seed(0)
-    reports = [data.synth_report(i) for i in range(n)]
+    reports = [synthetic.synth_report(i) for i in range(n)]
     model, tok = load(ckpt) if ckpt else new_model(reports)
     hr = 2 * model.cfg.img_size
     proj, model.fusion_proj = model.fusion_proj, None  # fused() then returns the pooled tokens
@@ -215,7 +217,7 @@ def oracle_features(indices, dim: int = 64) -> torch.Tensor:
     of its attributes (side, size, zone): everything the image-only words need, plainly and linearly."""
     out = np.zeros((len(indices), dim), np.float32)
     for row, i in enumerate(indices):
-        for name, f in data.synth_case(i)["findings"].items():
+        for name, f in synthetic.synth_case(i)["findings"].items():
             for key in [name, *(f"{name} {a} {f[a]}" for a in ("side", "size", "zone") if a in f)]:
                 out[row] += np.random.default_rng([1, *key.encode()]).normal(size=dim)  # a code per key, in any call
     return torch.from_numpy(out)
@@ -242,10 +244,10 @@ def reader(feature: str, mask_ratio: float, steps: int, every: int, n: int = 204
     (oracle_features, or pixel_features at mask_ratio under `masks` masks, the demo's 10 epochs' worth),
     scored on the fusion check's held-out records."""
     torch.manual_seed(0)
-    reports = [data.synth_report(i) for i in range(n)]
+    reports = [synthetic.synth_report(i) for i in range(n)]
     model, tok = new_model(reports)
     held_ids = range(checks.CHECK_START, checks.CHECK_START + 300)
-    held = [data.synth_report(i) for i in held_ids]
+    held = [synthetic.synth_report(i) for i in held_ids]
     if feature == "oracle":
         train_f, held_f = oracle_features(range(n))[None], oracle_features(held_ids)
     else:

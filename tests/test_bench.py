@@ -11,6 +11,8 @@ from PIL import Image
 
 import bench
 import data
+import datasets
+import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +29,7 @@ def test_step_reports_speed_flops_and_a_finite_loss():
     assert "img_per_s" not in counts and "loss" not in counts
     assert {k: counts[k] for k in ("gflop_per_img", "saved_for_backward_eager_gb", "weights_and_adam_gb")} == \
         {k: r[k] for k in ("gflop_per_img", "saved_for_backward_eager_gb", "weights_and_adam_gb")}
-    # the tiny model is about 0.7 GFLOP per record for forward + backward (README, Performance)
+    # the tiny model is about 0.7 GFLOP per record for forward + backward (docs/performance.md)
     assert 0.3 < r["gflop_per_img"] < 1.5
     assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"] / 1e3, rel=0.02, abs=2e-4)  # 1 TFLOP/s peak
 
@@ -76,7 +78,7 @@ def test_synthetic_batch_is_what_the_loader_gives():
 def test_released_pipeline_does_the_same_crop_as_ours(tmp_path):
     """The baseline of `bench.py data` does the work ours does (same crop, flip, bicubic), in the released
     form: three equal normalised float channels."""
-    Image.fromarray(data.synth_record(0, 96)["image"]).save(tmp_path / "a.png")
+    Image.fromarray(synthetic.synth_record(0, 96)["image"]).save(tmp_path / "a.png")
     for seed in range(4):
         x = bench.released_pipeline(tmp_path / "a.png", 32, np.random.default_rng(seed))
         ours = data.load_crop(tmp_path / "a.png", 32, np.random.default_rng(seed))
@@ -90,7 +92,7 @@ def test_released_pipeline_does_the_same_crop_as_ours(tmp_path):
 
 
 def test_data_and_loader_run_on_synthetic_files(tmp_path):
-    data.main(["synth", "--out", str(tmp_path), "--n", "10", "--size", "96"])
+    datasets.main(["synth", "--out", str(tmp_path), "--n", "10", "--size", "96"])
     jpg = tmp_path / "a.jpg"
     Image.open(tmp_path / "images" / "00000.png").save(jpg, quality=95)
     # its own process: the data bench pins itself to one core

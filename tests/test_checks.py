@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import checks
 import data
+import synthetic
 import train
 from mrm import MRM, MRMConfig, ReportDecoder, init_weights
 
@@ -95,7 +96,7 @@ def test_image_path_reads_the_side_from_the_feature(fusion_tokens):
 
 
 def tiny_model_and_tokenizer(seed=0):
-    reports = [data.synth_report(i) for i in range(200)]
+    reports = [synthetic.synth_report(i) for i in range(200)]
     tok = data.train_tokenizer(reports)
     torch.manual_seed(seed)
     cfg = MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
@@ -150,7 +151,7 @@ def test_pooled_spread_of_one_repeated_film_is_zero():
 def test_held_out_records_are_not_training_records():
     films, reports = checks.held_out(checks.CHECK_START, 3, 64)
     assert films.shape == (3, 64, 64) and films.dtype == np.uint8
-    assert reports == [data.synth_report(checks.CHECK_START + i) for i in range(3)]
+    assert reports == [synthetic.synth_report(checks.CHECK_START + i) for i in range(3)]
     assert checks.CHECK_START > 1_000_000 + 10 ** 5  # beyond the fine-tuning records too
 
 

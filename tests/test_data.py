@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 import data
+import datasets
+import synthetic
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -26,26 +28,26 @@ def needs_shared(name):
 
 
 def test_synthetic_records_are_deterministic_and_distinct():
-    a, b = data.synth_record(3, 128), data.synth_record(3, 128)
+    a, b = synthetic.synth_record(3, 128), synthetic.synth_record(3, 128)
     for k in ("image", "labels", "masks"):
         assert np.array_equal(a[k], b[k])
     assert a["report"] == b["report"]
-    assert a["report"] == data.write_report(data.synth_case(3), np.random.default_rng([0, 3, 1]))  # own stream
-    c = data.synth_record(4, 128)
+    assert a["report"] == synthetic.write_report(synthetic.synth_case(3), np.random.default_rng([0, 3, 1]))  # own stream
+    c = synthetic.synth_record(4, 128)
     assert not np.array_equal(a["image"], c["image"]) and a["report"] != c["report"]
-    assert data.synth_record(3, 128, seed=1)["report"] != a["report"] or \
-        not np.array_equal(data.synth_record(3, 128, seed=1)["image"], a["image"])
+    assert synthetic.synth_record(3, 128, seed=1)["report"] != a["report"] or \
+        not np.array_equal(synthetic.synth_record(3, 128, seed=1)["image"], a["image"])
     assert a["image"].dtype == np.uint8 and a["image"].shape == (128, 128)
-    assert a["masks"].shape == (len(data.FINDINGS), 128, 128) and a["labels"].shape == (len(data.FINDINGS),)
+    assert a["masks"].shape == (len(synthetic.FINDINGS), 128, 128) and a["labels"].shape == (len(synthetic.FINDINGS),)
 
 
 def test_synthetic_reports_masks_and_labels_agree_with_the_image():
-    present = {name: 0 for name in data.FINDINGS}
+    present = {name: 0 for name in synthetic.FINDINGS}
     for i in range(120):
-        case, rec = data.synth_case(i), data.synth_record(i, 192)
+        case, rec = synthetic.synth_case(i), synthetic.synth_record(i, 192)
         report = rec["report"]
         assert report.startswith("FINDINGS: ") and " IMPRESSION: " in report
-        for k, name in enumerate(data.FINDINGS):
+        for k, name in enumerate(synthetic.FINDINGS):
             f = case["findings"].get(name)
             assert rec["labels"][k] == (f is not None)
             assert rec["masks"][k].any() == (f is not None), (i, name)
@@ -72,17 +74,17 @@ def test_synthetic_reports_masks_and_labels_agree_with_the_image():
 
 
 def test_report_words_that_name_side_and_size_change_only_with_the_image():
-    case = data.synth_case(0)
+    case = synthetic.synth_case(0)
     case["findings"] = {"pleural effusion": {"side": "left", "size": "small", "where": [0, 0, 0]}}
     flipped = {"anatomy": case["anatomy"], "findings": {"pleural effusion": {**case["findings"]["pleural effusion"],
                                                                              "side": "right"}}}
     bigger = {"anatomy": case["anatomy"], "findings": {"pleural effusion": {**case["findings"]["pleural effusion"],
                                                                             "size": "large"}}}
-    k = data.FINDINGS.index("pleural effusion")
+    k = synthetic.FINDINGS.index("pleural effusion")
     texts, images, masks = [], [], []
     for c in (case, flipped, bigger):
-        texts.append(data.write_report(c, np.random.default_rng(7)))  # the same phrasing stream
-        img, m = data.render_case(c, 192, np.random.default_rng(7))
+        texts.append(synthetic.write_report(c, np.random.default_rng(7)))  # the same phrasing stream
+        img, m = synthetic.render_case(c, 192, np.random.default_rng(7))
         images.append(img), masks.append(m[k])
     assert texts[1] == texts[0].replace("left", "right") != texts[0]
     assert texts[2] == texts[0].replace("small", "large").replace("Small", "Large") != texts[0]
@@ -92,16 +94,16 @@ def test_report_words_that_name_side_and_size_change_only_with_the_image():
 
 
 def test_zone_moves_a_finding_down_the_lung():
-    anatomy, k = data.synth_case(0)["anatomy"], data.FINDINGS.index("nodule")
+    anatomy, k = synthetic.synth_case(0)["anatomy"], synthetic.FINDINGS.index("nodule")
     rows = []
     for zone in ("upper", "middle", "lower"):
         case = {"anatomy": anatomy, "findings": {"nodule": {"side": "right", "zone": zone, "mm": 20, "where": [0, 0, 0]}}}
-        rows.append(np.nonzero(data.render_case(case, 192, np.random.default_rng(0))[1][k])[0].mean())
+        rows.append(np.nonzero(synthetic.render_case(case, 192, np.random.default_rng(0))[1][k])[0].mean())
     assert rows[0] < rows[1] < rows[2]
 
 
 def test_cardiomegaly_is_a_wider_heart():
-    cases = [data.synth_case(i) for i in range(60)]
+    cases = [synthetic.synth_case(i) for i in range(60)]
     normal = [c["anatomy"]["ctr"] for c in cases if "cardiomegaly" not in c["findings"]]
     big = [c["anatomy"]["ctr"] for c in cases if "cardiomegaly" in c["findings"]]
     assert big and max(normal) < 0.5 < min(big)
@@ -233,7 +235,7 @@ def test_training_csv_names_missing_files_and_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer([data.synth_report(i) for i in range(200)], vocab_size=2000)
+    return data.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
 
 
 def test_trained_tokenizer_matches_the_released_layout(tok, tmp_path):
@@ -251,7 +253,7 @@ def test_trained_tokenizer_matches_the_released_layout(tok, tmp_path):
 
 
 def test_tokenizer_training_is_deterministic_and_covers_every_character(tok):
-    again = data.train_tokenizer([data.synth_report(i) for i in range(200)], vocab_size=2000)
+    again = data.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
     assert again.to_str() == tok.to_str()
     small = data.train_tokenizer(["aa bb bb cc cc cc"], vocab_size=4 + 6 + 2)  # room for two words
     assert [t for t, _ in sorted(small.get_vocab().items(), key=lambda kv: kv[1])][4:] == \
@@ -291,7 +293,7 @@ def test_bert_vocab_txt_and_bad_tokenizer_files(tmp_path):
 
 
 def test_report_masking_statistics(tok):
-    ids = data.encode_reports(tok, [data.synth_report(i) for i in range(300)])
+    ids = data.encode_reports(tok, [synthetic.synth_report(i) for i in range(300)])
     rng = np.random.default_rng(0)
     masked = real = 0
     for row in ids:
@@ -373,7 +375,7 @@ def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
     """load_crop decodes a JPEG at 1/2 or 1/4 scale when the crop allows, and takes the box to the nearest
     pixel of the reduced image: the same draws from rng as augment(load_image(...)), and pixels within a
     few gray levels of that nearest box cut from the full decode; exact for PNG and undrafted JPEG."""
-    gray = data.synth_record(0, 512)["image"]
+    gray = synthetic.synth_record(0, 512)["image"]
     Image.fromarray(gray).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(gray).convert("RGB").save(tmp_path / "rgb.jpg", quality=95)  # decoded straight to gray
     Image.fromarray(gray).save(tmp_path / "a.png")
@@ -412,7 +414,7 @@ def test_real_film_crops_at_draft_scale_match_the_full_decode():
 
 
 def make_dataset(images, tok, n_tokens=None, **kw):
-    reports = [data.synth_report(i) for i in range(len(images))]
+    reports = [synthetic.synth_report(i) for i in range(len(images))]
     tokens = data.encode_reports(tok, reports)
     return data.PretrainDataset(images, tokens, crop_size=64, num_patches=16, text_mask_ratio=0.5, mask_id=3,
                                 pad_id=0, **kw)
@@ -432,8 +434,8 @@ def test_dataset_samples_depend_on_seed_epoch_and_index_only(tok):
 
 def test_dataset_skips_or_names_a_bad_image(tmp_path, tok):
     for n in range(3):
-        Image.fromarray(data.synth_record(n, 96)["image"]).save(tmp_path / f"{n}.png")
-    write_csv(tmp_path / "t.csv", [(f"{n}.png", data.synth_report(n)) for n in range(3)])
+        Image.fromarray(synthetic.synth_record(n, 96)["image"]).save(tmp_path / f"{n}.png")
+    write_csv(tmp_path / "t.csv", [(f"{n}.png", synthetic.synth_report(n)) for n in range(3)])
     images, reports, _ = data.read_training_csv(tmp_path / "t.csv", tmp_path)
     (tmp_path / "1.png").write_bytes(b"broken after the check")
     strict = make_dataset(images, tok)
@@ -452,19 +454,19 @@ def test_dataset_skips_or_names_a_bad_image(tmp_path, tok):
 
 
 def test_synth_writes_records_in_the_real_formats(tmp_path):
-    data.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "96"])
+    datasets.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "96"])
     rows = list(csv.DictReader(open(tmp_path / "training.csv")))
-    assert len(rows) == 16 and rows[3]["report_content"] == data.synth_report(3)
+    assert len(rows) == 16 and rows[3]["report_content"] == synthetic.synth_report(3)
     images, reports, bad = data.read_training_csv(tmp_path / "training.csv", tmp_path)
     assert len(images) == 16 and bad == 0
-    assert np.array_equal(np.asarray(images.load(3)), data.synth_record(3, 96)["image"])
+    assert np.array_equal(np.asarray(images.load(3)), synthetic.synth_record(3, 96)["image"])
     for i in range(20):  # some records have overlapping findings: every bit survives
-        bits, masks = np.asarray(Image.open(tmp_path / "masks" / f"{i:05d}.png")), data.synth_record(i, 96)["masks"]
-        for k in range(len(data.FINDINGS)):
+        bits, masks = np.asarray(Image.open(tmp_path / "masks" / f"{i:05d}.png")), synthetic.synth_record(i, 96)["masks"]
+        for k in range(len(synthetic.FINDINGS)):
             assert np.array_equal((bits >> k) & 1, masks[k].astype(np.uint8))
     test = (tmp_path / "test_list.txt").read_text().splitlines()
     assert len(test) == 2 and test[0].split()[0] == "images/00018.png"
-    assert [float(v) for v in test[0].split()[1:]] == data.synth_record(18, 96)["labels"].tolist()
+    assert [float(v) for v in test[0].split()[1:]] == synthetic.synth_record(18, 96)["labels"].tolist()
     assert len((tmp_path / "train_10.txt").read_text().splitlines()) == 1
 
 
@@ -474,14 +476,14 @@ def test_resize_shrinks_skips_done_files_and_reports_bad_ones(tmp_path):
     Image.fromarray(np.full((400, 300), 3000, dtype=np.uint16)).save(src / "a" / "deep.png")
     Image.new("L", (100, 80)).save(src / "small.jpg")
     (src / "bad.jpg").write_bytes(b"junk")
-    errors = data.resize_dataset(src, tmp_path / "dst", size=150, workers=1)
+    errors = datasets.resize_dataset(src, tmp_path / "dst", size=150, workers=1)
     assert len(errors) == 1 and "bad.jpg" in errors[0]
     deep = Image.open(tmp_path / "dst" / "a" / "deep.png")
     assert deep.mode == "L" and deep.size == (150, 200)
     assert Image.open(tmp_path / "dst" / "small.jpg").size == (100, 80)  # never enlarged
     assert not list((tmp_path / "dst").rglob("*.tmp"))
     (tmp_path / "dst" / "small.jpg").write_bytes(b"done")
-    assert len(data.resize_dataset(src, tmp_path / "dst", size=150, workers=1)) == 1  # only the bad one again
+    assert len(datasets.resize_dataset(src, tmp_path / "dst", size=150, workers=1)) == 1  # only the bad one again
     assert (tmp_path / "dst" / "small.jpg").read_bytes() == b"done"  # files already there are left alone
 
 
@@ -528,22 +530,22 @@ WHOLE = ("FINAL REPORT EXAMINATION: CHEST (PA AND LAT) INDICATION: ___ with coug
 def test_mimic_converter_takes_every_view_and_the_whole_report(tmp_path):
     study, other, ap = mimic_tree(tmp_path)
     out = tmp_path / "training.csv"
-    data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
+    datasets.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
                "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out)])
     rows = list(csv.DictReader(open(out)))
     assert rows == [{"image_path": f"{study.as_posix()}/front.jpg", "report_content": WHOLE},
                     {"image_path": f"{study.as_posix()}/side.jpg", "report_content": WHOLE},
                     {"image_path": f"{other.as_posix()}/x.jpg", "report_content": "INDICATION: pain."},
                     {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
-    assert data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 4  # no metadata: every image found
+    assert datasets.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 4  # no metadata: every image found
     with pytest.raises(data.ConfigError, match="--views needs --metadata"):
-        data.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out, views=["PA"])
+        datasets.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out, views=["PA"])
 
 
 def test_mimic_converter_keeps_findings_impression_and_frontal_views_when_asked(tmp_path):
     study, other, ap = mimic_tree(tmp_path)
     out = tmp_path / "training.csv"
-    data.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
+    datasets.main(["mimic", "--reports", str(tmp_path / "reports"), "--images", str(tmp_path / "jpg"),
                "--metadata", str(tmp_path / "meta.csv.gz"), "--out", str(out), "--views", "PA,AP",
                "--sections", "findings,impression"])
     rows = list(csv.DictReader(open(out)))
@@ -551,5 +553,5 @@ def test_mimic_converter_keeps_findings_impression_and_frontal_views_when_asked(
                      "report_content": "FINDINGS: The lungs are clear. No pleural effusion or pneumothorax. "
                                        "IMPRESSION: No acute cardiopulmonary process."},
                     {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
-    assert data.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.", ["findings"]) == \
+    assert datasets.mimic_report_text("FINDINGS AND IMPRESSION: Clear.\nNOTIFICATION: called.", ["findings"]) == \
         "FINDINGS AND IMPRESSION: Clear."

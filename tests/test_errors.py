@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import data
+import datasets
 import finetune
 import train
-from mrm import CheckpointError, ViT, load_pretrained, read_checkpoint
+from checkpoints import CheckpointError, read_checkpoint
+from mrm import ViT, load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--fusion_check", "0"]
@@ -138,9 +140,9 @@ def test_split_list_that_is_not_utf8(tmp_path):
     path = tmp_path / "train_1.txt"
     path.write_bytes(b"a.png 0 1\n\xff.png 1 0\n")
     with pytest.raises(data.BadRecord, match=r"train_1.txt, line 2: byte 0xff at column 1 is not UTF-8"):
-        finetune.read_split_list(str(path), str(tmp_path))
+        datasets.read_split_list(str(path), str(tmp_path))
     with pytest.raises(data.BadRecord, match=r"train_1.txt, line 2: byte 0xff"):
-        finetune.read_id_list(str(path), str(tmp_path), str(tmp_path))
+        datasets.read_id_list(str(path), str(tmp_path), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -9,10 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+import checks
 import data
+import datasets
 import finetune
-from finetune import FinetuneConfig, dice_per_image, label_subset, roc_auc
-from mrm import ConfigError, ViT, get_2d_sincos_pos_embed, interpolate_pos_embed, load_pretrained
+import synthetic
+from checkpoints import interpolate_pos_embed
+from checks import dice_per_image, roc_auc
+from datasets import label_subset
+from finetune import FinetuneConfig
+from mrm import ConfigError, ViT, get_2d_sincos_pos_embed, load_pretrained
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,7 +45,7 @@ def test_roc_auc_per_label_and_single_class():
     aucs = roc_auc(y, s)
     assert aucs[0] == 1.0 and math.isnan(aucs[1])  # label 2 has positives only
     with pytest.warns(UserWarning, match="'Edema' has one class only"):
-        assert finetune.mean_auc(aucs, ["Cardiomegaly", "Edema"], "test") == 1.0
+        assert checks.mean_auc(aucs, ["Cardiomegaly", "Edema"], "test") == 1.0
 
 
 def test_roc_auc_matches_pair_counting():
@@ -88,13 +94,13 @@ def test_poly_lr():
 
 def test_decode_rle_column_major_runs():
     # pixels numbered down the columns of a 3 x 3 image; offsets count from the previous run's end
-    m = data.decode_rle("1 2 3 1", 3, 3)  # pixels 1, 2 and 6
+    m = datasets.decode_rle("1 2 3 1", 3, 3)  # pixels 1, 2 and 6
     assert m.astype(int).tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0]]
-    assert not data.decode_rle("-1", 3, 3).any()
+    assert not datasets.decode_rle("-1", 3, 3).any()
     with pytest.raises(ValueError, match="outside"):
-        data.decode_rle("8 2", 3, 3)
+        datasets.decode_rle("8 2", 3, 3)
     with pytest.raises(ValueError, match="odd"):
-        data.decode_rle("1 2 3", 3, 3)
+        datasets.decode_rle("1 2 3", 3, 3)
 
 
 def test_siim_masks_union_rows(tmp_path):
@@ -103,7 +109,7 @@ def test_siim_masks_union_rows(tmp_path):
                    "a, 0 2\n"        # first region of a: pixels 0, 1 (column 0, rows 0-1)
                    "b, -1\n"
                    "a, 12 4\n")      # second region of a: pixels 12..15 (column 3)
-    assert data.write_siim_masks(csv, tmp_path / "masks", size=4) == 2
+    assert datasets.write_siim_masks(csv, tmp_path / "masks", size=4) == 2
     a = np.asarray(Image.open(tmp_path / "masks" / "a.png"))
     expected = np.zeros((4, 4), np.uint8)
     expected[0:2, 0] = 255
@@ -112,10 +118,10 @@ def test_siim_masks_union_rows(tmp_path):
     assert not np.asarray(Image.open(tmp_path / "masks" / "b.png")).any()
     csv.write_text("ImageId, EncodedPixels\na, 0 2\nc, 99 1\n")
     with pytest.raises(data.BadRecord, match="line 3"):
-        data.write_siim_masks(csv, tmp_path / "masks", size=4)
+        datasets.write_siim_masks(csv, tmp_path / "masks", size=4)
     csv.write_text("id,rle\na, 0 2\n")
     with pytest.raises(data.BadRecord, match="header"):
-        data.write_siim_masks(csv, tmp_path / "masks", size=4)
+        datasets.write_siim_masks(csv, tmp_path / "masks", size=4)
 
 
 def test_label_fraction_subset_sizes():
@@ -139,25 +145,25 @@ def write_list(tmp_path, lines, images=("a.png", "b.png")):
 
 
 def test_read_split_list_and_its_errors(tmp_path):
-    files, labels = finetune.read_split_list(write_list(tmp_path, ["a.png 0 1", "", "b.png 1 0 "]), "")
+    files, labels = datasets.read_split_list(write_list(tmp_path, ["a.png 0 1", "", "b.png 1 0 "]), "")
     assert len(files) == 2 and labels.tolist() == [[0, 1], [1, 0]]
     assert "line 3" in files.where(1)
     with pytest.raises(data.BadRecord, match=r"list.txt, line 2: expected 2 labels, got 1"):
-        finetune.read_split_list(write_list(tmp_path, ["a.png 0 1", "b.png 1"]), "")
+        datasets.read_split_list(write_list(tmp_path, ["a.png 0 1", "b.png 1"]), "")
     with pytest.raises(data.BadRecord, match="line 1: labels must be numbers"):
-        finetune.read_split_list(write_list(tmp_path, ["a.png 0 nan"]), "")
+        datasets.read_split_list(write_list(tmp_path, ["a.png 0 nan"]), "")
     with pytest.raises(data.BadRecord, match=r"1 of 2 images missing .*line 2: .*c.png"):
-        finetune.read_split_list(write_list(tmp_path, ["a.png 1", "c.png 0"]), "")
+        datasets.read_split_list(write_list(tmp_path, ["a.png 1", "c.png 0"]), "")
     with pytest.raises(data.BadRecord, match="expected 14 labels"):
-        finetune.read_split_list(write_list(tmp_path, ["a.png 0 1"]), "", num_labels=14)
+        datasets.read_split_list(write_list(tmp_path, ["a.png 0 1"]), "", num_labels=14)
     with pytest.raises(data.BadRecord, match="empty"):
-        finetune.read_split_list(write_list(tmp_path, []), "")
+        datasets.read_split_list(write_list(tmp_path, []), "")
 
 
 def test_ids_of_siim_lists_keep_their_dots():
     siim = "1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361"
-    assert finetune._stem(siim) == siim
-    assert finetune._stem(f"dicom/{siim}.dcm") == siim and finetune._stem("a/b.PNG") == "b"
+    assert datasets._stem(siim) == siim
+    assert datasets._stem(f"dicom/{siim}.dcm") == siim and datasets._stem("a/b.PNG") == "b"
 
 
 def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
@@ -169,17 +175,17 @@ def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
     cfg = lambda val: FinetuneConfig(dataset="custom", train_list=str(tmp_path / "train.txt"),  # noqa: E731
                                      val_list=str(tmp_path / val), test_list=str(tmp_path / "train.txt"))
     with pytest.raises(data.BadRecord, match=r"two.txt, line 1: expected 3 labels, got 2"):
-        finetune.build_splits(cfg("two.txt"), 32)
+        datasets.build_splits(cfg("two.txt"), 32)
     with pytest.raises(data.BadRecord, match="one_class.txt: every label has one class only"):
-        finetune.build_splits(cfg("one_class.txt"), 32)
+        datasets.build_splits(cfg("one_class.txt"), 32)
 
 
 def test_step_sampler_epochs_and_resume():
-    full = list(finetune.StepSampler(n=5, batch_size=2, steps=6, seed=3))
+    full = list(datasets.StepSampler(n=5, batch_size=2, steps=6, seed=3))
     assert [p for _, p in full] == list(range(12))
     for epoch in range(2):  # each epoch is a permutation of the records
         assert sorted(i for i, _ in full[5 * epoch:5 * epoch + 5]) == list(range(5))
-    assert list(finetune.StepSampler(5, 2, 6, seed=3, start_step=4)) == full[8:]
+    assert list(datasets.StepSampler(5, 2, 6, seed=3, start_step=4)) == full[8:]
 
 
 def test_train_view_crops_mask_with_image():
@@ -188,7 +194,7 @@ def test_train_view_crops_mask_with_image():
     image, mask = Image.fromarray(img), Image.fromarray((img > 0).astype(np.uint8) * 255)
     flips = 0
     for seed in range(20):
-        a, m = finetune.train_view(image, 32, np.random.default_rng(seed), (0.5, 1.0), mask)
+        a, m = datasets.train_view(image, 32, np.random.default_rng(seed), (0.5, 1.0), mask)
         assert a.shape == m.shape == (32, 32)
         agree = ((a > 127) == (m > 0)).mean()
         assert agree > 0.95
@@ -199,10 +205,10 @@ def test_train_view_crops_mask_with_image():
 def test_min_crop_one_trains_on_the_whole_film():
     """--min_crop 1 (the miniature's 0.8 leans this way): every training view is the evaluation view
     of the whole square film, or its mirror; the released 0.08 crops."""
-    films = finetune.SyntheticFilms(finetune.SYNTH_START, 2, 64)
+    films = datasets.SyntheticFilms(datasets.SYNTH_START, 2, 64)
     labels = films.labels
-    whole = finetune.FinetuneDataset(films, 32, labels, min_crop=1.0)
-    spec = finetune.FinetuneDataset(films, 32, labels)
+    whole = datasets.FinetuneDataset(films, 32, labels, min_crop=1.0)
+    spec = datasets.FinetuneDataset(films, 32, labels)
     for p in range(6):
         view, test = whole[(1, p)]["image"][0].numpy(), whole[1]["image"][0].numpy()
         assert np.array_equal(view, test) or np.array_equal(view, test[:, ::-1])
@@ -212,7 +218,7 @@ def test_min_crop_one_trains_on_the_whole_film():
 def test_test_view_is_centre_square():
     img = np.zeros((40, 80), np.uint8)
     img[:, 20:60] = 200  # the centred 40 x 40 square
-    out, _ = finetune.eval_view(Image.fromarray(img), 20)
+    out, _ = datasets.eval_view(Image.fromarray(img), 20)
     # the resampling reads a pixel beyond the box at its edges: the border columns blend a little black in
     assert (out[:, 1:-1] >= 199).all() and (out > 150).all()
 
@@ -280,8 +286,8 @@ def test_segmenter_shapes_and_taps():
 
 
 def test_segmentation_train_view_is_the_whole_film_or_its_mirror():
-    films = finetune.SyntheticFilms(finetune.SYNTH_START, 2, 64, ("pneumothorax",))
-    ds = finetune.FinetuneDataset(films, 32, masks=films)
+    films = datasets.SyntheticFilms(datasets.SYNTH_START, 2, 64, ("pneumothorax",))
+    ds = datasets.FinetuneDataset(films, 32, masks=films)
     test = ds[1]
     mirrored = 0
     for p in range(8):
@@ -319,12 +325,12 @@ def small_config(tmp_path, **kw) -> FinetuneConfig:
 
 def test_classification_end_to_end(tmp_path):
     results = finetune.run(small_config(tmp_path))
-    assert set(results["test_auc"]) == set(data.FINDINGS)
+    assert set(results["test_auc"]) == set(synthetic.FINDINGS)
     assert 0 <= results["test_auc_mean"] <= 1 and results["sizes"] == {"train": 32, "val": 16, "test": 24}
     saved = json.loads(Path(tmp_path / "ft" / "results.json").read_text())
     assert saved["test_auc_mean"] == results["test_auc_mean"]
     best = torch.load(results["checkpoint"], weights_only=True)
-    assert best["step"] == results["best_step"] and best["labels"] == list(data.FINDINGS)
+    assert best["step"] == results["best_step"] and best["labels"] == list(synthetic.FINDINGS)
     log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
     assert [r["step"] for r in log] == [2, 4]
 
@@ -382,8 +388,8 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
                                           fitted["weight_decay"])
         with torch.no_grad():
             assert torch.allclose(model.head(x["val"]), (x["val"] - mean) / std @ w + b, atol=1e-3)
-        fitted["probe_val"] = finetune.mean_auc(roc_auc(datasets["val"].labels, model.head(x["val"]).detach().numpy()),
-                                                data.FINDINGS)
+        fitted["probe_val"] = checks.mean_auc(roc_auc(datasets["val"].labels, model.head(x["val"]).detach().numpy()),
+                                                synthetic.FINDINGS)
         return fitted
 
     monkeypatch.setattr(finetune, "fit_head_to_probe", spy)
@@ -490,8 +496,8 @@ def test_covid19_split_loads_every_film():
     root = SHARED / "covid19" / "images"
     modes = set()
     for split in ("train", "val", "test"):
-        files, labels = finetune.read_split_list(str(SHARED / "covid19" / "covid1" / f"iscovid_{split}.txt"), str(root), 1)
-        ds = finetune.FinetuneDataset(files, 64, labels)
+        files, labels = datasets.read_split_list(str(SHARED / "covid19" / "covid1" / f"iscovid_{split}.txt"), str(root), 1)
+        ds = datasets.FinetuneDataset(files, 64, labels)
         for i in range(len(ds)):
             with Image.open(files.path(i)) as im:
                 modes.add(im.mode)
@@ -517,11 +523,11 @@ def test_a_list_of_another_label_count_says_which_dataset_fits(tmp_path):
                  test_list=str(tmp_path / "one.txt"))
     with pytest.raises(ConfigError, match=r"one.txt: 1 label\(s\) a line, not the 6 of --dataset synthetic "
                                           r"\(the default\): pass --dataset rsna or covid or viral"):
-        finetune.build_splits(FinetuneConfig(**lists), 32)
+        datasets.build_splits(FinetuneConfig(**lists), 32)
     with pytest.raises(ConfigError, match=r"not the 14 of --dataset nih: pass --dataset rsna or covid or viral"):
-        finetune.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
-    datasets, names = finetune.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
-    assert names == ("COVID-19",) and len(datasets["train"]) == 2
+        datasets.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
+    splits, names = datasets.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
+    assert names == ("COVID-19",) and len(splits["train"]) == 2
 
 
 def dry_run(capsys, *argv) -> dict:
@@ -532,7 +538,7 @@ def dry_run(capsys, *argv) -> dict:
 @pytest.mark.parametrize("dataset, ratio, schedule", [
     ("nih", 1, (50, 3000, 3e-2)), ("chexpert", 10, (1500, 60000, 5e-4)), ("rsna", 100, (2000, 50000, 5e-4))])
 def test_dry_run_resolves_the_released_schedules_without_reading_images(tmp_path, capsys, dataset, ratio, schedule):
-    k = len(finetune.LABEL_NAMES[dataset])
+    k = len(datasets.LABEL_NAMES[dataset])
     for name, n in (("train", 250), ("val", 40), ("test", 60)):  # images that do not exist: never opened
         (tmp_path / f"{name}.txt").write_text("".join(f"missing/{i}.png" + " 0" * k + "\n" for i in range(n)))
     plan = dry_run(capsys, "--dataset", dataset, "--ratio", str(ratio), "--init", "none", "--out", str(tmp_path / "o"),

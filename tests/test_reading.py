@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import reading  # noqa: E402
 
 import data  # noqa: E402
+import synthetic  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
 
 
@@ -33,15 +34,15 @@ def test_toy_strength_follows_the_code_scale():
 
 
 def test_side_probe_masks_exactly_the_side_words():
-    reports = [data.synth_report(i) for i in range(200)]
+    reports = [synthetic.synth_report(i) for i in range(200)]
     tok = data.train_tokenizer(reports)
     torch.manual_seed(0)
     model = MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
                                       mask_token_id=tok.token_to_id("[MASK]"))).eval()
     found = reading.side_words(model, tok, n=60, repeats=1)
     sided = [i for i in range(reading.FIRST, reading.FIRST + 60)
-             if sum("side" in f for f in data.synth_case(i)["findings"].values()) == 1]
-    words = sum(data.synth_report(i).lower().replace("-", " ").split().count(w)
+             if sum("side" in f for f in synthetic.synth_case(i)["findings"].values()) == 1]
+    words = sum(synthetic.synth_report(i).lower().replace("-", " ").split().count(w)
                 for i in sided for w in ("right", "left"))
     assert found["all"]["words"] == words > 0
     assert sum(r["words"] for k, r in found.items() if k != "all") == words
@@ -51,7 +52,7 @@ def test_side_probe_masks_exactly_the_side_words():
 def test_oracle_features_tell_every_attribute_and_nothing_else():
     indices = range(400)
     f = reading.oracle_features(indices)
-    cases = [data.synth_case(i)["findings"] for i in indices]
+    cases = [synthetic.synth_case(i)["findings"] for i in indices]
     plain = [{k: {a: v[a] for a in ("side", "size", "zone") if a in v} for k, v in c.items()} for c in cases]
     same = [(i, j) for i in range(400) for j in range(i) if plain[i] == plain[j]]
     assert same and all(torch.equal(f[i], f[j]) for i, j in same)  # the same findings: the same feature

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
+import checks
 import data
+import datasets
+import synthetic
 import train
 from mrm import MRM, MRMConfig, ViT, load_pretrained
 
@@ -64,7 +68,7 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_end_to_end_on_csv_records_with_outputs(tmp_path):
-    data.main(["synth", "--out", str(tmp_path / "records"), "--n", "20", "--size", "128"])
+    datasets.main(["synth", "--out", str(tmp_path / "records"), "--n", "20", "--size", "128"])
     ckpt = run(tmp_path / "out", "--data", str(tmp_path / "records" / "training.csv"))
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["config"]["data"].endswith("training.csv")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
@@ -201,7 +205,7 @@ def test_a_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path,
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(str(path), {"a": torch.ones(3)})
+    checkpoints.save_checkpoint(str(path), {"a": torch.ones(3)})
     before = hashlib.sha256(path.read_bytes()).hexdigest()
 
     def dies_midway(obj, f):
@@ -210,12 +214,12 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError):
-        train.save_checkpoint(str(path), {"a": torch.zeros(3)})
+        checkpoints.save_checkpoint(str(path), {"a": torch.zeros(3)})
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the old checkpoint is intact
 
 
 def test_bad_rows_stop_before_training_or_are_skipped(tmp_path):
-    data.main(["synth", "--out", str(tmp_path / "r"), "--n", "20", "--size", "128"])
+    datasets.main(["synth", "--out", str(tmp_path / "r"), "--n", "20", "--size", "128"])
     csv_path = tmp_path / "r" / "training.csv"
     rows = list(csv.reader(open(csv_path)))
     rows.append(["images/missing.png", "FINDINGS: x."])
@@ -298,12 +302,12 @@ def test_amp_choice(monkeypatch):
 
 
 def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
-    tok = data.train_tokenizer([data.synth_report(i) for i in range(4)])
+    tok = data.train_tokenizer([synthetic.synth_report(i) for i in range(4)])
     for ratio in (0.75, 0.0):
         cfg = train.resolve(train.TrainConfig(num_records=4, mask_ratio=ratio))
         model = MRM(train.model_config(cfg, tok))
         dataset, _ = train.build_data(cfg, model.cfg, {"tokenizer": tok.to_str()}, rank=1)
-        r = train.reconstruct(model, dataset)
+        r = checks.reconstruct(model, dataset)
         same = (r["restored"] == r["original"]).float().mean().item()
         assert same == pytest.approx(0.25 if ratio else 0.0, abs=0.02)  # visible patches are pasted back
         scored = r["labels"] != -100
@@ -313,7 +317,7 @@ def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
 
 
 def test_csv_in_the_working_folder_needs_no_image_root(tmp_path, monkeypatch):
-    data.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "128"])
+    datasets.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "128"])
     monkeypatch.chdir(tmp_path)
     train.main([*SMALL, "--epochs", "1", "--data", "training.csv", "--out", "o"])
     assert (tmp_path / "o" / "ckpt.pt").exists()

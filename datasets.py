@@ -1,0 +1,603 @@
+"""The datasets of fine-tuning, the files of real datasets, and the tools that prepare them.
+
+  * fine-tuning: the released training and test views (crop, flip, resize), a step-seeded sampler that
+    makes a run resumable exactly, and the Dataset finetune.py reads;
+  * fine-tuning split lists: the released DatasetsSplits/ format ('relative/path l1 ... lK') for NIH
+    ChestX-ray14, CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks; or synthetic
+    records (synthetic.py) rendered into memory;
+  * commands (`python data.py -h` lists them): MIMIC-CXR-JPG + reports -> the training.csv that
+    train.py reads (image_path, report_content); SIIM-ACR run-length masks -> one PNG a film;
+    pre-shrinking a dataset; the synthetic records as files.
+"""
+import argparse
+import csv
+import gzip
+import math
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+import data
+from data import IMAGE_SUFFIXES, BadRecord, load_image, one_line_errors, progress, random_resized_crop_box, text_lines
+from mrm import ConfigError
+from synthetic import FINDINGS, synth_record
+
+# Label columns of the released split lists (DatasetsSplits/), so tables print names, not indices.
+LABEL_NAMES = {
+    "nih": ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+            "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"),
+    "chexpert": ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
+    "rsna": ("Pneumonia",),
+    "covid": ("COVID-19",),          # COVID-19 vs other pneumonia
+    "viral": ("Viral pneumonia",),   # viral vs bacterial pneumonia
+    "siim": ("Pneumothorax",),
+    "synthetic": FINDINGS,
+}
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning: the released training and test views, and the dataset finetune.py reads
+
+
+def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random fraction of n records (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
+    k = max(1, round(fraction * n))
+    return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
+
+
+class Subset:
+    """Records `ids` of an image source (ImageFiles, SyntheticFilms, ...), re-indexed 0..len-1."""
+
+    def __init__(self, source, ids):
+        self.source, self.ids = source, np.asarray(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, i):
+        return self.source.load(int(self.ids[i]))
+
+    def load_mask(self, i):
+        return self.source.load_mask(int(self.ids[i]))
+
+    def where(self, i):
+        return self.source.where(int(self.ids[i]))
+
+
+def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
+    """RandomResizedCrop(size) + horizontal flip, bilinear, as the released fine-tuning's transforms
+    (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike with
+    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
+    box = random_resized_crop_box(*img.size, rng, scale=scale)
+    flip = rng.random() < 0.5
+    out = []
+    for picture, resample in ((img, Image.BILINEAR), (mask, Image.NEAREST)):
+        if picture is None:
+            out.append(None)
+            continue
+        picture = picture.resize((size, size), resample, box=box)
+        out.append(np.asarray(picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture))
+    return out
+
+
+def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, center_crop: bool = True):
+    """Resize(size) + CenterCrop(size) in one resampling, bilinear as the released test transform: the
+    centred square of the shorter side, resized (segmentation, center_crop=False: the whole image, so
+    every pixel is scored)."""
+    w, h = img.size
+    s = min(w, h)
+    box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop else (0, 0, w, h)
+    image = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))  # torchvision Resize's default, as released
+    return image, None if mask is None else np.asarray(mask.resize((size, size), Image.NEAREST, box=box))
+
+
+class StepSampler(Sampler):
+    """Training positions from start_step * batch to steps * batch. Position p is record perm_e[p % n] of
+    epoch e = p // n, and p also seeds that sample's crop: so the run is a function of the seed alone,
+    and a run resumed at a step draws exactly what the stopped one would have."""
+
+    def __init__(self, n: int, batch_size: int, steps: int, seed: int, start_step: int = 0):
+        self.n, self.batch_size, self.steps, self.seed, self.start_step = n, batch_size, steps, seed, start_step
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.batch_size
+
+    def __iter__(self):
+        epoch, perm = -1, None
+        for p in range(self.start_step * self.batch_size, self.steps * self.batch_size):
+            if p // self.n != epoch:
+                epoch = p // self.n
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            yield int(perm[p % self.n]), p
+
+
+class FinetuneDataset(Dataset):
+    """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn
+    with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
+
+    def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0,
+                 min_crop: float = 0.08):
+        self.images, self.size, self.labels, self.masks, self.seed = images, size, labels, masks, seed
+        self.min_crop = min_crop
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key) -> dict:
+        i, position = key if isinstance(key, tuple) else (key, None)
+        img = self.images.load(i)
+        mask = self.masks.load_mask(i) if self.masks is not None else None
+        if mask is not None and mask.size != img.size:  # SIIM masks are 1024 px; the image may be shrunk
+            mask = mask.resize(img.size, Image.NEAREST)
+        if position is None:
+            image, mask = eval_view(img, self.size, mask, center_crop=mask is None)
+        else:
+            rng = np.random.default_rng([self.seed, position])
+            if mask is None:
+                image, _ = train_view(img, self.size, rng, (self.min_crop, 1.0))
+            else:  # the released SIIM pipeline: the whole film resized (keeping its square ratio) and a flip, no crop
+                image, mask = eval_view(img, self.size, mask, center_crop=False)
+                if rng.random() < 0.5:
+                    image, mask = image[:, ::-1], mask[:, ::-1]
+        target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
+        return {"image": torch.from_numpy(image.copy())[None], "target": target}
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning split lists and masks
+
+
+def read_split_list(path: str, image_root: str, num_labels: int | None = None):
+    """A released split list: lines 'relative/path l1 ... lK'. Checks every line's label count and that
+    every image exists, naming the list and line. Returns (data.ImageFiles, labels (N, K) float32)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    paths, labels, lines = [], [], []
+    for line_no, line in enumerate(data.text_lines(path), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            values = [float(v) for v in parts[1:]]
+        except ValueError:
+            values = [math.nan]
+        if not all(math.isfinite(v) for v in values):
+            raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
+        if num_labels is None:
+            num_labels = len(values)
+        if len(values) != num_labels or num_labels == 0:
+            raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
+        paths.append(parts[0])
+        labels.append(values)
+        lines.append(line_no)
+    if not paths:
+        raise data.BadRecord(f"{path}: the split list is empty")
+    missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
+    if missing:
+        shown = "; ".join(f"line {n}: {os.path.join(root, p)}" for n, p in missing[:5])
+        raise data.BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
+    return data.ImageFiles(paths, root, csv_path=path, lines=lines), np.array(labels, dtype=np.float32)
+
+
+class MaskFiles:
+    """Segmentation masks <mask_root>/<id>.png, 0 = background, anything else = the finding."""
+
+    def __init__(self, ids, mask_root):
+        self.ids, self.root = list(ids), mask_root
+
+    def load_mask(self, i):
+        path = os.path.join(self.root, f"{self.ids[i]}.png")
+        try:
+            return data.load_image(path)
+        except data.BadRecord as e:
+            raise data.BadRecord(f"{e} (the mask of image {self.ids[i]})") from None
+
+
+def _stem(p: str) -> str:
+    """The image id of a list entry: its file name less an image suffix. SIIM ids hold dots
+    (1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361): only a known suffix is dropped."""
+    name = os.path.basename(p)
+    stem, suffix = os.path.splitext(name)
+    return stem if suffix.lower() in data.IMAGE_SUFFIXES else name
+
+
+def read_id_list(path: str, image_root: str, mask_root: str):
+    """A SIIM split list (one image id a line, or a path whose stem is the id). Finds each id's image under
+    image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such split list")
+    ids = [_stem(line.split()[0]) for line in data.text_lines(path) if line.strip()]
+    found = {}
+    for folder, _, files in os.walk(image_root):
+        for name in files:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in data.IMAGE_SUFFIXES:
+                found.setdefault(stem, os.path.relpath(os.path.join(folder, name), image_root))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise data.BadRecord(f"{path}: {len(missing)} of {len(ids)} image ids have no image under {image_root}: "
+                             + ", ".join(missing[:5]))
+    no_mask = [i for i in ids if not os.path.exists(os.path.join(mask_root, f"{i}.png"))]
+    if no_mask:
+        raise data.BadRecord(f"{path}: {len(no_mask)} of {len(ids)} image ids have no {mask_root}/<id>.png mask "
+                             "(python data.py siim-masks writes them): " + ", ".join(no_mask[:5]))
+    return data.ImageFiles([found[i] for i in ids], image_root), MaskFiles(ids, mask_root)
+
+
+class SyntheticFilms:
+    """Synthetic records first..first+n-1 rendered once into memory, with their labels and masks."""
+
+    def __init__(self, first: int, n: int, size: int, findings=(), seed: int = 0):
+        self.first = first
+        keep = [FINDINGS.index(f) for f in findings]
+        images, masks, labels = [], [], []
+        for i in progress(range(first, first + n), desc="rendering synthetic records", unit=" records"):
+            rec = synth_record(i, size, seed)
+            images.append(rec["image"])
+            labels.append(rec["labels"])
+            if keep:
+                masks.append(rec["masks"][keep].any(0))
+        self.images, self.labels = np.stack(images), np.stack(labels).astype(np.float32)
+        self.masks = np.stack(masks) if keep else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, i):
+        return Image.fromarray(self.images[i])
+
+    def load_mask(self, i):
+        return Image.fromarray(self.masks[i].astype(np.uint8) * 255)
+
+    def where(self, i):
+        return f"synthetic record {self.first + i}"
+
+
+def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
+    """The refusal of a list whose label count is not its --dataset's, saying which --dataset fits."""
+    fits = [d for d, names in LABEL_NAMES.items() if len(names) == found and d not in ("synthetic", "siim")]
+    default = " (the default)" if dataset == "synthetic" else ""
+    return (f"{path}: {found} label(s) a line, not the {expected} of --dataset {dataset}{default}: pass "
+            + (f"--dataset {' or '.join(fits)} (its label names and released schedule), or " if fits else "")
+            + "--dataset custom with --steps (or --epochs) and --lr")
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning splits: from split lists, or synthetic records (finetune.py --dataset synthetic)
+
+SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
+
+
+SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
+
+
+def resolve_lists(cfg):
+    """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
+    if cfg.task not in ("classify", "segment"):
+        raise ConfigError(f"--task must be classify or segment, got {cfg.task!r}")
+    if cfg.splits:
+        if cfg.ratio not in SPLIT_FILES:
+            raise ConfigError(f"--ratio must be one of {sorted(SPLIT_FILES)} with --splits, got {cfg.ratio}")
+        for field, name in (("train_list", SPLIT_FILES[cfg.ratio]), ("val_list", "val_list.txt"),
+                            ("test_list", "test_list.txt")):
+            if not getattr(cfg, field):
+                setattr(cfg, field, os.path.join(cfg.splits, name))
+    return cfg
+
+
+def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tuple]:
+    """{'train', 'val', 'test'} FinetuneDatasets and the label names. `rendered`: a dict that keeps the
+    synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
+    cfg = resolve_lists(cfg)
+    segment = cfg.task == "segment"
+    if cfg.dataset == "synthetic" and not cfg.train_list:
+        findings = [f.strip() for f in cfg.seg_findings.split(",")] if segment else []
+        unknown = [f for f in findings if f not in FINDINGS]
+        if unknown:
+            raise ConfigError(f"--seg_findings: unknown {unknown}; choose from {FINDINGS}")
+        render = min(2 * size, 512)  # as pre-training saw them: crops of a larger film
+        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
+        splits, first = {}, SYNTH_START
+        for name, n in counts.items():
+            key = (first, n, render, tuple(findings))
+            films = rendered.get(key) if rendered is not None else None
+            if films is None:
+                films = SyntheticFilms(first, n, render, findings)
+                if rendered is not None:
+                    rendered[key] = films
+            splits[name] = (films, films.labels, films if segment else None)
+            first += n
+        names = ("+".join(findings),) if segment else FINDINGS
+    else:
+        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
+        empty = [k for k, v in lists.items() if not v]
+        if empty:
+            raise ConfigError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
+        splits = {}
+        expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
+        for name, path in lists.items():  # train first: val and test must have its label count
+            if segment:
+                if not cfg.mask_root:
+                    raise ConfigError("segmentation from split lists needs --mask_root (python data.py siim-masks)")
+                images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
+                                             cfg.mask_root)
+                splits[name] = (images, None, masks)
+            else:
+                images, labels = read_split_list(path, cfg.image_root, None if name == "train" else expected)
+                if name == "train" and expected not in (None, labels.shape[1]):
+                    raise ConfigError(label_count_hint(cfg.dataset, expected, labels.shape[1], path))
+                expected = labels.shape[1]
+                splits[name] = (images, labels, None)
+        val = splits["val"][1] > 0.5
+        if not (val.any(0) & ~val.all(0)).any():
+            raise data.BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
+                                 "select a model: give a validation list with positives and negatives")
+        k = splits["train"][1].shape[1] if not segment else 1
+        names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
+    images, labels, masks = splits["train"]
+    if cfg.label_fraction < 1:
+        keep = label_subset(len(images), cfg.label_fraction, cfg.seed)
+        images = Subset(images, keep)
+        labels = labels[keep] if labels is not None else None
+        masks = Subset(masks, keep) if masks is not None else None
+        splits["train"] = (images, labels, masks)
+    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop)
+                for name, (img, lab, msk) in splits.items()}
+    return datasets, names
+
+
+# -----------------------------------------------------------------------------
+# Preparing datasets: synthetic records to disk, pre-shrinking, MIMIC-CXR, SIIM masks
+
+
+
+
+def _write_atomic_csv(path, header, rows):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_synthetic(out, n: int, size: int = 512, seed: int = 0):
+    """Records 0..n-1 as files in the real formats: images/NNNNN.png, masks/NNNNN.png (bit k set where
+    finding k is), training.csv (the train split, image_path,report_content), and split lists
+    train_list.txt / val_list.txt / test_list.txt (80/10/10) plus train_1.txt and train_10.txt, each line
+    `images/NNNNN.png l1 ... lK` in FINDINGS order, like the released fine-tuning lists."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    bits = (1 << np.arange(len(FINDINGS), dtype=np.uint8))[:, None, None]
+    lines, csv_rows = [], []
+    for i in tqdm(range(n), desc="synthetic records", unit=" records"):
+        rec = synth_record(i, size, seed)
+        name = f"images/{i:05d}.png"
+        Image.fromarray(rec["image"]).save(out / name)
+        Image.fromarray((rec["masks"] * bits).sum(0).astype(np.uint8)).save(out / f"masks/{i:05d}.png")
+        lines.append(name + " " + " ".join(str(int(v)) for v in rec["labels"]))
+        csv_rows.append((name, rec["report"]))
+    n_train, n_val = int(0.8 * n), int(0.1 * n)
+    splits = {"train_list": lines[:n_train], "val_list": lines[n_train:n_train + n_val],
+              "test_list": lines[n_train + n_val:], "train_1": lines[:max(1, n_train // 100)],
+              "train_10": lines[:max(1, n_train // 10)]}
+    for name, rows in splits.items():
+        (out / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
+    _write_atomic_csv(out / "training.csv", ("image_path", "report_content"), csv_rows[:n_train])
+    (out / "findings.txt").write_text("\n".join(FINDINGS) + "\n")
+    print(f"wrote {n} records to {out} ({n_train} in training.csv); labels in the order of findings.txt")
+
+
+def _resize_one(job):
+    src, dst, size = job
+    try:
+        img = load_image(src)
+        scale = size / min(img.size)
+        if scale < 1:  # only ever shrink
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        fmt = "JPEG" if dst.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        tmp = dst.with_name(dst.name + ".tmp")
+        img.save(tmp, format=fmt, quality=95)
+        os.replace(tmp, dst)  # never leaves a half-written file that a rerun would take as done
+        return None
+    except Exception as e:
+        return f"{src}: {e}"
+
+
+def resize_dataset(src, dst, size: int = 512, workers: int | None = None):
+    """Copy every image under src to the same relative path under dst, shorter side shrunk to `size`,
+    8-bit gray (DICOM, TIFF and BMP files become PNG). Files already in dst are skipped."""
+    src, dst = Path(src), Path(dst)
+    jobs = []
+    for p in sorted(src.rglob("*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        target = dst / p.relative_to(src)
+        if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+            target = target.with_suffix(".png")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((p, target, size))
+    print(f"{len(jobs)} images to shrink under {src} (others already done)")
+    errors = []
+    with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        for err in tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs), unit=" images"):
+            if err:
+                errors.append(err)
+    if errors:
+        print(f"{len(errors)} images failed:\n  " + "\n  ".join(errors[:20]), file=sys.stderr)
+    return errors
+
+
+SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]*):", re.M)
+
+
+def report_sections(text: str) -> dict:
+    """{'FINDINGS': '...', 'IMPRESSION': '...', ...} from a MIMIC-CXR report; whitespace collapsed."""
+    heads = list(SECTION_HEADER.finditer(text))
+    return {h.group(1).strip(): " ".join(text[h.end(): nxt.start() if nxt else len(text)].split())
+            for h, nxt in zip(heads, heads[1:] + [None])}
+
+
+def mimic_report_text(text: str, sections=None) -> str:
+    """A report as pre-training reads it: the whole text, whitespace collapsed (sections=None: the paper's
+    Fig. 3 and the released reader use whole reports), or only the named sections ('findings',
+    'impression', ...), in that order, with their headers; 'findings' also takes a combined 'FINDINGS AND
+    IMPRESSION' section. '' when nothing is left."""
+    if sections is None:
+        return " ".join(text.split())
+    names = []
+    for name in sections:
+        names += [name.upper()] + (["FINDINGS AND IMPRESSION"] if name.upper() == "FINDINGS" else [])
+    found = report_sections(text)
+    return " ".join(f"{name}: {found[name]}" for name in dict.fromkeys(names) if found.get(name))
+
+
+def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None, sections=None):
+    """MIMIC-CXR-JPG + the MIMIC-CXR reports -> training.csv (image_path relative to images_root).
+    reports_root holds files/pXX/pSUBJECT/sSTUDY.txt; images_root holds files/pXX/pSUBJECT/sSTUDY/*.jpg.
+    By default every image and the whole report, as the paper pre-trains (over 370,000 images, every
+    view). views (e.g. ('PA', 'AP')) keeps those views only and needs the metadata CSV
+    (mimic-cxr-2.0.0-metadata.csv[.gz]), which holds each image's view; sections: see mimic_report_text."""
+    reports_root, images_root = Path(reports_root), Path(images_root)
+    if views and not metadata:
+        raise ConfigError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz): an image's view is "
+                          "in the metadata, not in its file name")
+    if metadata:
+        opener = gzip.open if str(metadata).endswith(".gz") else open
+        with opener(metadata, "rt", newline="") as f:
+            images = [Path("files", f"p{r['subject_id'][:2]}", f"p{r['subject_id']}", f"s{r['study_id']}",
+                           f"{r['dicom_id']}.jpg")
+                      for r in csv.DictReader(f) if not views or r["ViewPosition"] in views]
+    else:
+        images = sorted(p.relative_to(images_root) for p in images_root.rglob("*.jpg"))
+    rows, missing_image, no_report, no_text, cache = [], 0, 0, 0, {}
+    for rel in tqdm(images, desc="MIMIC-CXR records", unit=" images"):
+        if not (images_root / rel).is_file():
+            missing_image += 1
+            continue
+        study = rel.parent  # files/pXX/pSUBJECT/sSTUDY
+        if study not in cache:
+            report_file = reports_root / study.parent / f"{study.name}.txt"
+            cache[study] = mimic_report_text(report_file.read_text(), sections) if report_file.is_file() else None
+        text = cache[study]
+        if text is None:
+            no_report += 1
+        elif not text:
+            no_text += 1
+        else:
+            rows.append((rel.as_posix(), text))
+    _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
+    left_out = f"{no_text} whose report has none of the sections {', '.join(sections)}" if sections else \
+        f"{no_text} with an empty report"
+    print(f"wrote {len(rows)} rows to {out_csv}; skipped {missing_image} missing images, {no_report} "
+          f"without a report file, {left_out}")
+    return len(rows)
+
+
+def decode_rle(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
+    """One SIIM-ACR run-length string -> (height, width) bool mask. Pairs 'offset length': each offset
+    counts from the end of the previous run (from pixel 0 for the first), pixels numbered down the
+    columns (column-major); '-1' means no pneumothorax."""
+    values = [int(v) for v in rle.split()]
+    flat = np.zeros(height * width, dtype=bool)
+    if values == [-1]:
+        return flat.reshape(width, height).T
+    if len(values) % 2:
+        raise ValueError(f"odd number of values in run-length string {rle[:40]!r}")
+    end = 0
+    for offset, length in zip(values[0::2], values[1::2]):
+        start = end + offset
+        if offset < 0 or length <= 0 or start + length > flat.size:
+            raise ValueError(f"run {offset} {length} falls outside a {height}x{width} image")
+        flat[start:start + length] = True
+        end = start + length
+    return flat.reshape(width, height).T  # column-major: consecutive pixels run down a column
+
+
+def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
+    """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
+    out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
+    runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
+    rows = csv.reader(text_lines(rle_csv))
+    header = [h.strip() for h in next(rows, [])]
+    if header[:2] != ["ImageId", "EncodedPixels"]:
+        raise BadRecord(f"{rle_csv}: expected the header 'ImageId, EncodedPixels', got {header}")
+    for row in rows:
+        if not row:
+            continue
+        if len(row) < 2:
+            raise BadRecord(f"{rle_csv}, line {rows.line_num}: expected 'ImageId, EncodedPixels', got {row}")
+        runs.setdefault(row[0].strip(), []).append((rows.line_num, row[1].strip()))
+    os.makedirs(out, exist_ok=True)
+    positive = 0
+    for image_id, regions in progress(runs.items(), desc="masks", total=len(runs)):
+        mask = np.zeros((size, size), dtype=bool)
+        for line, rle in regions:
+            try:
+                mask |= decode_rle(rle, size, size)
+            except ValueError as e:
+                raise BadRecord(f"{rle_csv}, line {line}: {e}") from None
+        positive += bool(mask.any())
+        path = os.path.join(out, f"{image_id}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(f"{path}.tmp.png")
+        os.replace(f"{path}.tmp.png", path)  # a stopped run never leaves a half-written mask
+    print(f"wrote {len(runs)} masks to {out} ({positive} with pneumothorax)")
+    return len(runs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare records for train.py and finetune.py: synthetic ones as "
+                                     "files, MIMIC-CXR's training.csv, SIIM-ACR's masks, shrunk copies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write synthetic records as files + training.csv + split lists")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("resize", help="pre-shrink a folder of images (shorter side), in parallel")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--size", type=int, default=1024,
+                   help="shorter side in pixels (default 1024: a 448 crop of area share 0.2 is then rarely upsampled)")
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("mimic", help="MIMIC-CXR-JPG + reports -> training.csv")
+    p.add_argument("--reports", required=True, help="folder holding files/pXX/pSUBJECT/sSTUDY.txt")
+    p.add_argument("--images", required=True, help="MIMIC-CXR-JPG folder holding files/pXX/...")
+    p.add_argument("--metadata", default=None, help="mimic-cxr-2.0.0-metadata.csv[.gz] (each image's view)")
+    p.add_argument("--views", default="", help="keep only these views, e.g. PA,AP (default: every view, as the paper)")
+    p.add_argument("--sections", default="",
+                   help="keep only these report sections, e.g. findings,impression (default: the whole report)")
+    p.add_argument("--out", default="training.csv")
+    p = sub.add_parser("siim-masks", help="SIIM-ACR train-rle.csv -> one <ImageId>.png mask per image")
+    p.add_argument("--rle", required=True, help="Kaggle's train-rle.csv")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=1024, help="image side the run lengths refer to")
+    args = parser.parse_args(argv)
+    with one_line_errors("data.py"):
+        if args.command == "synth":
+            write_synthetic(args.out, args.n, args.size, args.seed)
+        elif args.command == "resize":
+            sys.exit(1 if resize_dataset(args.src, args.dst, args.size, args.workers) else 0)
+        elif args.command == "siim-masks":
+            write_siim_masks(args.rle, args.out, args.size)
+        else:
+            convert_mimic(args.reports, args.images, args.out, args.metadata,
+                          views=[v.strip().upper() for v in args.views.split(",") if v.strip()] or None,
+                          sections=[v.strip() for v in args.sections.split(",") if v.strip()] or None)
+
+
+if __name__ == "__main__":
+    main()
