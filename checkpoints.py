@@ -41,6 +41,48 @@ def save_checkpoint(path: str, state: dict):
         os.close(fd)
 
 
+# What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
+# argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
+# which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;
+# numpy 1.x pickled its scalars under numpy.core, numpy 2 under numpy._core.
+_numpy_scalar = np.float64(0).__reduce__()[0]  # the function a pickled numpy scalar is rebuilt with
+SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes
+                (_numpy_scalar, "numpy.core.multiarray.scalar"), (_numpy_scalar, "numpy._core.multiarray.scalar")]
+SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+
+
+def read_checkpoint(path, trust: bool = False) -> dict:
+    """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
+    pickles any other object (which can run any code as it loads) is refused, naming the object, unless
+    `trust` is set: then it is loaded with weights_only=False, for a file you know."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if trust:
+        print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = [] if trust else unsafe_globals(path)
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
+                "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
+                "(trust=True in load_pretrained)") from None
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def unsafe_globals(path) -> list[str]:
+    """The objects a checkpoint pickles beyond SAFE_GLOBALS, read from the pickle's opcodes (nothing runs)."""
+    try:
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in SAFE_GLOBAL_NAMES]
+    except Exception:  # not a zip checkpoint at all
+        return []
+
+
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "config", "model_config", "tokenizer", "rng")
 
 
@@ -93,48 +135,6 @@ def _compact(keys) -> list[str]:
     return lines
 
 
-# What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
-# argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
-# which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;
-# numpy 1.x pickled its scalars under numpy.core, numpy 2 under numpy._core.
-_numpy_scalar = np.float64(0).__reduce__()[0]  # the function a pickled numpy scalar is rebuilt with
-SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes
-                (_numpy_scalar, "numpy.core.multiarray.scalar"), (_numpy_scalar, "numpy._core.multiarray.scalar")]
-SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-
-
-def read_checkpoint(path, trust: bool = False) -> dict:
-    """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
-    pickles any other object (which can run any code as it loads) is refused, naming the object, unless
-    `trust` is set: then it is loaded with weights_only=False, for a file you know."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if trust:
-        print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = [] if trust else unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
-                "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
-                "(trust=True in load_pretrained)") from None
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
-
-
-def unsafe_globals(path) -> list[str]:
-    """The objects a checkpoint pickles beyond SAFE_GLOBALS, read from the pickle's opcodes (nothing runs)."""
-    try:
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in SAFE_GLOBAL_NAMES]
-    except Exception:  # not a zip checkpoint at all
-        return []
-
-
 def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False) -> dict:
     """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
     holding the ViT as `.encoder`), matching names across layouts:
@@ -143,7 +143,7 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
     A position table for another input size is interpolated (interpolate_pos_embed), not skipped.
     Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
     The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
-    with the released helper's slip, see get_2d_sincos_pos_embed), which is what its decoder was trained with.
+    with the released helper's slip, see mrm.get_2d_sincos_pos_embed), which is what its decoder was trained with.
     """
     ckpt = read_checkpoint(path, trust)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None

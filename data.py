@@ -30,6 +30,10 @@ from checkpoints import CheckpointError
 from mrm import ConfigError
 
 
+class BadRecord(ValueError):
+    """A record that cannot be used: the message names the file (and CSV line) and the problem."""
+
+
 # -----------------------------------------------------------------------------
 # 1. Reports: WordPiece tokens, [CLS] first, 100 ids, masked (Sec. 3.1)
 
@@ -357,6 +361,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 def full_view(img: Image.Image, size: int) -> np.ndarray:
     """The whole image resized to size x size as training resizes a crop, no randomness: for pictures and checks."""
     return resize_box(img, (0, 0, *img.size), size)
+
+
 # -----------------------------------------------------------------------------
 # 4. Images: every format becomes one 8-bit gray channel
 
@@ -436,10 +442,6 @@ def load_image(path) -> Image.Image:
 
 # -----------------------------------------------------------------------------
 # Plumbing: errors that name the file, UTF-8 lines, progress bars (shared by the scripts)
-
-
-class BadRecord(ValueError):
-    """A record that cannot be used: the message names the file (and CSV line) and the problem."""
 
 
 def text_lines(path):

@@ -3,8 +3,9 @@
   * fine-tuning: the released training and test views (crop, flip, resize), a step-seeded sampler that
     makes a run resumable exactly, and the Dataset finetune.py reads;
   * fine-tuning split lists: the released DatasetsSplits/ format ('relative/path l1 ... lK') for NIH
-    ChestX-ray14, CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks; or synthetic
-    records (synthetic.py) rendered into memory;
+    ChestX-ray14, CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks;
+  * fine-tuning splits: train / val / test from those lists, or from synthetic records (synthetic.py)
+    rendered into memory, with an optional seeded label fraction;
   * commands (`python data.py -h` lists them): MIMIC-CXR-JPG + reports -> the training.csv that
     train.py reads (image_path, report_content); SIIM-ACR run-length masks -> one PNG a film;
     pre-shrinking a dataset; the synthetic records as files.
@@ -45,33 +46,6 @@ LABEL_NAMES = {
 
 # -----------------------------------------------------------------------------
 # Fine-tuning: the released training and test views, and the dataset finetune.py reads
-
-
-def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random fraction of n records (at least one)."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
-    k = max(1, round(fraction * n))
-    return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
-
-
-class Subset:
-    """Records `ids` of an image source (ImageFiles, SyntheticFilms, ...), re-indexed 0..len-1."""
-
-    def __init__(self, source, ids):
-        self.source, self.ids = source, np.asarray(ids)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def load(self, i):
-        return self.source.load(int(self.ids[i]))
-
-    def load_mask(self, i):
-        return self.source.load_mask(int(self.ids[i]))
-
-    def where(self, i):
-        return self.source.where(int(self.ids[i]))
 
 
 def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
@@ -164,7 +138,7 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
         raise FileNotFoundError(f"{path}: no such split list")
     root = image_root or os.path.dirname(os.path.abspath(path))
     paths, labels, lines = [], [], []
-    for line_no, line in enumerate(data.text_lines(path), start=1):
+    for line_no, line in enumerate(text_lines(path), start=1):
         parts = line.split()
         if not parts:
             continue
@@ -173,20 +147,20 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
         except ValueError:
             values = [math.nan]
         if not all(math.isfinite(v) for v in values):
-            raise data.BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
+            raise BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
         if num_labels is None:
             num_labels = len(values)
         if len(values) != num_labels or num_labels == 0:
-            raise data.BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
+            raise BadRecord(f"{path}, line {line_no}: expected {num_labels} labels, got {len(values)}")
         paths.append(parts[0])
         labels.append(values)
         lines.append(line_no)
     if not paths:
-        raise data.BadRecord(f"{path}: the split list is empty")
+        raise BadRecord(f"{path}: the split list is empty")
     missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
     if missing:
         shown = "; ".join(f"line {n}: {os.path.join(root, p)}" for n, p in missing[:5])
-        raise data.BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
+        raise BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
     return data.ImageFiles(paths, root, csv_path=path, lines=lines), np.array(labels, dtype=np.float32)
 
 
@@ -199,9 +173,9 @@ class MaskFiles:
     def load_mask(self, i):
         path = os.path.join(self.root, f"{self.ids[i]}.png")
         try:
-            return data.load_image(path)
-        except data.BadRecord as e:
-            raise data.BadRecord(f"{e} (the mask of image {self.ids[i]})") from None
+            return load_image(path)
+        except BadRecord as e:
+            raise BadRecord(f"{e} (the mask of image {self.ids[i]})") from None
 
 
 def _stem(p: str) -> str:
@@ -209,7 +183,7 @@ def _stem(p: str) -> str:
     (1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361): only a known suffix is dropped."""
     name = os.path.basename(p)
     stem, suffix = os.path.splitext(name)
-    return stem if suffix.lower() in data.IMAGE_SUFFIXES else name
+    return stem if suffix.lower() in IMAGE_SUFFIXES else name
 
 
 def read_id_list(path: str, image_root: str, mask_root: str):
@@ -217,22 +191,29 @@ def read_id_list(path: str, image_root: str, mask_root: str):
     image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such split list")
-    ids = [_stem(line.split()[0]) for line in data.text_lines(path) if line.strip()]
+    ids = [_stem(line.split()[0]) for line in text_lines(path) if line.strip()]
     found = {}
     for folder, _, files in os.walk(image_root):
         for name in files:
             stem, suffix = os.path.splitext(name)
-            if suffix.lower() in data.IMAGE_SUFFIXES:
+            if suffix.lower() in IMAGE_SUFFIXES:
                 found.setdefault(stem, os.path.relpath(os.path.join(folder, name), image_root))
     missing = [i for i in ids if i not in found]
     if missing:
-        raise data.BadRecord(f"{path}: {len(missing)} of {len(ids)} image ids have no image under {image_root}: "
+        raise BadRecord(f"{path}: {len(missing)} of {len(ids)} image ids have no image under {image_root}: "
                              + ", ".join(missing[:5]))
     no_mask = [i for i in ids if not os.path.exists(os.path.join(mask_root, f"{i}.png"))]
     if no_mask:
-        raise data.BadRecord(f"{path}: {len(no_mask)} of {len(ids)} image ids have no {mask_root}/<id>.png mask "
+        raise BadRecord(f"{path}: {len(no_mask)} of {len(ids)} image ids have no {mask_root}/<id>.png mask "
                              "(python data.py siim-masks writes them): " + ", ".join(no_mask[:5]))
     return data.ImageFiles([found[i] for i in ids], image_root), MaskFiles(ids, mask_root)
+
+
+# -----------------------------------------------------------------------------
+# Fine-tuning splits: from split lists, or synthetic records (finetune.py --dataset synthetic)
+
+SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
+SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
 
 
 class SyntheticFilms:
@@ -264,6 +245,33 @@ class SyntheticFilms:
         return f"synthetic record {self.first + i}"
 
 
+def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random fraction of n records (at least one)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}")
+    k = max(1, round(fraction * n))
+    return np.sort(np.random.default_rng([seed, 101]).choice(n, size=k, replace=False))
+
+
+class Subset:
+    """Records `ids` of an image source (ImageFiles, SyntheticFilms, ...), re-indexed 0..len-1."""
+
+    def __init__(self, source, ids):
+        self.source, self.ids = source, np.asarray(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, i):
+        return self.source.load(int(self.ids[i]))
+
+    def load_mask(self, i):
+        return self.source.load_mask(int(self.ids[i]))
+
+    def where(self, i):
+        return self.source.where(int(self.ids[i]))
+
+
 def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
     """The refusal of a list whose label count is not its --dataset's, saying which --dataset fits."""
     fits = [d for d, names in LABEL_NAMES.items() if len(names) == found and d not in ("synthetic", "siim")]
@@ -273,16 +281,7 @@ def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
             + "--dataset custom with --steps (or --epochs) and --lr")
 
 
-# -----------------------------------------------------------------------------
-# Fine-tuning splits: from split lists, or synthetic records (finetune.py --dataset synthetic)
-
-SYNTH_START = 1_000_000  # synthetic fine-tuning records start here: pre-training never saw them
-
-
-SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
-
-
-def resolve_lists(cfg):
+def resolve_lists(cfg):  # cfg: a finetune.FinetuneConfig
     """--splits DIR fills the lists left empty: the train list of --ratio, val_list, test_list."""
     if cfg.task not in ("classify", "segment"):
         raise ConfigError(f"--task must be classify or segment, got {cfg.task!r}")
@@ -297,7 +296,7 @@ def resolve_lists(cfg):
 
 
 def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tuple]:
-    """{'train', 'val', 'test'} FinetuneDatasets and the label names. `rendered`: a dict that keeps the
+    """{'train', 'val', 'test'} FinetuneDatasets and the label names of a finetune.FinetuneConfig. `rendered`: a dict that keeps the
     synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
     cfg = resolve_lists(cfg)
     segment = cfg.task == "segment"
@@ -341,7 +340,7 @@ def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tu
                 splits[name] = (images, labels, None)
         val = splits["val"][1] > 0.5
         if not (val.any(0) & ~val.all(0)).any():
-            raise data.BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
+            raise BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
                                  "select a model: give a validation list with positives and negatives")
         k = splits["train"][1].shape[1] if not segment else 1
         names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
@@ -359,8 +358,6 @@ def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tu
 
 # -----------------------------------------------------------------------------
 # Preparing datasets: synthetic records to disk, pre-shrinking, MIMIC-CXR, SIIM masks
-
-
 
 
 def _write_atomic_csv(path, header, rows):

@@ -64,6 +64,8 @@ SEG_RECIPES = {
 # (auxiliary) focal 0.8 + Dice 0.4. The tiny demo keeps a third of its width, 64 channels, on a CPU.
 SEG_HEADS = {"base": dict(channels=768, aux_channels=256), "tiny": dict(channels=64, aux_channels=64)}
 SEG_LOSS_WEIGHTS = {"main": (2.0, 1.0), "aux": (0.8, 0.4)}  # (focal, Dice)
+
+
 @dataclass
 class FinetuneConfig:
     # what to learn
@@ -515,13 +517,6 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     return best
 
 
-def print_table(names, values, title: str):
-    width = max(len(n) for n in list(names) + [title]) + 2
-    print(f"{title:<{width}}{'AUC':>7}")
-    for name, v in zip(names, values):
-        print(f"{name:<{width}}{v:7.4f}")
-
-
 def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results.
     rendered: see build_splits."""
@@ -554,7 +549,9 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     if cfg.task == "classify":
         results.update(val_auc_mean=chosen["val"], test_auc={n: clean(v) for n, v in zip(names, values)},
                        test_auc_mean=clean(test))
-        print_table(list(names) + ["mean"], list(values) + [test], f"test ({len(datasets['test'])} images)")
+        title, rows = f"test ({len(datasets['test'])} images)", [*zip(names, values), ("mean", test)]
+        width = max(len(n) for n in [title, *names, "mean"]) + 2
+        print(f"{title:<{width}}{'AUC':>7}\n" + "\n".join(f"{n:<{width}}{v:7.4f}" for n, v in rows))
     else:
         # an empty prediction everywhere scores the share of empty truths: the two parts tell them apart
         with_finding = clean(values[extra].mean()) if extra.any() else None

@@ -20,9 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Reading MAE's or the released MRM's weights into these modules is plumbing, kept in checkpoints.py;
-# imported here so that `from mrm import MRM, load_pretrained` is all a user needs.
-from checkpoints import load_pretrained  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # Sizes and switches: every part below reads its sizes from here
@@ -575,3 +572,6 @@ class MRM(nn.Module):
         return out
 
 
+# Reading MAE's or the released MRM's weights into these modules is plumbing, kept in checkpoints.py;
+# imported here so that `from mrm import MRM, load_pretrained` is all a user needs.
+from checkpoints import load_pretrained  # noqa: E402, F401

@@ -114,109 +114,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Distributed set-up: nothing happens when RANK is unset (plain `python train.py`)
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-# -----------------------------------------------------------------------------
-# Data and model
-
-
-def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
-    """Records, tokenizer and the Dataset. Returns (dataset, tokenizer)."""
-    from tokenizers import Tokenizer
-
-    hr = 2 * mcfg.img_size
-    if cfg.data == "synthetic":
-        images = data.SyntheticImages(cfg.num_records, size=min(2 * hr, 512), seed=cfg.seed)
-        reports = [synthetic.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
-    else:
-        root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data))
-        images, reports, n_bad = data.read_training_csv(cfg.data, root, cfg.skip_bad)
-        if n_bad and rank == 0:
-            print(f"skipped {n_bad} bad rows of {cfg.data}")
-    tok_path = os.path.join(cfg.out, "tokenizer.json")
-    if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
-        tok = Tokenizer.from_str(ckpt["tokenizer"])
-    elif cfg.tokenizer:
-        tok = data.load_tokenizer(cfg.tokenizer)
-    else:  # built once (rank 0), the other ranks read it
-        if rank == 0:
-            print(f"building a WordPiece vocabulary from {len(reports)} reports")
-            data.train_tokenizer(reports, cfg.vocab_size).save(tok_path)
-        if dist.is_initialized():
-            dist.barrier()
-        tok = data.load_tokenizer(tok_path)
-    if rank == 0 and (cfg.tokenizer or ckpt is not None):
-        tok.save(tok_path)
-    tokens = data.encode_reports(tok, reports, mcfg.max_text_len)
-    empty = np.flatnonzero(tokens[:, 1] == tok.token_to_id("[PAD]"))  # nothing after [CLS]: nothing to mask
-    if len(empty):
-        raise data.BadRecord(f"{len(empty)} reports have no token: " + "; ".join(images.where(i) for i in empty[:5]))
-    dataset = data.PretrainDataset(images, tokens, hr, (mcfg.img_size // mcfg.patch_size) ** 2,
-                                   mcfg.text_mask_ratio, tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"),
-                                   seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
-    return dataset, tok
-
-
-def model_config(cfg: TrainConfig, tok=None) -> MRMConfig:
-    """The model's sizes and switches; the vocabulary's size and ids from `tok` (without it, the preset's)."""
-    vocab = {} if tok is None else dict(vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
-                                        mask_token_id=tok.token_to_id("[MASK]"))
-    return MRMConfig.from_preset(
-        cfg.preset, **vocab, mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
-        mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
-        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss,
-        multimodal_mim=cfg.multimodal_mim)
-
-
-def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
-    """(sampler, DataLoader). The same sampler with or without torchrun: the data order is a function
-    of (seed, epoch) only. Workers live across epochs (the dataset reads each new epoch from shared
-    memory), and pinned batches copy to the GPU asynchronously."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
-    return sampler, loader
-
-
-def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) of the released main_pretrain.py, fused: one kernel over all parameters (4x faster than the
-    default on this project's 2-core CPU: docs/performance.md), and with fp16 its GradScaler's inf check
-    stays on the device."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),
-                             fused=device.type in ("cuda", "cpu"))
-
-
-def amp_dtype(cfg: TrainConfig, device: torch.device):
-    """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
-    (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-
-# -----------------------------------------------------------------------------
 # Training
 
 
@@ -416,6 +313,109 @@ def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str) -> dict:
     with open(log_path, "a") as f:
         f.write(json.dumps({"fusion_check": result}) + "\n")
     return result
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: nothing happens when RANK is unset (plain `python train.py`)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# Data and model
+
+
+def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
+    """Records, tokenizer and the Dataset. Returns (dataset, tokenizer)."""
+    from tokenizers import Tokenizer
+
+    hr = 2 * mcfg.img_size
+    if cfg.data == "synthetic":
+        images = data.SyntheticImages(cfg.num_records, size=min(2 * hr, 512), seed=cfg.seed)
+        reports = [synthetic.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
+    else:
+        root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data))
+        images, reports, n_bad = data.read_training_csv(cfg.data, root, cfg.skip_bad)
+        if n_bad and rank == 0:
+            print(f"skipped {n_bad} bad rows of {cfg.data}")
+    tok_path = os.path.join(cfg.out, "tokenizer.json")
+    if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
+    elif cfg.tokenizer:
+        tok = data.load_tokenizer(cfg.tokenizer)
+    else:  # built once (rank 0), the other ranks read it
+        if rank == 0:
+            print(f"building a WordPiece vocabulary from {len(reports)} reports")
+            data.train_tokenizer(reports, cfg.vocab_size).save(tok_path)
+        if dist.is_initialized():
+            dist.barrier()
+        tok = data.load_tokenizer(tok_path)
+    if rank == 0 and (cfg.tokenizer or ckpt is not None):
+        tok.save(tok_path)
+    tokens = data.encode_reports(tok, reports, mcfg.max_text_len)
+    empty = np.flatnonzero(tokens[:, 1] == tok.token_to_id("[PAD]"))  # nothing after [CLS]: nothing to mask
+    if len(empty):
+        raise data.BadRecord(f"{len(empty)} reports have no token: " + "; ".join(images.where(i) for i in empty[:5]))
+    dataset = data.PretrainDataset(images, tokens, hr, (mcfg.img_size // mcfg.patch_size) ** 2,
+                                   mcfg.text_mask_ratio, tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"),
+                                   seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
+    return dataset, tok
+
+
+def model_config(cfg: TrainConfig, tok=None) -> MRMConfig:
+    """The model's sizes and switches; the vocabulary's size and ids from `tok` (without it, the preset's)."""
+    vocab = {} if tok is None else dict(vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
+                                        mask_token_id=tok.token_to_id("[MASK]"))
+    return MRMConfig.from_preset(
+        cfg.preset, **vocab, mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
+        mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
+        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss,
+        multimodal_mim=cfg.multimodal_mim)
+
+
+def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
+    """(sampler, DataLoader). The same sampler with or without torchrun: the data order is a function
+    of (seed, epoch) only. Workers live across epochs (the dataset reads each new epoch from shared
+    memory), and pinned batches copy to the GPU asynchronously."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
+    return sampler, loader
+
+
+def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) of the released main_pretrain.py, fused: one kernel over all parameters (4x faster than the
+    default on this project's 2-core CPU: docs/performance.md), and with fp16 its GradScaler's inf check
+    stays on the device."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device):
+    """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
+    (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
 # -----------------------------------------------------------------------------

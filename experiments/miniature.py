@@ -7,7 +7,7 @@ on one fixed held-out test set (mean AUC over the six findings). It also checks 
 pre-trained model restores the report words that only the radiograph can tell (side, size, zone,
 presence) from its radiograph, from noise in its place, and from another report's radiograph.
 
-    python experiments/miniature.py            # 3 seeds: 51 minutes on a 2-core CPU (measured)
+    python experiments/miniature.py            # 3 seeds: 87 minutes on a 2-core CPU (measured, with LP-FT)
     python experiments/miniature.py --quick    # 1 seed, fewer records and steps: about 9 minutes
 
     python experiments/miniature.py --check out/ckpt.pt   # the fusion check of any train.py checkpoint

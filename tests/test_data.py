@@ -1,4 +1,5 @@
-"""data.py: synthetic records, image loading, CSV checks, tokenizer, report masking, augmentation."""
+"""data.py and the records it reads: synthetic records (synthetic.py), image loading, CSV checks, tokenizer, report
+masking, augmentation, the converters (datasets.py)."""
 import csv
 import gzip
 import sys

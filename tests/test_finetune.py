@@ -1,4 +1,5 @@
-"""finetune.py: metrics against hand-worked values, the data views, the heads, and whole runs on synthetic data."""
+"""finetune.py and what it reads: the metrics (checks.py) against hand-worked values, the data views and split
+lists (datasets.py), the heads, and whole runs on synthetic data."""
 import json
 import math
 import os
