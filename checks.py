@@ -286,6 +286,12 @@ def mean_auc(aucs: np.ndarray, names, split: str = "") -> float:
     return float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
 
 
+def auc_table(names, values, title: str) -> str:
+    """One line per label, 'name  AUC' in aligned columns, under a title line."""
+    width = max(len(n) for n in [*names, title]) + 2
+    return "\n".join([f"{title:<{width}}{'AUC':>7}", *(f"{n:<{width}}{v:7.4f}" for n, v in zip(names, values))])
+
+
 def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(N, H, W) bool predictions and truths -> (N,) Dice, 2|P & T| / (|P| + |T|). An empty truth scores 1
     if the prediction is empty too, else 0 (the SIIM-ACR rule)."""

@@ -32,7 +32,7 @@ import checks
 import data
 import synthetic
 from checkpoints import CheckpointError, load_pretrained, load_summary, read_checkpoint, save_checkpoint
-from checks import dice_per_image, mean_auc, roc_auc
+from checks import auc_table, dice_per_image, mean_auc, roc_auc
 from datasets import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
 from mrm import ConfigError, MRMConfig, ViT
 from train import NonFiniteLoss, amp_dtype, config_parser, lr_at
@@ -549,9 +549,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     if cfg.task == "classify":
         results.update(val_auc_mean=chosen["val"], test_auc={n: clean(v) for n, v in zip(names, values)},
                        test_auc_mean=clean(test))
-        title, rows = f"test ({len(datasets['test'])} images)", [*zip(names, values), ("mean", test)]
-        width = max(len(n) for n in [title, *names, "mean"]) + 2
-        print(f"{title:<{width}}{'AUC':>7}\n" + "\n".join(f"{n:<{width}}{v:7.4f}" for n, v in rows))
+        print(auc_table([*names, "mean"], [*values, test], f"test ({len(datasets['test'])} images)"))
     else:
         # an empty prediction everywhere scores the share of empty truths: the two parts tell them apart
         with_finding = clean(values[extra].mean()) if extra.any() else None
