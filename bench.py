@@ -155,10 +155,22 @@ def bench_step(args) -> dict:
     else:
         peak, peak_of = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
     img_per_s = args.batch_size / step_s
+    if args.profile:  # where the time goes: the top kernels (or CPU ops) of a few more steps
+        print(profile_table(lambda: steps(args.profile), device), flush=True)
     return report({**result, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
                    "peak_mem_gb": round(peak / 2**30, 3), "peak_mem_of": peak_of,
                    "mfu": round(gflop_per_img * img_per_s / (1e3 * args.peak_tflops), 4) if args.peak_tflops else None,
                    "warmup_s": round(warmup_s, 1), "loss": round(loss, 4), **environment(device)})
+
+
+def profile_table(run, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's table of the ops and kernels that took the most device time while run() ran."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +275,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="timed steps (0: only count FLOPs and memory)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--profile", type=int, default=0, help="then profile this many steps and print the top kernels")
     p = sub.add_parser("data", help="one record's image pipeline on one core: ours and the released one",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True)

@@ -12,6 +12,7 @@ Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end),
 """
 import argparse
 import csv
+import functools
 import inspect
 import json
 import math
@@ -84,6 +85,7 @@ class TrainConfig:
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
     fusion_check: int = 300          # synthetic data: held-out records for the fusion check at the end (0: none)
+    fusion_every: int = 0            # epochs between fusion checks during the run, a curve in log.jsonl (0: end only)
     dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
 
 
@@ -284,35 +286,47 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                 save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
                                 checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
                 checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
+            if (cfg.data == "synthetic" and cfg.fusion_check > 0 and cfg.fusion_every > 0
+                    and (epoch + 1) % cfg.fusion_every == 0 and epoch + 1 < cfg.epochs):  # the end's check is below
+                run_fusion_check(model, tok, cfg, log_path, epoch + 1, step)
         if dist.is_initialized():
             dist.barrier()  # no rank runs ahead of the checkpoint
     if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
-        last["fusion_check"] = run_fusion_check(model, tok, cfg, log_path)
+        last["fusion_check"] = run_fusion_check(model, tok, cfg, log_path, cfg.epochs, step, at_end=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return last
 
 
-def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str) -> dict:
+def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str, epoch: int, step: int,
+                     at_end: bool = False) -> dict:
     """MRM's idea, checked (checks.py): are the held-out reports' masked words restored better from their
     own film than from noise, and does the pooled image feature still differ between films? Writes one
-    log.jsonl line {"fusion_check": {...}} and prints one sentence."""
-    films, reports = checks.held_out(checks.CHECK_START, cfg.fusion_check, 2 * model.cfg.img_size, cfg.seed)
+    log.jsonl line {"fusion_check": {...}} and prints one sentence. A check during the run (--fusion_every)
+    also names its epoch at the line's top level, so that a resumed run keeps the checks before its start;
+    the end's check is the run's and goes when the run is continued."""
+    films, reports = held_out_records(cfg.fusion_check, 2 * model.cfg.img_size, cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         random_encoder = MRM(model.cfg).encoder.to(next(model.parameters()).device)  # as this run began
-    result = {"records": cfg.fusion_check,
+    result = {"records": cfg.fusion_check, "epoch": epoch, "step": step,
               "pooled_spread": {"trained": checks.pooled_spread(model.encoder, model.prepare_images, films),
                                 "random": checks.pooled_spread(random_encoder, model.prepare_images, films)}}
     if model.report_decoder is not None:
         result.update(checks.fusion_check(model, tok, films, reports, seed=cfg.seed))
-        print(checks.summary(result))
+        print(f"epoch {epoch}: " + checks.summary(result))
     spread = result["pooled_spread"]
     print(f"pooled image feature spread between films: {spread['trained']:.3f} "
           f"(a random encoder: {spread['random']:.3f})")
     with open(log_path, "a") as f:
-        f.write(json.dumps({"fusion_check": result}) + "\n")
+        f.write(json.dumps({"fusion_check": result} if at_end else {"epoch": epoch, "fusion_check": result}) + "\n")
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def held_out_records(n: int, hr: int, seed: int):
+    """The fusion check's films and reports, rendered once a run however often it checks."""
+    return checks.held_out(checks.CHECK_START, n, hr, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -328,7 +342,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":  # naming the GPU binds NCCL to it (without, NCCL guesses it from the rank and warns)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -455,7 +472,8 @@ CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "f
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
 RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
-                     "save_every", "log_every", "skip_bad", "fusion_check", "trust_checkpoint", "dry_run"}
+                     "save_every", "log_every", "skip_bad", "fusion_check", "fusion_every", "trust_checkpoint",
+                     "dry_run"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:

@@ -34,6 +34,14 @@ def test_step_reports_speed_flops_and_a_finite_loss():
     assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"] / 1e3, rel=0.02, abs=2e-4)  # 1 TFLOP/s peak
 
 
+def test_step_profile_prints_the_ops_that_took_the_time(capsys):
+    bench.main(["step", "--preset", "tiny", "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile", "2"])
+    out = capsys.readouterr().out
+    table = out[:out.rindex("{")]  # the table, then the JSON line
+    assert "Self CPU time total" in table and "aten::mm" in table  # the linear layers' matrix products
+    assert "Optimizer.step" in table or "aten::_fused_adamw_" in table  # two whole steps: the optimizer ran
+
+
 def test_saved_for_backward_counts_what_autograd_keeps():
     """(x @ w1).relu() @ w2 on B x 16 values. Autograd keeps x (for w1's gradient; x needs none, so w1 is
     not kept), relu's output r (for relu, and again for w2's gradient: one storage, counted once) and w2

@@ -301,6 +301,21 @@ def test_amp_choice(monkeypatch):
     assert train.amp_dtype(train.TrainConfig(amp="off"), cuda) is None
 
 
+def test_torchrun_on_gpus_binds_each_process_to_its_gpu(monkeypatch):
+    """Under torchrun with CUDA, rank LOCAL_RANK uses GPU LOCAL_RANK, and NCCL is told so (device_id):
+    without it, torch 2.11 on an H200 warned that NCCL guessed the GPU from the rank and could hang."""
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 4)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.setup_distributed() == (3, 4, torch.device("cuda", 1))
+    assert calls == {"set_device": 1, "backend": "nccl", "device_id": torch.device("cuda", 1)}
+
+
 def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
     tok = data.train_tokenizer([synthetic.synth_report(i) for i in range(4)])
     for ratio in (0.75, 0.0):
@@ -409,6 +424,19 @@ def test_a_synthetic_run_ends_with_the_fusion_check(tmp_path, capsys):
     train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3"])
     lines = log(tmp_path)
     assert ["fusion_check" in line for line in lines].count(True) == 1 and "fusion_check" in lines[-1]
+
+
+def test_fusion_every_draws_the_check_as_a_curve_that_a_resumed_run_keeps(tmp_path, capsys):
+    """--fusion_every 1 over 3 epochs: a check after epochs 1 and 2 (tagged with their epoch and step)
+    and the end's; resumed from epoch 2, the run keeps the two earlier checks and writes its own end."""
+    train.main([*SMALL, "--out", str(tmp_path), "--epochs", "3", "--fusion_check", "8", "--fusion_every", "1",
+                "--save_every", "2"])
+    checks_ = [line["fusion_check"] for line in log(tmp_path) if "fusion_check" in line]
+    assert [(c["epoch"], c["step"]) for c in checks_] == [(1, 4), (2, 8), (3, 12)]
+    assert [line.get("epoch") for line in log(tmp_path) if "fusion_check" in line] == [1, 2, None]
+    assert capsys.readouterr().out.count("only the film can tell") == 3
+    train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "4"])  # ckpt.pt is epoch 3's (the end)
+    assert [line["fusion_check"]["epoch"] for line in log(tmp_path) if "fusion_check" in line] == [1, 2, 4]
 
 
 def test_the_demo_keeps_left_and_right_the_paper_run_mirrors():
