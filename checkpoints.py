@@ -2,9 +2,11 @@
 MAE's and the released MRM's weights into this project's modules, and position tables resized to a new grid.
 """
 import argparse
+import dataclasses
 import math
 import os
 import re
+import zipfile
 
 import numpy as np
 import torch
@@ -51,19 +53,22 @@ SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBh
 SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
 
 
-def read_checkpoint(path, trust: bool = False) -> dict:
+def read_checkpoint(path, trust: bool = False, expect: dict | None = None) -> dict:
     """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
     pickles any other object (which can run any code as it loads) is refused, naming the object, unless
-    `trust` is set: then it is loaded with weights_only=False, for a file you know."""
+    `trust` is set: then it is loaded with weights_only=False, for a file you know.
+    expect: {key: type} the file must hold, e.g. {'step': int, 'config': dict}; checked by check_fields."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    refuse_compressed_entries(path)
     if trust:
         print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
     try:
         if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         unsafe = [] if trust else unsafe_globals(path)
         if unsafe:
@@ -71,8 +76,36 @@ def read_checkpoint(path, trust: bool = False) -> dict:
                 f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
                 "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
                 "(trust=True in load_pretrained)") from None
+        legacy = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if legacy and not trust and not zipfile.is_zipfile(path):
+            # the format before torch 1.6 (pickles, not a zip): torch cannot list its objects without
+            # unpickling it, but its refusal names the first object beyond weights that it met
+            raise CheckpointError(
+                f"{path}: refused: a legacy (pre-1.6 torch.save, not zip) file that pickles at least "
+                f"{legacy.group(1)}, which could run any code as it loads. If you trust where the file came "
+                "from, pass --trust_checkpoint (trust=True in load_pretrained)") from None
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
+    if expect is not None:
+        check_fields(path, ckpt, expect)
+    return ckpt
+
+
+def refuse_compressed_entries(path):
+    """torch.save stores every entry of its zip uncompressed (ZIP_STORED). A compressed entry is not its
+    work, and it can be a zip bomb: 1 MB of deflated zeros that torch.load expands into gigabytes. Only the
+    zip's directory is read, not the entries."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format, or not a checkpoint: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as z:
+            packed = next((i for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED), None)
+    except zipfile.BadZipFile:
+        return  # a broken directory: torch.load refuses the file, naming it
+    if packed is not None:
+        raise CheckpointError(f"{path}: refused: entry {packed.filename} is compressed (method "
+                              f"{packed.compress_type}, {packed.compress_size} -> {packed.file_size} bytes); "
+                              "torch.save writes entries uncompressed")
 
 
 def unsafe_globals(path) -> list[str]:
@@ -83,15 +116,164 @@ def unsafe_globals(path) -> list[str]:
         return []
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "epoch", "step", "config", "model_config", "tokenizer", "rng")
+def _kind(value) -> str:
+    """What a refusal says was found: a tensor's dtype and shape, a string itself, else the type's name."""
+    if torch.is_tensor(value):
+        return f"{value.dtype} tensor {tuple(value.shape)}"
+    return repr(value[:40]) if isinstance(value, str) else type(value).__name__
+
+
+def _is(value, kind) -> bool:
+    """isinstance, except that a bool is not taken for an int (True is an int to Python, not a step count)."""
+    return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def check_fields(path, ckpt, expect: dict):
+    """Refuse a checkpoint that lacks a key of `expect` ({key: type}) or holds a value of another type."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict with {sorted(expect)}, found a {_kind(ckpt)}")
+    missing = [k for k in expect if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {missing}")
+    for key, kind in expect.items():
+        if not _is(ckpt[key], kind):
+            raise CheckpointError(f"{path}: {key}: expected {kind.__name__}, found {_kind(ckpt[key])}")
+
+
+# -----------------------------------------------------------------------------
+# train.py's checkpoints, checked field by field before anything is built from them
+
+# what train.checkpoint_state writes, and of what type
+TRAIN_CHECKPOINT = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "step": int, "config": dict,
+                    "model_config": dict, "tokenizer": str, "rng": dict}
+CHECKPOINT_KEYS = tuple(TRAIN_CHECKPOINT)
+# A model_config asking for more parameters than this is refused unless trusted: the base model has 151M (its
+# decoders and 30,000 words included), and a file asking for depth 200000 would otherwise be built until the
+# machine runs out of memory.
+MAX_PARAMETERS = 2_000_000_000
 
 
 def load_checkpoint(path: str, trust: bool = False) -> dict:
+    """Read a train.py checkpoint for --resume, every field checked (validate_train_checkpoint)."""
     ckpt = read_checkpoint(path, trust)  # refuses missing, truncated, unsafe and non-checkpoint files, naming them
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
+    validate_train_checkpoint(path, ckpt, trust)
     return ckpt
+
+
+def checked_model_config(path, d, trust: bool = False):
+    """A checkpoint's model_config as an MRMConfig, each setting checked (MRMConfig.validate) and the model's
+    size bounded by MAX_PARAMETERS (unless trusted), all before a layer is built."""
+    from mrm import ConfigError, MRMConfig  # here, not above: mrm.py imports this module for load_pretrained
+
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: model_config: expected dict, found {_kind(d)}")
+    try:
+        cfg = MRMConfig.from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: model_config: {e}") from None
+    n = cfg.num_parameters()
+    if n > MAX_PARAMETERS and not trust:
+        raise CheckpointError(f"{path}: model_config describes a model of {n:.3g} parameters, past the "
+                              f"{MAX_PARAMETERS:.0e} loaded without --trust_checkpoint")
+    return cfg
+
+
+def validate_train_checkpoint(path, ckpt: dict, trust: bool = False):
+    """Every field of a train.py checkpoint (train.checkpoint_state), checked so that a damaged or hand-made
+    file is refused here, naming the field, rather than failing somewhere inside the resumed run."""
+    from tokenizers import Tokenizer
+
+    check_fields(path, ckpt, TRAIN_CHECKPOINT)
+    for key in ("epoch", "step"):
+        if ckpt[key] < 0:
+            raise CheckpointError(f"{path}: {key}: expected an integer >= 0, found {ckpt[key]}")
+    cfg = checked_model_config(path, ckpt["model_config"], trust)
+    try:
+        tok = Tokenizer.from_str(ckpt["tokenizer"])
+    except Exception as e:
+        reason = str(e).split("\n")[0][:80]
+        raise CheckpointError(f"{path}: tokenizer: expected a tokenizers JSON string ({reason})") from None
+    ids = (tok.get_vocab_size(), tok.token_to_id("[PAD]"), tok.token_to_id("[MASK]"))
+    if ids != (cfg.vocab_size, cfg.pad_token_id, cfg.mask_token_id):
+        raise CheckpointError(f"{path}: tokenizer: its vocabulary size, [PAD] and [MASK] ids are {ids}, "
+                              f"model_config says {(cfg.vocab_size, cfg.pad_token_id, cfg.mask_token_id)}")
+
+    expected, trainable = expected_state(cfg)
+    check_weights(path, ckpt["model"], expected)
+    check_optimizer(path, ckpt["optimizer"], trainable)
+
+    scaler = ckpt["scaler"]  # empty when the run had no fp16 GradScaler, else its five numbers
+    numbers = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+    if scaler and not all(_is(scaler.get(k), (int, float)) for k in numbers):
+        raise CheckpointError(f"{path}: scaler: expected {{}} or numbers under {list(numbers)}, found {scaler}")
+    rng, state = ckpt["rng"], torch.get_rng_state()
+    if not (torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
+            and rng["torch"].shape == state.shape):
+        raise CheckpointError(f"{path}: rng: expected 'torch': a uint8 tensor {tuple(state.shape)}, "
+                              f"found {_kind(rng.get('torch'))}")
+    cuda = rng.get("cuda", "no such key")
+    if not (cuda is None or torch.is_tensor(cuda) and cuda.dtype == torch.uint8):
+        raise CheckpointError(f"{path}: rng: expected 'cuda': None or a uint8 tensor, found {_kind(cuda)}")
+
+
+def expected_state(cfg) -> tuple[dict, int]:
+    """The state dict MRM(cfg) would have, built on the meta device (names, shapes, dtypes; nothing allocated),
+    and how many of its parameters the optimizer steps. ViT draws its drop-path rates with .item(), which a
+    meta tensor cannot answer, so the encoder is built without blocks and one Block stands for each."""
+    from mrm import Block, MRM
+
+    with torch.device("meta"):
+        model, block = MRM(dataclasses.replace(cfg, depth=0)), Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
+    state = model.state_dict()
+    state.update({f"encoder.blocks.{i}.{k}": v for i in range(cfg.depth) for k, v in block.state_dict().items()})
+    trainable = sum(p.requires_grad for p in model.parameters()) + cfg.depth * len(list(block.parameters()))
+    return state, trainable
+
+
+def check_weights(path, weights: dict, target: dict):
+    """The checkpoint's model state dict against the one its model_config implies: the same names, shapes,
+    and floating-point tensors where the model has them (a complex, integer or bool tensor would be cast,
+    losing its meaning, with at most a warning)."""
+    wrong = [f"{k} is a {_kind(weights[k])}" for k in weights if k in target and not torch.is_tensor(weights[k])]
+    wrong += [f"{k} is {tuple(weights[k].shape)}, expected {tuple(t.shape)}" for k, t in target.items()
+              if torch.is_tensor(weights.get(k)) and weights[k].shape != t.shape]
+    wrong += [f"{k} is {weights[k].dtype}, expected floating point" for k, t in target.items()
+              if torch.is_tensor(weights.get(k)) and t.is_floating_point() and not weights[k].is_floating_point()]
+    def first(keys):
+        names = _compact(map(str, keys))
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    missing, unexpected = [k for k in target if k not in weights], [k for k in weights if k not in target]
+    if missing:
+        wrong.append(f"{len(missing)} missing: {first(missing)}")
+    if unexpected:
+        wrong.append(f"{len(unexpected)} unexpected: {first(unexpected)}")
+    if wrong:
+        raise CheckpointError(f"{path}: model: {'; '.join(wrong[:3])}" + (" ..." if len(wrong) > 3 else "")
+                              + " (for the model its model_config describes)")
+
+
+def check_optimizer(path, state: dict, n_params: int):
+    """An optimizer.state_dict() for n_params parameters: {'state': {id: {name: tensor}}, 'param_groups':
+    [{'params': [id, ...], ...}]}, each id once."""
+    def refuse(expected, found):
+        raise CheckpointError(f"{path}: optimizer: expected {expected}, found {found}")
+
+    groups, moments = state.get("param_groups"), state.get("state")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        refuse("'param_groups': a list of dicts, each with a list 'params'", _kind(groups))
+    ids = [i for g in groups for i in g["params"]]
+    if not all(_is(i, int) for i in ids) or len(set(ids)) != len(ids) or len(ids) != n_params:
+        refuse(f"'param_groups' to name {n_params} distinct parameter ids", f"{len(ids)}")
+    if not isinstance(moments, dict) or not all(k in ids and isinstance(v, dict) for k, v in moments.items()):
+        refuse("'state': a dict {parameter id: dict}", _kind(moments))
+    for k, v in ((k, v) for s in moments.values() for k, v in s.items()):
+        if k != "step" and torch.is_tensor(v) and not v.is_floating_point():
+            refuse(f"'state' {k} to be floating point", v.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -99,7 +281,9 @@ def load_checkpoint(path: str, trust: bool = False) -> dict:
 
 
 def _cls_and_grid(table: torch.Tensor) -> bool:
-    return table.ndim == 3 and math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
+    """Is `table` (1, 1 + g*g, D), a position table with [CLS] first? Asked before it is reshaped."""
+    return table.ndim == 3 and table.shape[0] == 1 and table.shape[1] > 1 and \
+        math.isqrt(table.shape[1] - 1) ** 2 == table.shape[1] - 1
 
 
 def interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -147,7 +331,7 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
     """
     ckpt = read_checkpoint(path, trust)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"{path}: not a model checkpoint "
                               "(expected a state dict, or a dict with one under 'model')")
     target = module.state_dict()
@@ -156,10 +340,13 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
         key = ".".join(part for part in key.split(".") if part not in ("module", "_orig_mod"))  # DDP, compile
         options = [key, "encoder." + key, "image_decoder." + key, key.removeprefix("encoder.")]
         name = next((k for k in options if k in target), None)
+        if name is not None and target[name].is_floating_point() and not value.is_floating_point():
+            # load_state_dict would cast it: a complex one with a warning, an integer or bool one silently
+            raise CheckpointError(f"{path}: {key}: expected a floating-point tensor, found {value.dtype}")
         if name is None:
             unexpected.append(key)
-        elif name.endswith("pos_embed") and target[name].shape[1] != value.shape[1] and \
-                target[name].shape[2:] == value.shape[2:] and _cls_and_grid(value) and _cls_and_grid(target[name]):
+        elif name.endswith("pos_embed") and _cls_and_grid(value) and _cls_and_grid(target[name]) and \
+                target[name].shape[1] != value.shape[1] and target[name].shape[2:] == value.shape[2:]:
             # another input size (segmentation at 512 px): resize the grid instead of dropping the table
             grid = math.isqrt(target[name].shape[1] - 1)
             loaded[name] = interpolate_pos_embed(value, grid)

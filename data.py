@@ -16,7 +16,10 @@ import csv
 import io
 import math
 import os
+import re
+import signal
 import sys
+import threading
 from collections import Counter
 from contextlib import contextmanager
 
@@ -272,14 +275,12 @@ def read_training_csv(csv_path, image_root, skip_bad: bool = False):
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"{image_root}: the image root is not a folder")
     paths, reports, lines, problems = [], [], [], []
-    reader = csv.reader(text_lines(csv_path))
-    header = next(reader, None)
+    rows = csv_rows(csv_path)
+    _, header = next(rows, (None, None))
     if header is None or not {"image_path", "report_content"} <= set(header):
         raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {header}")
     col_path, col_report = header.index("image_path"), header.index("report_content")
-    start = reader.line_num + 1  # the line where the next row starts
-    for row in progress(reader, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
-        row_start, start = start, reader.line_num + 1
+    for row_start, row in progress(rows, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
         if not row:  # a blank line
             continue
         path = row[col_path].strip() if len(row) > col_path else ""
@@ -447,27 +448,73 @@ def load_image(path) -> Image.Image:
 def text_lines(path):
     """The lines of a UTF-8 text file (a CSV, a split list), decoded one at a time so that a byte that
     is not UTF-8 is refused with its file, line and column. No other encoding is guessed: a guess that
-    is wrong turns a report's words into other words without a sound."""
+    is wrong turns a report's words into other words without a sound. Any line end ends a line (Unix
+    \\n, Windows \\r\\n, old Mac \\r); each line comes with a \\n."""
+    number = 0
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadRecord(f"{path}, line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
-                                "UTF-8; re-save the file as UTF-8") from None
-            yield line.removeprefix("\ufeff") if number == 1 else line  # a spreadsheet's byte-order mark
+        for chunk in f:  # split at \n; a file with \r alone comes as one chunk, split below
+            for raw in chunk.splitlines():
+                number += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadRecord(f"{path}, line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is "
+                                    "not UTF-8; re-save the file as UTF-8") from None
+                yield (line.removeprefix("\ufeff") if number == 1 else line) + "\n"  # a spreadsheet's byte-order mark
+
+
+def csv_rows(path):
+    """(line where the row starts, row) for each row of a UTF-8 CSV file; a row the csv module cannot
+    read (a field over its 131,072-character limit, say) is refused with its file and line."""
+    reader = csv.reader(text_lines(path))
+    start = 1
+    try:
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise BadRecord(f"{path}, line {start}: not a readable CSV row ({e})") from None
 
 
 @contextmanager
-def one_line_errors(script: str, *expected: type):
+def one_line_errors(script: str, *expected: type, interrupted=None):
     """Run a script's main: an expected error (a bad record or setting, a refused checkpoint, a missing
     file, or one of `expected`) is printed as `SCRIPT: error: MESSAGE` on stderr, exit status 2, as
-    argparse does for a bad flag; anything else is a bug and keeps its traceback."""
+    argparse does for a bad flag, also when a DataLoader worker raised it; anything else is a bug and
+    keeps its traceback. Ctrl-C, and SIGTERM (what a scheduler sends before it kills a job), stop the
+    script the same way: whatever was being saved is dropped (checkpoints.save_checkpoint), and one line
+    says so, then `interrupted()`, e.g. how to resume; exit status 130 (Ctrl-C) or 143 (SIGTERM)."""
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         yield
     except (BadRecord, ConfigError, CheckpointError, FileNotFoundError, *expected) as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
+        print(f"{script}: error: {original_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets the signal: one line
+            how = f"; {interrupted()}" if interrupted else ""
+            print(f"{script}: {'stopped by SIGTERM' if terminated else 'interrupted'}{how}", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def original_message(e: BaseException) -> str:
+    """An error raised in a DataLoader worker reaches the main process as the same type with the message
+    'Caught X in DataLoader worker process N. Original Traceback (...)': its last line holds the original."""
+    text = str(e)
+    if "in DataLoader worker process" not in text:
+        return text
+    found = list(re.finditer(rf"^[\w.]*{type(e).__name__}: (.*?)\s*(?=^\S|\Z)", text, flags=re.M | re.S))
+    return found[-1].group(1) if found else text
 
 
 def progress(iterable, **kw):

@@ -27,7 +27,8 @@ from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
 import data
-from data import IMAGE_SUFFIXES, BadRecord, load_image, one_line_errors, progress, random_resized_crop_box, text_lines
+from data import (IMAGE_SUFFIXES, BadRecord, csv_rows, load_image, one_line_errors, progress, random_resized_crop_box,
+                  text_lines)
 from mrm import ConfigError
 from synthetic import FINDINGS, synth_record
 
@@ -148,6 +149,8 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
             values = [math.nan]
         if not all(math.isfinite(v) for v in values):
             raise BadRecord(f"{path}, line {line_no}: labels must be numbers, got {parts[1:]}")
+        if not all(v in (0.0, 1.0) for v in values):  # each label is a finding's presence (binary cross entropy)
+            raise BadRecord(f"{path}, line {line_no}: labels must be 0 or 1, got {parts[1:]}")
         if num_labels is None:
             num_labels = len(values)
         if len(values) != num_labels or num_labels == 0:
@@ -528,16 +531,16 @@ def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
     """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
     out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
     runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
-    rows = csv.reader(text_lines(rle_csv))
-    header = [h.strip() for h in next(rows, [])]
+    rows = csv_rows(rle_csv)
+    header = [h.strip() for h in next(rows, (1, []))[1]]
     if header[:2] != ["ImageId", "EncodedPixels"]:
         raise BadRecord(f"{rle_csv}: expected the header 'ImageId, EncodedPixels', got {header}")
-    for row in rows:
+    for line_no, row in rows:
         if not row:
             continue
         if len(row) < 2:
-            raise BadRecord(f"{rle_csv}, line {rows.line_num}: expected 'ImageId, EncodedPixels', got {row}")
-        runs.setdefault(row[0].strip(), []).append((rows.line_num, row[1].strip()))
+            raise BadRecord(f"{rle_csv}, line {line_no}: expected 'ImageId, EncodedPixels', got {row}")
+        runs.setdefault(row[0].strip(), []).append((line_no, row[1].strip()))
     os.makedirs(out, exist_ok=True)
     positive = 0
     for image_id, regions in progress(runs.items(), desc="masks", total=len(runs)):

@@ -31,11 +31,12 @@ from tqdm import tqdm
 import checks
 import data
 import synthetic
-from checkpoints import CheckpointError, load_pretrained, load_summary, read_checkpoint, save_checkpoint
+from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, read_checkpoint,
+                         save_checkpoint)
 from checks import auc_table, dice_per_image, mean_auc, roc_auc
 from datasets import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
 from mrm import ConfigError, MRMConfig, ViT
-from train import NonFiniteLoss, amp_dtype, config_parser, lr_at
+from train import NonFiniteLoss, amp_dtype, bounded, config_parser, lr_at
 
 # Released classification schedules: (warm-up steps, total steps, lr) by dataset and label %, batch 96.
 SCHEDULES = {
@@ -103,8 +104,9 @@ class FinetuneConfig:
     dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     num_workers: int = 2             # data loading processes
-    out: str = "out/finetune"        # results.json, log.jsonl, lr_<lr>/best.pt and last.pt
+    out: str = ""                    # results.json and lr_<lr>/; empty: out/finetune, or out/segment for --task segment
     resume: bool = False             # continue each lr's run from its last.pt in --out
+    overwrite: bool = False          # replace an earlier run found in --out (without it, such an --out is refused)
     seed: int = 0                    # init of the new layers, data order, crops, label subset
 
 
@@ -300,7 +302,7 @@ def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
     if init != "none":
         ckpt = read_checkpoint(init, cfg.trust_checkpoint)  # refuses a missing, broken or unsafe file, naming it
         if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
-            sizes = MRMConfig.from_dict(ckpt["model_config"])
+            sizes = checked_model_config(init, ckpt["model_config"], cfg.trust_checkpoint)  # sizes in range
             if cfg.preset not in ("auto", "") and MRMConfig.from_preset(cfg.preset).embed_dim != sizes.embed_dim:
                 raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {cfg.preset}")
             return sizes
@@ -394,6 +396,35 @@ def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float
 RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
 
 
+def default_out(cfg: FinetuneConfig) -> str:
+    """--out, or where the task's demo writes: the two demos write apart, so that `python finetune.py --task
+    segment` after `python finetune.py` does not find the first one's run in its folder."""
+    return cfg.out or os.path.join("out", "finetune" if cfg.task == "classify" else "segment")
+
+
+def check_settings(cfg: FinetuneConfig):
+    """What the flags' own limits (LIMITS) cannot tell, refused before anything is read: a bad lr grid, an
+    --out that is a file, and an --out that holds an earlier run (never emptied without --resume or
+    --overwrite)."""
+    for v in cfg.lr_grid.split(",") if cfg.lr_grid else []:
+        try:
+            ok = math.isfinite(float(v)) and float(v) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {v!r} is not a positive number")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"--out {cfg.out} is a file, not a folder")
+    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.out):
+        return
+    earlier = sorted(os.path.relpath(os.path.join(d, f), cfg.out) for d, _, files in os.walk(cfg.out) for f in files
+                     if f in ("results.json", "log.jsonl", "best.pt", "last.pt"))
+    if earlier:
+        raise ConfigError(f"--out {cfg.out} holds an earlier run ({', '.join(earlier[:3])}"
+                          f"{', ...' if len(earlier) > 3 else ''}): pass --resume to continue it, --overwrite to "
+                          "replace it, or another --out")
+
+
 def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
         device, dtype) -> dict:
     """Fine-tune at one learning rate; keep the weights with the best validation score in run_dir/best.pt.
@@ -413,7 +444,8 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
     resumed = cfg.resume and os.path.exists(last_path)
     if resumed:
-        state = read_checkpoint(last_path)
+        state = read_checkpoint(last_path, expect=dict(model=dict, optimizer=dict, scaler=dict, step=int, best=dict,
+                                                       config=dict, rng=torch.Tensor))
         default = asdict(FinetuneConfig())  # a flag newer than the checkpoint had its default then
         changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE
                          and state["config"].get(k, default.get(k)) != config[k])
@@ -453,6 +485,11 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
 
     def validate(train_loss):
         """Score the validation split, keep the best weights and the state to resume from, log one line."""
+        broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if broken:  # the loss came before the last update: what is saved is checked itself
+            raise NonFiniteLoss(f"after step {step} at lr {lr:g}, {len(broken)} weight tensors are not finite (e.g. "
+                                f"{broken[0]}); stopping. {best_path} and {last_path} are left as they were: "
+                                "lower the lr, or --amp off")
         values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
         train_mode()
         val = summary(values, names, cfg, "validation")
@@ -520,6 +557,8 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
 def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results.
     rendered: see build_splits."""
+    cfg.out = default_out(cfg)
+    check_settings(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(cfg, device)
@@ -623,16 +662,31 @@ def plan(cfg: FinetuneConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(FinetuneConfig, __doc__, CHOICES)
+    return config_parser(FinetuneConfig, "finetune.py", __doc__, CHOICES, LIMITS)
 
 
+# what each number may be (train.bounded): counts at least 1, shares within (0, 1], rates positive
+LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch_size", "eval_every"], bounded(int, 1)),
+          **dict.fromkeys(["num_workers", "seed", "input_size", "warmup_steps"], bounded(int, 0)),
+          **dict.fromkeys(["label_fraction", "min_crop"], bounded(float, 0, 1, low_open=True)),
+          "drop_path": bounded(float, 0, 1, high_open=True),
+          **dict.fromkeys(["lr", "epochs"], bounded(float, 0, low_open=True))}
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
            "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"], "head_init": ["zero", "probe"]}
 
 
 def main(argv=None):
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
-    with data.one_line_errors("finetune.py", NonFiniteLoss):
+    cfg.out = default_out(cfg)
+
+    def how_to_resume() -> str:
+        kept = sorted(os.path.relpath(d, cfg.out) for d, _, files in os.walk(cfg.out) if "last.pt" in files) \
+            if os.path.isdir(cfg.out) else []
+        if not kept:
+            return "no checkpoint was written"
+        return f"{', '.join(os.path.join(cfg.out, k, 'last.pt') for k in kept)} intact; continue with --resume"
+
+    with data.one_line_errors("finetune.py", NonFiniteLoss, interrupted=how_to_resume):
         if cfg.dry_run:  # what resolving the settings says goes to stderr: stdout is the JSON alone
             with contextlib.redirect_stdout(sys.stderr):
                 settings = plan(cfg)

@@ -72,19 +72,89 @@ class MRMConfig:
     def from_preset(cls, name: str, **overrides) -> "MRMConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], **overrides}).validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "MRMConfig":
         """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(d.keys() - known)
+        unknown = sorted(str(k) for k in d.keys() - known)
         if unknown:
             print(f"MRMConfig: ignoring unknown keys {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> "MRMConfig":
+        """Refuse settings no model can be built with, naming the first, before anything is built: sizes
+        come from checkpoints as well as from code, and a bad one would otherwise surface as an assert deep
+        inside a layer, or not at all."""
+        for f in fields(self):  # each setting has its default's type; an int will do for a float
+            v, kind = getattr(self, f.name), type(f.default)
+            if kind is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            else:  # True is an int to Python, not a size
+                ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+            if not ok:
+                raise ConfigError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}, "
+                                  f"got {v!r}")
+            least = 0 if f.name.endswith(("depth", "_id")) else 1  # a model may have no block of a kind
+            if kind is int and v < least:
+                raise ConfigError(f"{f.name} must be {'>= 0' if least == 0 else 'positive'}, got {v}")
+        checks = [
+            (self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not a multiple of "
+                                                   f"patch_size {self.patch_size}"),
+            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
+            (self.pixel_std > 0, f"pixel_std must be > 0, got {self.pixel_std}"),
+            # a ratio of 1 would leave nothing visible: nothing to pool, nothing to encode
+            (0 <= self.mask_ratio < 1, f"mask_ratio must be in [0, 1) so that some patch is encoded, "
+                                       f"got {self.mask_ratio}"),
+            (0 <= self.text_mask_ratio < 1, f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}"),
+            (self.mlm_weight >= 0, f"mlm_weight must be >= 0, got {self.mlm_weight}"),
+            (self.mim_weight >= 0, f"mim_weight must be >= 0, got {self.mim_weight}"),
+            (self.mlm_weight > 0 or self.mim_weight > 0, "mlm_weight and mim_weight are both 0: nothing to learn"),
+            (self.fusion in ("gap", "gmp"), f"fusion must be 'gap' or 'gmp', got {self.fusion!r}"),
+            (self.fusion_tokens in ("visible", "all"), f"fusion_tokens must be 'visible' or 'all', "
+                                                       f"got {self.fusion_tokens!r}"),
+            (not self.multimodal_mim or (self.mlm_weight > 0 and self.mim_weight > 0),
+             "multimodal_mim needs both the image and the report decoder"),
+        ]
+        for width, heads in [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                             ("text_embed_dim", "text_num_heads")]:
+            w, h = getattr(self, width), getattr(self, heads)
+            checks.append((w % h == 0, f"{width} {w} is not divisible by {heads} {h}"))
+        for k in ("pad_token_id", "mask_token_id"):
+            v = getattr(self, k)
+            checks.append((v < self.vocab_size, f"{k} {v} is not an id of the vocabulary (0 to {self.vocab_size - 1})"))
+        for width in ("embed_dim", "decoder_embed_dim"):  # 2D sin-cos: half the channels per axis, sin and cos
+            checks.append((getattr(self, width) % 4 == 0, f"{width} must be a multiple of 4 (the sin-cos "
+                                                          f"position table), got {getattr(self, width)}"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    def num_parameters(self) -> int:
+        """sum(p.numel() for p in MRM(cfg).parameters()), by formula from the sizes alone, nothing allocated:
+        checkpoints.py refuses a checkpoint whose model_config asks for an absurd model before building it."""
+        def blocks(d, depth):  # Block: 2 LayerNorms, qkv and proj Linears, the MLP's two Linears
+            h = int(d * self.mlp_ratio)
+            return depth * (4 * d * d + 9 * d + 2 * d * h + h)
+
+        D, L = self.embed_dim, (self.img_size // self.patch_size) ** 2
+        # ViT: patch projection, [CLS], position table (1 + L rows), blocks, final norm
+        n = D * self.in_chans * self.patch_size**2 + D + D + (1 + L) * D + blocks(D, self.depth) + 2 * D
+        if self.mim_weight > 0:  # ImageDecoder: embed, mask token, position table, blocks, norm, prediction
+            d = self.decoder_embed_dim
+            out = (2 * self.patch_size if self.super_resolution else self.patch_size) ** 2 * self.in_chans
+            n += D * d + d + d + (1 + L) * d + blocks(d, self.decoder_depth) + 2 * d + d * out + out
+        if self.mlm_weight > 0:  # fusion_proj, then ReportDecoder: words, positions, norms, blocks, head
+            t, V = self.text_embed_dim, self.vocab_size
+            n += D * t + t + V * t + self.max_text_len * t + 2 * t + blocks(t, self.text_depth) + 2 * t + t * V + V
+        if self.multimodal_mim:  # text_to_image
+            n += self.text_embed_dim * self.decoder_embed_dim + self.decoder_embed_dim
+        return n
 
 
 PRESETS = {
@@ -477,15 +547,7 @@ class MRM(nn.Module):
 
     def __init__(self, cfg: MRMConfig | None = None):
         super().__init__()
-        cfg = cfg or MRMConfig()
-        if cfg.mlm_weight == 0 and cfg.mim_weight == 0:
-            raise ConfigError("mlm_weight and mim_weight are both 0: nothing to learn")
-        if not 0 <= cfg.mask_ratio < 1:
-            raise ConfigError(f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}")
-        if cfg.fusion_tokens not in ("visible", "all"):
-            raise ConfigError(f"fusion_tokens must be 'visible' or 'all', got {cfg.fusion_tokens!r}")
-        if cfg.multimodal_mim and (cfg.mlm_weight == 0 or cfg.mim_weight == 0):
-            raise ConfigError("multimodal_mim needs both the image and the report decoder")
+        cfg = (cfg or MRMConfig()).validate()
         self.cfg = cfg
         self.encoder = ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
                            cfg.num_heads, cfg.mlp_ratio)

@@ -11,7 +11,6 @@ Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end),
 `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
 import argparse
-import csv
 import functools
 import inspect
 import json
@@ -99,6 +98,18 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_settings(cfg: TrainConfig, ckpt: dict | None = None):
+    """What the flags' own limits (LIMITS) cannot tell: settings that cannot work together, refused before
+    anything is read or built."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ConfigError(f"--out {cfg.out} is a file, not a folder")
+    sizes = MRMConfig.from_dict(ckpt["model_config"]) if ckpt else MRMConfig.from_preset(cfg.preset)
+    patches = (sizes.img_size // sizes.patch_size) ** 2
+    if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
+        raise ConfigError(f"--mask_ratio {cfg.mask_ratio} leaves none of the {patches} patches visible: "
+                          f"the encoder would see nothing (at most {1 - 1 / patches:.4f})")
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
     """Linear warm-up from 0, then half-cycle cosine to min_lr; set every optimizer step (MAE's schedule)."""
     if step < warmup_steps:
@@ -176,10 +187,16 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     cfg = resolve(cfg)
     if cfg.resume and ckpt is None:
         ckpt = load_checkpoint(cfg.resume, cfg.trust_checkpoint)
+    check_settings(cfg, ckpt)
     rank, world, device = setup_distributed()
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
     if main_process:
+        print(f"writing to {os.path.abspath(cfg.out)}" + (f", continuing {cfg.resume}" if ckpt is not None else ""))
+        changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in (ckpt or {}).get("config", {}).items()
+                   if k in RESUME_MAY_CHANGE - {"resume", "out"} and getattr(cfg, k, v) != v]
+        if changed:
+            print("resuming with changed settings: " + ", ".join(changed))
         os.makedirs(cfg.out, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
@@ -260,8 +277,8 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                 skipped += int(n_skipped)
                 if not math.isfinite(loss):
                     at = step - len(pending) + 1 + k
-                    raise NonFiniteLoss(f"the loss is {loss} at step {at} (epoch {epoch + 1}); stopping. The last good "
-                                        f"checkpoint in {cfg.out} is left as it was: lower --blr, or --amp bf16/off")
+                    raise NonFiniteLoss(f"the loss is {loss} at step {at} (epoch {epoch + 1}): image loss {loss_mim}, "
+                                        f"report loss {loss_mlm}; stopping. {kept_and_cause(cfg, dtype)}")
             pending = []
             if logs:
                 now = time.perf_counter()
@@ -283,6 +300,12 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                   f"report {loss_mlm:.4f}), {seconds:.0f} s, {steps_per_epoch * eff_batch / seconds:.0f} images/s"
                   + (f", {skipped} unreadable images skipped" if skipped else ""))
             if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                # what is saved is checked, not only the losses: the last step's loss comes before its update
+                broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+                if broken:
+                    raise NonFiniteLoss(f"after step {step} (epoch {epoch + 1}) {len(broken)} weight tensors are not "
+                                        f"finite (e.g. {broken[0]}), the losses before it were; stopping. "
+                                        + kept_and_cause(cfg, dtype))
                 save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
                                 checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
                 checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
@@ -296,6 +319,14 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return last
+
+
+def kept_and_cause(cfg: TrainConfig, dtype) -> str:
+    """The end of a non-finite stop's message: what is kept, and what likely caused it."""
+    ckpt = os.path.join(cfg.out, "ckpt.pt")
+    kept = f"The last good checkpoint {ckpt} is left as it was" if os.path.exists(ckpt) else "No checkpoint was written"
+    fp16 = ", or fp16 overflowed (--amp bf16 or off)" if dtype == torch.float16 else ""
+    return f"{kept}. Likely cause: an lr too high for this run (lower --blr){fp16}"
 
 
 def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str, epoch: int, step: int,
@@ -439,11 +470,39 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
 # Command line: the flags are TrainConfig's fields
 
 
-def config_parser(config, doc: str, choices: dict, shown_default=None, given_only: bool = False):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, `SCRIPT: error: ...`, exit status 2 (without the usage,
+    which for these scripts is a screenful): the same form as every other expected error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float), finite, within [low, high] (an open end where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, "
+                                             f"{high if high is not None else 'inf'}{')' if high_open else ']'}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, shown_default=None,
+                  given_only: bool = False):
     """An argparse parser with one flag per field of the dataclass `config` (finetune.py's too); each
-    flag's help is the comment beside its field. given_only: the namespace holds only the flags given."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS if given_only else None)
+    flag's help is the comment beside its field, and its value is checked against `limits` (name ->
+    type, as `bounded` makes) as it is parsed. given_only: the namespace holds only the flags given."""
+    parser = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           argument_default=argparse.SUPPRESS if given_only else None)
     helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(config), flags=re.M))
     for f in fields(config):
         kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
@@ -454,7 +513,7 @@ def config_parser(config, doc: str, choices: dict, shown_default=None, given_onl
         if kind is bool:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, choices=choices.get(f.name), **kw)
+            parser.add_argument(f"--{f.name}", type=limits.get(f.name, kind), choices=choices.get(f.name), **kw)
     return parser
 
 
@@ -464,9 +523,18 @@ def build_parser() -> argparse.ArgumentParser:
             f"{p} {r[f.name]}" for p, r in RECIPES.items())
 
     # only the flags given, so that a resumed run can tell them from the saved ones
-    return config_parser(TrainConfig, __doc__, CHOICES, shown_default, given_only=True)
+    return config_parser(TrainConfig, "train.py", __doc__, CHOICES, LIMITS, shown_default, given_only=True)
 
 
+# what each number may be: counts at least 1 (0 for workers and checks), shares within (0, 1), rates positive
+LIMITS = {
+    **dict.fromkeys(["vocab_size", "num_records", "epochs", "batch_size", "accum_iter", "save_every", "log_every"],
+                    bounded(int, 1)),
+    **dict.fromkeys(["num_workers", "seed", "fusion_check", "fusion_every"], bounded(int, 0)),
+    "blr": bounded(float, 0, low_open=True), "min_crop": bounded(float, 0, 1, low_open=True),
+    "mask_ratio": bounded(float, 0, 1, high_open=True), "text_mask_ratio": bounded(float, 0, 1, True, True),
+    **dict.fromkeys(["warmup_epochs", "min_lr", "weight_decay", "mim_weight", "mlm_weight"], bounded(float, 0)),
+}
 CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
            "fusion_tokens": ["visible", "all"]}
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
@@ -487,22 +555,23 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     if refused:
         raise ConfigError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
                          "(start a new run, with --init to begin from these weights)")
-    if changed and int(os.environ.get("RANK", 0)) == 0:
-        print("resuming with changed settings: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
-    return TrainConfig(**{**saved, **given}), ckpt
+    # a run folder may have been copied or moved since: the run continues where its checkpoint is now
+    out = given.get("out", os.path.dirname(os.path.abspath(given["resume"])))
+    return TrainConfig(**{**saved, **given, "out": out}), ckpt
 
 
 def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     """--dry_run: the settings train() would run with, resolved the same way, without reading an image. A
     CSV is counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
     cfg = resolve(TrainConfig(**asdict(cfg)))
+    check_settings(cfg, ckpt)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.data == "synthetic":
         records = cfg.num_records
     else:
         if not os.path.isfile(cfg.data):
             raise FileNotFoundError(f"{cfg.data}: no such CSV file")
-        records = sum(1 for row in csv.reader(data.text_lines(cfg.data)) if row) - 1  # less the header
+        records = sum(1 for _, row in data.csv_rows(cfg.data) if row) - 1  # less the header
     if ckpt is not None:
         mcfg, vocab = MRMConfig.from_dict(ckpt["model_config"]), "from the checkpoint"
     else:
@@ -526,9 +595,18 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
 
 
 def main(argv=None):
-    with data.one_line_errors("train.py", NonFiniteLoss):
+    run = {}  # where the run writes, once known: what an interrupt's message tells
+
+    def how_to_resume() -> str:
+        ckpt = os.path.join(run["cfg"].out, "ckpt.pt") if "cfg" in run else None
+        if ckpt and os.path.exists(ckpt):
+            return f"the last checkpoint {ckpt} is intact; continue with: python train.py --resume {ckpt}"
+        return "no checkpoint was written"
+
+    with data.one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
         try:
             cfg, ckpt = parse_config(argv)
+            run["cfg"] = cfg
             if cfg.dry_run:
                 print(json.dumps(plan(cfg, ckpt)))
                 return

@@ -120,7 +120,8 @@ def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered:
                     init=init, num_records=cfg.finetune_records, num_val=cfg.val_records,
                     num_test=cfg.test_records, label_fraction=ratio, steps=steps, warmup_steps=max(1, steps // 15),
                     lr=cfg.lr, min_crop=cfg.min_crop, head_init=cfg.head_init, batch_size=32,
-                    eval_every=max(1, steps // 5), num_workers=0, out=run_dir, seed=seed)
+                    eval_every=max(1, steps // 5), num_workers=0, out=run_dir, seed=seed,
+                    resume=True)  # an interrupted fine-tuning continues from its last.pt
                 results = finetune.run(fc, rendered)
                 for lr_dir in os.listdir(run_dir):  # the weights are not needed again: 54 runs would keep ~9 GB
                     for name in ("best.pt", "last.pt"):

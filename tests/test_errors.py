@@ -132,7 +132,7 @@ def test_byte_order_mark_is_not_a_column_name(tmp_path):
     csv_path = tmp_path / "training.csv"
     csv_path.write_bytes("\ufeffimage_path,report_content\r\na.png,\"Two\r\nlines.\"\r\n".encode("utf-8"))
     images, reports, bad = data.read_training_csv(csv_path, tmp_path)
-    assert reports == ["Two\r\nlines."] and bad == 0 and images.where(0).endswith("line 2")
+    assert reports == ["Two\nlines."] and bad == 0 and images.where(0).endswith("line 2")  # line ends read as \\n
 
 
 def test_split_list_that_is_not_utf8(tmp_path):
