@@ -294,18 +294,20 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{speed:.0f}", refresh=False)
         bar.close()
+        saves = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
+        if saves:  # what is saved is checked, not only the losses: the last step's loss comes before its update
+            # (on every process: the weights are the same on each, and every process then stops alike)
+            broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            if broken:
+                raise NonFiniteLoss(f"after step {step} (epoch {epoch + 1}) {len(broken)} weight tensors are not "
+                                    f"finite (e.g. {broken[0]}), the losses before it were; stopping. "
+                                    + kept_and_cause(cfg, dtype))
         if main_process:
             seconds = time.perf_counter() - epoch_start
             print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, loss {loss:.4f} (image {loss_mim:.4f}, "
                   f"report {loss_mlm:.4f}), {seconds:.0f} s, {steps_per_epoch * eff_batch / seconds:.0f} images/s"
                   + (f", {skipped} unreadable images skipped" if skipped else ""))
-            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                # what is saved is checked, not only the losses: the last step's loss comes before its update
-                broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-                if broken:
-                    raise NonFiniteLoss(f"after step {step} (epoch {epoch + 1}) {len(broken)} weight tensors are not "
-                                        f"finite (e.g. {broken[0]}), the losses before it were; stopping. "
-                                        + kept_and_cause(cfg, dtype))
+            if saves:
                 save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
                                 checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
                 checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
