@@ -43,6 +43,12 @@ def save_checkpoint(path: str, state: dict):
         os.close(fd)
 
 
+def non_finite(state: dict) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold a NaN or an infinity: train.py and
+    finetune.py check what they are about to save with it, since a loss is computed before its update."""
+    return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+
+
 # What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
 # argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
 # which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;

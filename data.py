@@ -503,7 +503,7 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
             print(f"{script}: {'stopped by SIGTERM' if terminated else 'interrupted'}{how}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
     finally:
-        if main_thread:
+        if main_thread and previous is not None:  # None: a handler not set from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -31,8 +31,8 @@ from tqdm import tqdm
 import checks
 import data
 import synthetic
-from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, read_checkpoint,
-                         save_checkpoint)
+from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, non_finite,
+                         read_checkpoint, save_checkpoint)
 from checks import auc_table, dice_per_image, mean_auc, roc_auc
 from datasets import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
 from mrm import ConfigError, MRMConfig, ViT
@@ -485,7 +485,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
 
     def validate(train_loss):
         """Score the validation split, keep the best weights and the state to resume from, log one line."""
-        broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        broken = non_finite(model.state_dict())
         if broken:  # the loss came before the last update: what is saved is checked itself
             raise NonFiniteLoss(f"after step {step} at lr {lr:g}, {len(broken)} weight tensors are not finite (e.g. "
                                 f"{broken[0]}); stopping. {best_path} and {last_path} are left as they were: "

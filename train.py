@@ -31,7 +31,7 @@ from tqdm import tqdm
 import checks
 import data
 import synthetic
-from checkpoints import load_checkpoint, load_pretrained, save_checkpoint
+from checkpoints import load_checkpoint, load_pretrained, non_finite, save_checkpoint
 from mrm import MRM, ConfigError, MRMConfig
 
 # The recipe's numbers that depend on the model size: base is the paper's (Sec. 4.6, run.sh), tiny is
@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         saves = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
         if saves:  # what is saved is checked, not only the losses: the last step's loss comes before its update
             # (on every process: the weights are the same on each, and every process then stops alike)
-            broken = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+            broken = non_finite(model.state_dict())
             if broken:
                 raise NonFiniteLoss(f"after step {step} (epoch {epoch + 1}) {len(broken)} weight tensors are not "
                                     f"finite (e.g. {broken[0]}), the losses before it were; stopping. "
