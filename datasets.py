@@ -49,12 +49,13 @@ LABEL_NAMES = {
 # Fine-tuning: the released training and test views, and the dataset finetune.py reads
 
 
-def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None):
+def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None,
+               hflip: bool = True):
     """RandomResizedCrop(size) + horizontal flip, bilinear, as the released fine-tuning's transforms
     (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike with
     nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
     box = random_resized_crop_box(*img.size, rng, scale=scale)
-    flip = rng.random() < 0.5
+    flip = rng.random() < 0.5 and hflip  # drawn either way: the same crops with and without flips
     out = []
     for picture, resample in ((img, Image.BILINEAR), (mask, Image.NEAREST)):
         if picture is None:
@@ -101,9 +102,9 @@ class FinetuneDataset(Dataset):
     with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
 
     def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0,
-                 min_crop: float = 0.08):
+                 min_crop: float = 0.08, hflip: bool = True):
         self.images, self.size, self.labels, self.masks, self.seed = images, size, labels, masks, seed
-        self.min_crop = min_crop
+        self.min_crop, self.hflip = min_crop, hflip
 
     def __len__(self):
         return len(self.images)
@@ -119,10 +120,10 @@ class FinetuneDataset(Dataset):
         else:
             rng = np.random.default_rng([self.seed, position])
             if mask is None:
-                image, _ = train_view(img, self.size, rng, (self.min_crop, 1.0))
+                image, _ = train_view(img, self.size, rng, (self.min_crop, 1.0), hflip=self.hflip)
             else:  # the released SIIM pipeline: the whole film resized (keeping its square ratio) and a flip, no crop
                 image, mask = eval_view(img, self.size, mask, center_crop=False)
-                if rng.random() < 0.5:
+                if rng.random() < 0.5 and self.hflip:
                     image, mask = image[:, ::-1], mask[:, ::-1]
         target = torch.from_numpy(self.labels[i]) if mask is None else torch.from_numpy(mask > 0)
         return {"image": torch.from_numpy(image.copy())[None], "target": target}
@@ -354,7 +355,7 @@ def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tu
         labels = labels[keep] if labels is not None else None
         masks = Subset(masks, keep) if masks is not None else None
         splits["train"] = (images, labels, masks)
-    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop)
+    datasets = {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop, cfg.hflip)
                 for name, (img, lab, msk) in splits.items()}
     return datasets, names
 

@@ -6,7 +6,7 @@
 
 Every flag is a field of TrainConfig (`python train.py --help` lists them with their defaults).
 Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png
-(the paper's Fig. 3) and tokenizer.json. On synthetic records the run ends with the fusion check
+(the paper's Fig. 3), curves.png (the losses and the lr so far) and tokenizer.json. On synthetic records the run ends with the fusion check
 (checks.py): are held-out reports' masked words restored better from their film than from noise?
 `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checks
+import curves
 import data
 import synthetic
 from checkpoints import load_checkpoint, load_pretrained, non_finite, save_checkpoint
@@ -73,14 +74,14 @@ class TrainConfig:
     norm_pix_loss: bool = False      # normalise each target patch (the released run script's choice)
     multimodal_mim: bool = False     # add the report's mean embedding to the image decoder input (Table 4)
     # run
-    out: str = "out"                 # folder for ckpt.pt, log.jsonl, recon.png, tokenizer.json
+    out: str = "out"                 # folder for ckpt.pt, log.jsonl, recon.png, curves.png, tokenizer.json
     resume: str = ""                 # a ckpt.pt of this script: continue that run exactly
     init: str = ""                   # MAE or MRM weights for the encoder (e.g. mae_pretrain_vit_base.pth)
     trust_checkpoint: bool = False   # load --init/--resume even if it pickles objects beyond weights (runs their code)
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     compile: bool = False            # torch.compile the model
     num_workers: int = 2             # data loading processes per training process
-    save_every: int = 1              # epochs between checkpoints (and recon.png)
+    save_every: int = 1              # epochs between checkpoints (and recon.png, curves.png)
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
     fusion_check: int = 300          # synthetic data: held-out records for the fusion check at the end (0: none)
@@ -311,6 +312,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                 save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
                                 checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
                 checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
+                curves.pretraining_curves(log_path, os.path.join(cfg.out, "curves.png"))
             if (cfg.data == "synthetic" and cfg.fusion_check > 0 and cfg.fusion_every > 0
                     and (epoch + 1) % cfg.fusion_every == 0 and epoch + 1 < cfg.epochs):  # the end's check is below
                 run_fusion_check(model, tok, cfg, log_path, epoch + 1, step)
@@ -508,8 +510,8 @@ def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, show
     helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(config), flags=re.M))
     for f in fields(config):
         kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
-        shown = shown_default(f) if shown_default else f.default
-        kw = {"help": f"{helps.get(f.name, '')} (default: {shown})".replace("%", "%%")}
+        shown = shown_default(f) if shown_default else f.default  # None: the help itself says it
+        kw = {"help": (helps.get(f.name, "") + ("" if shown is None else f" (default: {shown})")).replace("%", "%%")}
         if not given_only:
             kw["default"] = f.default
         if kind is bool:

@@ -19,7 +19,7 @@ from checkpoints import interpolate_pos_embed
 from checks import dice_per_image, roc_auc
 from datasets import label_subset
 from finetune import FinetuneConfig
-from mrm import ConfigError, ViT, get_2d_sincos_pos_embed, load_pretrained
+from mrm import ConfigError, MRMConfig, ViT, get_2d_sincos_pos_embed, load_pretrained
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -319,8 +319,11 @@ def test_layer_decay_groups():
 
 
 def small_config(tmp_path, **kw) -> FinetuneConfig:
+    # the released recipe's SGD and near-0 head at lr 0.1 (the demo's LP-FT and AdamW: their own tests)
     base = dict(init="none", num_records=32, num_val=16, num_test=24, steps=4, eval_every=2, batch_size=8,
-                num_workers=0, out=str(tmp_path / "ft"))
+                num_workers=0, out=str(tmp_path / "ft"), lr=0.1)
+    if kw.get("task", "classify") == "classify":
+        base.update(optimizer="sgd", head_init="zero")
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -399,8 +402,8 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
     assert [r["step"] for r in log] == [0, 2, 4] and log[0]["train_loss"] is None
     assert log[0]["val_auc_mean"] == pytest.approx(fitted["val"]) == pytest.approx(fitted["probe_val"])
     assert results["val_auc_mean"] == max(r["val_auc_mean"] for r in log) >= fitted["val"]
-    with pytest.raises(ConfigError, match="classification head"):
-        finetune.resolve_schedule(small_config(tmp_path, task="segment", head_init="probe"), "tiny", 16)
+    with pytest.raises(ConfigError, match="for classification"):
+        finetune.resolve_recipe(small_config(tmp_path, task="segment", head_init="probe"))
 
 
 def test_segmentation_end_to_end(tmp_path):
@@ -577,3 +580,44 @@ def test_dry_run_without_lists_prints_the_released_schedule(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)  # no out/ckpt.pt here: the base encoder, as for the real datasets
     s = dry_run(capsys, *argv)["schedule"]
     assert (s["steps"], s["warmup_steps"], s["lr"][0], s["batch_size"], s["eval_every"]) == schedule
+
+
+# -----------------------------------------------------------------------------
+# The demo's recipe, the curves
+
+
+def test_recipe_flags_left_open_take_the_released_or_the_demo_recipe(tmp_path):
+    """The paper's datasets keep the released recipe; the synthetic demo gets its own (LP-FT, AdamW, the whole
+    film without flips, no drop-path); a flag given on the command line wins over either."""
+    resolve = lambda *argv: finetune.resolve_recipe(  # noqa: E731
+        finetune.FinetuneConfig(**vars(finetune.build_parser().parse_args(list(argv)))))
+    released, demo = resolve("--dataset", "nih"), resolve()
+    pick = lambda c: (c.optimizer, c.head_init, c.min_crop, c.hflip, c.drop_path)  # noqa: E731
+    assert pick(released) == ("sgd", "zero", 0.08, True, 0.1)
+    assert pick(demo) == ("adamw", "probe", 1.0, False, 0.0)
+    assert pick(resolve("--hflip", "--min_crop", "0.5", "--drop_path", "0.2")) == ("adamw", "probe", 0.5, True, 0.2)
+    assert pick(resolve("--train_list", "my.txt")) == pick(released)  # files named: not the built-in demo
+    siim = resolve("--task", "segment", "--dataset", "siim")
+    assert (siim.optimizer, siim.hflip, siim.layer_decay, siim.drop_path) == ("adamw", True, 0.65, 0.1)
+    with pytest.raises(ConfigError, match="for classification"):
+        resolve("--task", "segment", "--optimizer", "sgd")
+
+
+def test_training_loss_lines_and_curves_png(tmp_path):
+    """log.jsonl gets the mean training loss every 10 steps besides the validations, and curves.png is
+    drawn from it at each validation."""
+    results = finetune.run(small_config(tmp_path, steps=20, eval_every=20))
+    log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
+    assert [(r["step"], "val_auc_mean" in r) for r in log] == [(10, False), (20, False), (20, True)]
+    assert all(math.isfinite(r["train_loss"]) for r in log)
+    curves_png = Image.open(tmp_path / "ft" / "curves.png")
+    assert curves_png.size == (760, 286) and results["best_step"] == 20
+
+
+def test_random_encoder_probe_is_the_seeds(tmp_path):
+    """The scratch reference printed beside the demo: a probe of the seed's random encoder, the same twice."""
+    cfg = finetune.resolve_recipe(small_config(tmp_path, num_records=48, num_val=24, num_test=24))
+    sizes = MRMConfig.from_preset("tiny")
+    splits, _ = datasets.build_splits(cfg, 64)
+    first = finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)
+    assert 0 <= first <= 1 and first == finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)

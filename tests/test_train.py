@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import checkpoints
 import checks
@@ -77,6 +78,7 @@ def test_end_to_end_on_csv_records_with_outputs(tmp_path):
     assert set(lines[0]) >= {"step", "lr", "loss", "loss_mim", "loss_mlm", "images_per_s"}
     assert all(math.isfinite(l["loss"]) for l in lines)
     assert (tmp_path / "out" / "recon.png").stat().st_size > 10_000
+    assert Image.open(tmp_path / "out" / "curves.png").size == (3 * 380, 286)  # L, L_I and L_R, lr
     assert (tmp_path / "out" / "tokenizer.json").exists()
     # the encoder loads from it for fine-tuning, every tensor of a matching tiny ViT
     vit = ViT(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
@@ -236,7 +238,6 @@ def test_bad_rows_stop_before_training_or_are_skipped(tmp_path):
 
 
 def test_a_report_with_no_token_is_named_before_training(tmp_path):
-    from PIL import Image
     Image.new("L", (64, 64)).save(tmp_path / "a.png")
     with open(tmp_path / "t.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image_path", "report_content"), ("a.png", "\x07\x08")])  # control characters

@@ -1,0 +1,141 @@
+"""Training curves drawn with PIL alone (no plotting package): train.py's curves.png (the losses L, L_I, L_R
+and the lr over the steps) and finetune.py's (training loss and validation score). Each is redrawn from
+the run's log.jsonl at every save, so a resumed run draws its whole history.
+
+    save_curves("out/curves.png", "MRM pre-training", [
+        Panel("loss", [Series("L", steps, losses)], log_y=True),
+        Panel("lr", [Series("lr", steps, lrs)]),
+    ])
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+@dataclass
+class Series:
+    label: str
+    x: list
+    y: list
+
+
+@dataclass
+class Panel:
+    title: str
+    series: list = field(default_factory=list)
+    log_y: bool = False   # losses span decades: a log axis shows the late progress too
+    x_label: str = "step"
+
+
+def ticks(low: float, high: float, log: bool, n: int = 5) -> list[float]:
+    """About n round values between low and high (powers of ten on a log axis)."""
+    if log:
+        first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+        values = [v for v in (10.0 ** e for e in range(first, last + 1)) if low <= v <= high]
+        if len(values) < 3:  # a decade or two: 1, 2, 5 steps
+            values = [v for e in range(first, last + 1) for m in (1, 2, 5) if low <= (v := m * 10.0 ** e) <= high]
+        return values or [low, high]
+    step = 10 ** math.floor(math.log10((high - low) / n))
+    step *= next(m for m in (1, 2, 5, 10) if (high - low) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple, panel: Panel, font):
+    """One chart in box (left, top, right, bottom): axes, grid, ticks, one line a series, a legend."""
+    left, top, right, bottom = box
+    x0, y0, x1, y1 = left + 58, top + 24, right - 10, bottom - 34  # the plotting area
+    draw.text((left + 4, top + 4), panel.title, fill="black", font=font)
+    points = [[(x, y) for x, y in zip(s.x, s.y) if y is not None and math.isfinite(y) and (y > 0 or not panel.log_y)]
+              for s in panel.series]
+    every = [p for pts in points for p in pts]
+    if not every:
+        draw.text((x0, (y0 + y1) // 2), "nothing logged yet", fill="gray", font=font)
+        return
+    xs, ys = [p[0] for p in every], [p[1] for p in every]
+    xlo, xhi = min(xs), max(xs)
+    xhi = xhi if xhi > xlo else xlo + 1
+    f = math.log10 if panel.log_y else (lambda v: v)
+    ylo, yhi = f(min(ys)), f(max(ys))
+    pad = (yhi - ylo) * 0.05 or abs(yhi) * 0.05 or 1.0
+    ylo, yhi = ylo - pad, yhi + pad
+    to_x = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
+    to_y = lambda v: y1 - (f(v) - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
+    for v in ticks(10 ** ylo if panel.log_y else ylo, 10 ** yhi if panel.log_y else yhi, panel.log_y):
+        y = to_y(v)
+        draw.line([(x0, y), (x1, y)], fill="#e6e6e6")
+        label = f"{v:.3g}"
+        draw.text((x0 - 6 - draw.textlength(label, font=font), y - 7), label, fill="black", font=font)
+    for v in ticks(xlo, xhi, False):
+        x = to_x(v)
+        draw.line([(x, y1), (x, y1 + 4)], fill="black")
+        label = f"{v:g}"
+        draw.text((x - draw.textlength(label, font=font) / 2, y1 + 6), label, fill="black", font=font)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    draw.text(((x0 + x1) / 2 - draw.textlength(panel.x_label, font=font) / 2, y1 + 20), panel.x_label, fill="gray",
+              font=font)
+    legend_y = y0 + 4
+    for k, (series, pts) in enumerate(zip(panel.series, points)):
+        colour = COLOURS[k % len(COLOURS)]
+        line = [(to_x(x), to_y(y)) for x, y in pts]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line if len(line) <= 12 else []:  # few points (validations): mark each
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if len(panel.series) > 1 or series.label != panel.title:
+            width = draw.textlength(series.label, font=font)
+            draw.line([(x1 - width - 30, legend_y + 7), (x1 - width - 10, legend_y + 7)], fill=colour, width=2)
+            draw.text((x1 - width - 6, legend_y), series.label, fill="black", font=font)
+            legend_y += 16
+
+
+def save_curves(path: str, title: str, panels: list[Panel], panel_size=(380, 260)):
+    """Panels side by side under a title, written atomically to path (a PNG)."""
+    font = ImageFont.load_default(size=12)
+    w, h = panel_size
+    sheet = Image.new("RGB", (w * len(panels), h + 26), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 6), title, fill="black", font=ImageFont.load_default(size=14))
+    for k, panel in enumerate(panels):
+        draw_panel(draw, (k * w, 26, (k + 1) * w, 26 + h), panel, font)
+    sheet.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+def read_log(path: str) -> list[dict]:
+    """The lines of a log.jsonl (none if it is not there yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pretraining_curves(log_path: str, path: str, title: str = "MRM pre-training"):
+    """train.py: L = L_R + lambda L_I, its two parts (Eq. 3) and the lr, against the optimizer step."""
+    lines = [r for r in read_log(log_path) if "loss" in r]
+    steps = [r["step"] for r in lines]
+    column = lambda key: [r[key] for r in lines]  # noqa: E731
+    save_curves(path, title, [
+        Panel("loss L and report loss L_R", [Series("L", steps, column("loss")),
+                                             Series("L_R (words)", steps, column("loss_mlm"))], log_y=True),
+        Panel("image loss L_I (masked patches at 2x)", [Series("L_I", steps, column("loss_mim"))], log_y=True),
+        Panel("learning rate", [Series("learning rate", steps, column("lr"))]),
+    ])
+
+
+def finetuning_curves(run_logs: dict, path: str, metric: str, title: str):
+    """finetune.py: training loss and validation score against the step, one line per lr of the grid.
+    run_logs: {lr label: log.jsonl path}."""
+    runs = {label: read_log(p) for label, p in run_logs.items()}
+    loss, val = [], []
+    for label, rows in runs.items():
+        points = [r for r in rows if metric not in r and r.get("train_loss") is not None]  # every few steps
+        loss.append(Series(f"lr {label}", [r["step"] for r in points], [r["train_loss"] for r in points]))
+        scored = [r for r in rows if metric in r]
+        val.append(Series(f"lr {label}", [r["step"] for r in scored], [r[metric] for r in scored]))
+    name = {"val_auc_mean": "mean AUC", "val_dice": "Dice"}.get(metric, metric)
+    save_curves(path, title, [Panel("training loss", loss, log_y=True), Panel(f"validation {name}", val)])
