@@ -190,7 +190,7 @@ class Segmenter(nn.Module):
         self.fuse = conv_bn_relu(4 * c, c, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(c, 1, 1)
-        # auxiliary FCN head on the block-8 level (x1 of the grid), used in training only
+        # auxiliary FCN head on the third tap's level (block 8 of 12: x1 of the grid), used in training only
         self.aux = nn.Sequential(conv_bn_relu(d, aux_channels or c, 3), nn.Dropout2d(dropout),
                                  nn.Conv2d(aux_channels or c, 1, 1))
 
@@ -718,9 +718,12 @@ def plan(cfg: FinetuneConfig) -> dict:
                     else "") if classify else
                  f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {SEG_HEADS[preset]['channels']} "
                  f"channels, dropout 0.1, one logit a pixel; auxiliary FCN head ({SEG_HEADS[preset]['aux_channels']} "
-                 "channels) on the block-8 level in training; loss focal 2.0 + Dice 1.0, auxiliary 0.8 + 0.4"),
+                 f"channels) on block {Segmenter.tap_blocks(sizes.depth)[2]}'s level in training; loss focal 2.0 + "
+                 "Dice 1.0, auxiliary 0.8 + 0.4"),
         "records": counts,
-        "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels or 0)])),
+        "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels or 0)])) if classify
+                       else ["+".join(f.strip() for f in cfg.seg_findings.split(","))] if cfg.dataset == "synthetic"
+                       else list(LABEL_NAMES.get(cfg.dataset, ["finding"])),
         "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
                      "lr": [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr],
                      "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,
