@@ -9,8 +9,9 @@
 
 `step` times train.train_step (forward, backward, optimizer) on synthetic batches, after warm-up.
 `data` times one record's image on one core, in one process, the same file over and over: ours
-(data.load_crop, what PretrainDataset runs) and, in the same run, the released recipe re-done with
-PIL and numpy (`released_pipeline`), so their ratio holds on a busy machine too.
+(data.load_crop, what PretrainDataset runs) and, in the same run, the bare gray decode of the file
+(`bare_decode`, the floor) and the released recipe re-done with PIL and numpy (`released_pipeline`),
+so their ratios hold on a busy machine too; `overhead_ms` is what ours adds to the decode per image.
 `loader` runs train.py's DataLoader end to end (images + tokenized, masked reports).
 """
 import argparse
@@ -195,6 +196,15 @@ def released_pipeline(path, size: int, rng) -> torch.Tensor:
     return x.sub_(PIXEL_MEAN).div_(PIXEL_STD)
 
 
+def bare_decode(path):
+    """The floor under any loader of this film with PIL: the file decoded to gray at full size
+    (libjpeg's own conversion, `draft('L', size)`), nothing after. A crop decoded at 1/2 scale
+    (data.draft_scale) costs less than this."""
+    with Image.open(path) as img:
+        img.draft("L", img.size)
+        img.load()
+
+
 def bench_data(args) -> dict:
     core = None
     if hasattr(os, "sched_setaffinity"):  # Linux: one core for this process; elsewhere one thread only
@@ -203,12 +213,13 @@ def bench_data(args) -> dict:
     torch.set_num_threads(1)
     files = data.ImageFiles([os.path.basename(args.image)], os.path.dirname(os.path.abspath(args.image)))
     pipelines = {  # ours: exactly what PretrainDataset does with an image file, (1, S, S) uint8
+        "decode": lambda rng: bare_decode(args.image),
         "ours": lambda rng: torch.from_numpy(np.ascontiguousarray(files.load_crop(0, args.size, rng)))[None],
         "released": lambda rng: released_pipeline(args.image, args.size, rng)}
     rates = {name: [] for name in pipelines}
-    for _ in range(args.rounds):  # alternate, so both see the same background load
+    for _ in range(args.rounds):  # alternate, so all three see the same background load
         for name, run in pipelines.items():
-            rng = np.random.default_rng(0)  # both draw the same crops
+            rng = np.random.default_rng(0)  # ours and the released pipeline draw the same crops
             run(rng)
             start = time.perf_counter()
             for _ in range(args.n):
@@ -221,6 +232,10 @@ def bench_data(args) -> dict:
                    "img_per_s_per_core": round(best["ours"], 1),
                    "released_img_per_s_per_core": round(best["released"], 1),
                    "speedup": round(best["ours"] / best["released"], 2),
+                   "decode_img_per_s_per_core": round(best["decode"], 1),
+                   # what load_crop adds to the decode: crop box, resize, mirror, arrays (can be < 0: 1/2-scale decodes)
+                   "overhead_ms": round(1e3 / best["ours"] - 1e3 / best["decode"], 2),
+                   "share_of_decode": round(best["ours"] / best["decode"], 2),
                    "rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()}, "n": args.n,
                    "core": core, **environment(torch.device("cpu"))})
 
@@ -276,7 +291,7 @@ def main(argv=None) -> dict:
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--profile", type=int, default=0, help="then profile this many steps and print the top kernels")
-    p = sub.add_parser("data", help="one record's image pipeline on one core: ours and the released one",
+    p = sub.add_parser("data", help="one record's image pipeline on one core: ours, the bare decode, the released one",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True)
     p.add_argument("--n", type=int, default=200, help="images per round and pipeline")

@@ -108,6 +108,8 @@ def test_data_and_loader_run_on_synthetic_files(tmp_path):
                           "--rounds", "1", "--size", "64"], capture_output=True, text=True, check=True, cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["img_per_s_per_core"] > 0 and r["released_img_per_s_per_core"] > 0 and r["image_size"] == [96, 96]
+    # the bare decode beside them, and what ours adds to it per image (a figure, not checked: no timed tests)
+    assert r["decode_img_per_s_per_core"] > 0 and isinstance(r["overhead_ms"], float)
     r = bench.main(["loader", "--data", str(tmp_path / "training.csv"), "--preset", "tiny", "--batch_size", "2",
                     "--num_workers", "0", "--records", "10"])
     assert r["records"] >= 10 and r["records_per_s"] > 0 and r["crop"] == 128

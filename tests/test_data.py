@@ -346,6 +346,30 @@ def test_augment_is_a_crop_or_its_mirror():
     assert 10 < flips < 30
 
 
+def test_resize_box_is_torch_bicubic_on_the_gray_crop_exactly():
+    """resize_box runs F.interpolate's two passes on 4 gray lines at a time (data.py): the same pixels as
+    F.interpolate on the gray crop as one channel, for shrinking and enlarging, any box (odd heights,
+    the last group of 4 rows past the image), the mirror, and a size that is no multiple of 4."""
+    def plain(img, box, size):
+        crop = torch.from_numpy(np.array(img.crop(box)))[None, None]
+        return torch.nn.functional.interpolate(crop, (size, size), mode="bicubic", antialias=True)[0, 0].numpy()
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(synthetic.synth_record(0, 300)["image"][:, :283])  # 300 rows, 283 columns
+    boxes = [(0, 0, 283, 300), (0, 299, 283, 300), (282, 0, 283, 300), (5, 297, 280, 300), (0, 0, 64, 64)]
+    for _ in range(40):
+        x, y = int(rng.integers(0, 282)), int(rng.integers(0, 299))
+        boxes.append((x, y, int(rng.integers(x + 1, 284)), int(rng.integers(y + 1, 301))))
+    for k, box in enumerate(boxes):
+        size = (64, 128, 448, 36)[k % 4]  # 36 < most boxes < 448; 36 is a multiple of 4, 30 (below) is not
+        expected = plain(img, box, size)
+        out = data.resize_box(img, box, size)
+        assert out.shape == (size, size) and out.dtype == np.uint8 and out.flags.c_contiguous
+        assert np.array_equal(out, expected)
+        assert np.array_equal(data.resize_box(img, box, size, flip=True), expected[:, ::-1])
+    assert np.array_equal(data.resize_box(img, (3, 4, 50, 61), 30, flip=True), plain(img, (3, 4, 50, 61), 30)[:, ::-1])
+
+
 def test_min_crop_bounds_the_crop_area():
     """min_crop=1 keeps the whole square film (resized, maybe mirrored); the released 0.2 often cuts it;
     PretrainDataset passes its min_crop on (train.py --min_crop)."""
