@@ -156,6 +156,8 @@ def test_resume_keeps_the_model_and_data_and_reports_allowed_changes(tmp_path, c
     capsys.readouterr()
     train.train(cfg, ckpt)  # its first line says where it writes, the next what changed
     assert capsys.readouterr().out.splitlines()[1] == "resuming with changed settings: epochs 1 -> 2"
+    train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3", "--dry_run"])  # stdout: the JSON alone
+    assert json.loads(capsys.readouterr().out)["epochs"] == 3
     for flag, value in [("--mask_ratio", "0.75"), ("--preset", "base"), ("--seed", "1"), ("--data", "x.csv")]:
         refusal = rf"a resumed run keeps its model and data; cannot change \['{flag[2:]}'\]"
         with pytest.raises(ValueError, match=refusal):
