@@ -575,7 +575,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     train_mode()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"lr {lr:g}", leave=False, dynamic_ncols=True, disable=None)
     loss_sum, loss_steps = torch.zeros((), device=device), 0  # since the last validation
-    recent = []  # since the last training-loss line of log.jsonl
+    recent = []  # since the last training-loss line of log.jsonl or the last validation
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = schedule(step, cfg.steps, cfg.warmup_steps, lr) * group["lr_scale"]
@@ -600,14 +600,15 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         loss_steps += 1
         recent.append(loss.detach())
         bar.update()
-        if step % LOG_EVERY == 0:  # the curve's points: the mean of the last LOG_EVERY losses (one host sync)
+        if step % LOG_EVERY == 0:  # the curve's points: the mean loss since the last point or validation
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "lr": optimizer.param_groups[-1]["lr"],
                                     "train_loss": torch.stack(recent).mean().item()}) + "\n")
             recent = []
         if step % cfg.eval_every and step != cfg.steps:
             continue
-        # a validation: the only host sync of the loop
+        # a validation (with the loss lines above, the loop's only host syncs); a resumed run starts here
+        recent = []
         train_loss = loss_sum.item() / loss_steps
         loss_sum.zero_()
         loss_steps = 0
@@ -759,7 +760,8 @@ def shown_default(f) -> str:
             "batch_size": "from --dataset: 96, synthetic 32, segmentation 8 (tiny 32)",
             "eval_every": "once an epoch; segmentation 500 at 100%, 50 at 10% and 1%, 50 for the tiny demo",
             "epochs": "none: --steps", "image_root": "the list's folder",
-            "out": "out/finetune, or out/segment with --task segment"}.get(f.name, f.default if f.default != "" else "none")
+            "out": "out/finetune, or out/segment with --task segment"}.get(f.name, f.default if f.default != ""
+                                                                            else "none")
 
 
 # what each number may be (train.bounded): counts at least 1, shares within (0, 1], rates positive

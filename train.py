@@ -6,8 +6,9 @@
 
 Every flag is a field of TrainConfig (`python train.py --help` lists them with their defaults).
 Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png
-(the paper's Fig. 3), curves.png (the losses and the lr so far) and tokenizer.json. On synthetic records the run ends with the fusion check
-(checks.py): are held-out reports' masked words restored better from their film than from noise?
+(the paper's Fig. 3), curves.png (the losses and the lr so far) and tokenizer.json. On synthetic records
+the run ends with the fusion check (checks.py): are held-out reports' masked words restored better from
+their film than from noise?
 `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
 import argparse

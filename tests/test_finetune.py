@@ -446,17 +446,22 @@ def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), steps=4))
-    run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4), monkeypatch)
-    assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 2
-    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True))
+    """Stopped at its second validation (step 26) and resumed from the first (13): the same weights, test
+    scores and log.jsonl, training-loss lines (every 10 steps, the window restarting at a validation) included."""
+    cfg = dict(steps=26, eval_every=13)
+    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
+    run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), **cfg), monkeypatch)
+    assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 13
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "lr_0.1" / "log.jsonl")] == [10, 13, 20]
+    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
     a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test_auc"] == whole["test_auc"]
-    assert len(open(tmp_path / "cut" / "lr_0.1" / "log.jsonl").readlines()) == 2
+    logs = [open(tmp_path / run / "lr_0.1" / "log.jsonl").read() for run in ("whole", "cut")]
+    assert logs[0] == logs[1] and logs[0].count("\n") == 4  # steps 10, 13, 20, 26
     with pytest.raises(ValueError, match="changed: batch_size 8 -> 4"):
-        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), steps=4, resume=True, batch_size=4))
+        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, batch_size=4, **cfg))
 
 
 def test_resume_after_the_probe_start_continues_exactly(tmp_path, monkeypatch):
