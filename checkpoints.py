@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mrm import MRM, Block, ConfigError, MRMConfig
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or that is refused because loading it would run code."""
@@ -172,8 +174,6 @@ def load_checkpoint(path: str, trust: bool = False) -> dict:
 def checked_model_config(path, d, trust: bool = False):
     """A checkpoint's model_config as an MRMConfig, each setting checked (MRMConfig.validate) and the model's
     size bounded by MAX_PARAMETERS (unless trusted), all before a layer is built."""
-    from mrm import ConfigError, MRMConfig  # here, not above: mrm.py imports this module for load_pretrained
-
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: model_config: expected dict, found {_kind(d)}")
     try:
@@ -229,8 +229,6 @@ def expected_state(cfg) -> tuple[dict, int]:
     """The state dict MRM(cfg) would have, built on the meta device (names, shapes, dtypes; nothing allocated),
     and how many of its parameters the optimizer steps. ViT draws its drop-path rates with .item(), which a
     meta tensor cannot answer, so the encoder is built without blocks and one Block stands for each."""
-    from mrm import Block, MRM
-
     with torch.device("meta"):
         model, block = MRM(dataclasses.replace(cfg, depth=0)), Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
     state = model.state_dict()

@@ -6,8 +6,8 @@ Read top to bottom:
   3. the records of a run (synthetic.py's built-in ones, or `training.csv`) and the Dataset train.py reads;
   4. images: any file PIL reads (8- or 16-bit, L / RGB / RGBA / P / I;16) or DICOM, to 8-bit grayscale;
 then the plumbing the scripts share (errors that name the file, UTF-8 lines, progress bars).
-The tools that prepare real data (`python data.py synth | resize | mimic | siim-masks`, see `-h`) and
-the fine-tuning datasets are in datasets.py; the synthetic records themselves in synthetic.py.
+The tools that prepare real data are in prepare.py (`python prepare.py -h`), the fine-tuning data in
+finetune_data.py, the synthetic records themselves in synthetic.py.
 
 A training sample is a uint8 image; float conversion, normalisation and 3 channels happen on the
 training device (mrm.MRM.prepare_images), so the loader moves a quarter of the bytes.
@@ -550,8 +550,3 @@ def progress(iterable, **kw):
     """A tqdm bar at a terminal, only in the first process under torchrun."""
     return tqdm(iterable, leave=False, disable=None if os.environ.get("RANK", "0") == "0" else True, **kw)
 
-
-if __name__ == "__main__":  # python data.py synth | resize | mimic | siim-masks: the tools are in datasets.py
-    import datasets
-
-    datasets.main()

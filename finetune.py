@@ -36,7 +36,7 @@ import synthetic
 from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, non_finite,
                          read_checkpoint, save_checkpoint)
 from checks import auc_table, dice_per_image, mean_auc, roc_auc
-from datasets import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
+from finetune_data import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
 from mrm import ConfigError, MRMConfig, ViT
 from train import NonFiniteLoss, amp_dtype, bounded, config_parser, lr_at
 
@@ -103,7 +103,7 @@ class FinetuneConfig:
     val_list: str = ""
     test_list: str = ""
     image_root: str = ""             # folder the list paths are relative to
-    mask_root: str = ""              # segmentation: <id>.png masks, e.g. from `python data.py siim-masks`
+    mask_root: str = ""              # segmentation: <id>.png masks, e.g. from `python prepare.py siim-masks`
     label_fraction: float = 1.0      # train on a seeded random subset of the train list (datasets without 1%/10% lists)
     num_records: int = 2000          # synthetic: training records (all synthetic splits are unseen in pre-training)
     num_val: int = 500               # synthetic: validation records

@@ -633,7 +633,3 @@ class MRM(nn.Module):
         out["loss"] = cfg.mlm_weight * out["loss_mlm"] + cfg.mim_weight * out["loss_mim"]  # Eq. 3
         return out
 
-
-# Reading MAE's or the released MRM's weights into these modules is plumbing, kept in checkpoints.py;
-# imported here so that `from mrm import MRM, load_pretrained` is all a user needs.
-from checkpoints import load_pretrained  # noqa: E402, F401

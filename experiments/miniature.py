@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoints  # noqa: E402
 import checks  # noqa: E402
 import data  # noqa: E402
-import datasets  # noqa: E402
 import finetune  # noqa: E402
+import finetune_data  # noqa: E402
 import train  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
 
@@ -157,11 +157,11 @@ def probe_splits(cfg: "MiniConfig", rendered: dict) -> tuple[dict, dict]:
     """The fine-tuning runs' films (train, val, test), shared with them through `rendered`, as whole films at
     128 px, and their labels."""
     films, labels = {}, {}
-    first = datasets.SYNTH_START
+    first = finetune_data.SYNTH_START
     for split, n in (("train", cfg.finetune_records), ("val", cfg.val_records), ("test", cfg.test_records)):
-        key = (first, n, 128, ())  # the key datasets.build_splits uses for the tiny preset's 128-px renders
+        key = (first, n, 128, ())  # the key finetune_data.build_splits uses for the tiny preset's 128-px renders
         if key not in rendered:
-            rendered[key] = datasets.SyntheticFilms(first, n, 128)
+            rendered[key] = finetune_data.SyntheticFilms(first, n, 128)
         source = rendered[key]
         films[split] = np.stack([data.full_view(source.load(i), 128) for i in range(n)])
         labels[split] = source.labels
@@ -182,7 +182,7 @@ def probe(init: str, cfg: "MiniConfig", films: dict, labels: dict) -> dict:
     for ratio in RATIOS:
         out[str(ratio)] = []
         for seed in range(cfg.seeds):
-            keep = datasets.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
+            keep = finetune_data.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
             result = checks.linear_probe({**features, "train": features["train"][keep]},
                                          {**labels, "train": labels["train"][keep]})
             out[str(ratio)].append(result["test_auc_mean"])

@@ -11,7 +11,7 @@ from PIL import Image
 
 import bench
 import data
-import datasets
+import prepare
 import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_released_pipeline_does_the_same_crop_as_ours(tmp_path):
 
 
 def test_data_and_loader_run_on_synthetic_files(tmp_path):
-    datasets.main(["synth", "--out", str(tmp_path), "--n", "10", "--size", "96"])
+    prepare.main(["synth", "--out", str(tmp_path), "--n", "10", "--size", "96"])
     jpg = tmp_path / "a.jpg"
     Image.open(tmp_path / "images" / "00000.png").save(jpg, quality=95)
     # its own process: the data bench pins itself to one core

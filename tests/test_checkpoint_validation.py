@@ -16,8 +16,8 @@ import torch
 
 import checkpoints
 import train
-from checkpoints import CheckpointError, load_checkpoint, read_checkpoint
-from mrm import MRM, ConfigError, MRMConfig, ViT, load_pretrained
+from checkpoints import CheckpointError, load_checkpoint, load_pretrained, read_checkpoint
+from mrm import MRM, ConfigError, MRMConfig, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--fusion_check", "0"]

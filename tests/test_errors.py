@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import data
-import datasets
 import finetune
+import finetune_data
 import train
-from checkpoints import CheckpointError, read_checkpoint
-from mrm import ViT, load_pretrained
+from checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from mrm import ViT
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "1", "--num_workers", "0", "--fusion_check", "0"]
@@ -140,9 +140,9 @@ def test_split_list_that_is_not_utf8(tmp_path):
     path = tmp_path / "train_1.txt"
     path.write_bytes(b"a.png 0 1\n\xff.png 1 0\n")
     with pytest.raises(data.BadRecord, match=r"train_1.txt, line 2: byte 0xff at column 1 is not UTF-8"):
-        datasets.read_split_list(str(path), str(tmp_path))
+        finetune_data.read_split_list(str(path), str(tmp_path))
     with pytest.raises(data.BadRecord, match=r"train_1.txt, line 2: byte 0xff"):
-        datasets.read_id_list(str(path), str(tmp_path), str(tmp_path))
+        finetune_data.read_id_list(str(path), str(tmp_path), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -152,7 +152,7 @@ def test_split_list_that_is_not_utf8(tmp_path):
     (["train.py", "--resume", "missing.pt"], "train.py: error: missing.pt: no such checkpoint file"),
     (["train.py", "--data", "missing.csv"], "train.py: error: missing.csv: no such CSV file"),
     (["finetune.py", "--dataset", "nih", "--train_list", "a.txt"], "finetune.py: error: give --val_list"),
-    (["data.py", "siim-masks", "--rle", "missing.csv", "--out", "m"], "data.py: error: "),
+    (["prepare.py", "siim-masks", "--rle", "missing.csv", "--out", "m"], "prepare.py: error: "),
     (["bench.py", "data", "--image", "missing.png", "--n", "1", "--rounds", "1"], "bench.py: error: "),
 ])
 def test_scripts_print_expected_errors_as_one_line(tmp_path, argv, says):

@@ -18,8 +18,8 @@ from PIL import Image
 
 import checkpoints
 import data
-import datasets
 import finetune
+import finetune_data
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def test_split_list_labels_must_be_0_or_1(tmp_path, label):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "train.txt").write_text(f"a.png 0 1\na.png 1 {label}\n")
     with pytest.raises(data.BadRecord, match=rf"train.txt, line 2: labels must be 0 or 1, got \['1', '{label}'\]"):
-        datasets.read_split_list(str(tmp_path / "train.txt"), str(tmp_path))
+        finetune_data.read_split_list(str(tmp_path / "train.txt"), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- SIGTERM

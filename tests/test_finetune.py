@@ -1,5 +1,5 @@
 """finetune.py and what it reads: the metrics (checks.py) against hand-worked values, the data views and split
-lists (datasets.py), the heads, and whole runs on synthetic data."""
+lists (finetune_data.py), the heads, and whole runs on synthetic data."""
 import json
 import math
 import os
@@ -12,14 +12,14 @@ from PIL import Image
 
 import checks
 import data
-import datasets
 import finetune
+import finetune_data
 import synthetic
-from checkpoints import interpolate_pos_embed
+from checkpoints import interpolate_pos_embed, load_pretrained
 from checks import dice_per_image, roc_auc
-from datasets import label_subset
 from finetune import FinetuneConfig
-from mrm import ConfigError, MRMConfig, ViT, get_2d_sincos_pos_embed, load_pretrained
+from finetune_data import label_subset
+from mrm import ConfigError, MRMConfig, ViT, get_2d_sincos_pos_embed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -93,38 +93,6 @@ def test_poly_lr():
 # Data
 
 
-def test_decode_rle_column_major_runs():
-    # pixels numbered down the columns of a 3 x 3 image; offsets count from the previous run's end
-    m = datasets.decode_rle("1 2 3 1", 3, 3)  # pixels 1, 2 and 6
-    assert m.astype(int).tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0]]
-    assert not datasets.decode_rle("-1", 3, 3).any()
-    with pytest.raises(ValueError, match="outside"):
-        datasets.decode_rle("8 2", 3, 3)
-    with pytest.raises(ValueError, match="odd"):
-        datasets.decode_rle("1 2 3", 3, 3)
-
-
-def test_siim_masks_union_rows(tmp_path):
-    csv = tmp_path / "train-rle.csv"
-    csv.write_text("ImageId, EncodedPixels\n"
-                   "a, 0 2\n"        # first region of a: pixels 0, 1 (column 0, rows 0-1)
-                   "b, -1\n"
-                   "a, 12 4\n")      # second region of a: pixels 12..15 (column 3)
-    assert datasets.write_siim_masks(csv, tmp_path / "masks", size=4) == 2
-    a = np.asarray(Image.open(tmp_path / "masks" / "a.png"))
-    expected = np.zeros((4, 4), np.uint8)
-    expected[0:2, 0] = 255
-    expected[:, 3] = 255
-    assert (a == expected).all()
-    assert not np.asarray(Image.open(tmp_path / "masks" / "b.png")).any()
-    csv.write_text("ImageId, EncodedPixels\na, 0 2\nc, 99 1\n")
-    with pytest.raises(data.BadRecord, match="line 3"):
-        datasets.write_siim_masks(csv, tmp_path / "masks", size=4)
-    csv.write_text("id,rle\na, 0 2\n")
-    with pytest.raises(data.BadRecord, match="header"):
-        datasets.write_siim_masks(csv, tmp_path / "masks", size=4)
-
-
 def test_label_fraction_subset_sizes():
     assert len(label_subset(78467, 0.01, 0)) == 785  # NIH's 1% list has 785 images
     assert len(label_subset(1000, 0.1, 0)) == 100
@@ -146,25 +114,25 @@ def write_list(tmp_path, lines, images=("a.png", "b.png")):
 
 
 def test_read_split_list_and_its_errors(tmp_path):
-    files, labels = datasets.read_split_list(write_list(tmp_path, ["a.png 0 1", "", "b.png 1 0 "]), "")
+    files, labels = finetune_data.read_split_list(write_list(tmp_path, ["a.png 0 1", "", "b.png 1 0 "]), "")
     assert len(files) == 2 and labels.tolist() == [[0, 1], [1, 0]]
     assert "line 3" in files.where(1)
     with pytest.raises(data.BadRecord, match=r"list.txt, line 2: expected 2 labels, got 1"):
-        datasets.read_split_list(write_list(tmp_path, ["a.png 0 1", "b.png 1"]), "")
+        finetune_data.read_split_list(write_list(tmp_path, ["a.png 0 1", "b.png 1"]), "")
     with pytest.raises(data.BadRecord, match="line 1: labels must be numbers"):
-        datasets.read_split_list(write_list(tmp_path, ["a.png 0 nan"]), "")
+        finetune_data.read_split_list(write_list(tmp_path, ["a.png 0 nan"]), "")
     with pytest.raises(data.BadRecord, match=r"1 of 2 images missing .*line 2: .*c.png"):
-        datasets.read_split_list(write_list(tmp_path, ["a.png 1", "c.png 0"]), "")
+        finetune_data.read_split_list(write_list(tmp_path, ["a.png 1", "c.png 0"]), "")
     with pytest.raises(data.BadRecord, match="expected 14 labels"):
-        datasets.read_split_list(write_list(tmp_path, ["a.png 0 1"]), "", num_labels=14)
+        finetune_data.read_split_list(write_list(tmp_path, ["a.png 0 1"]), "", num_labels=14)
     with pytest.raises(data.BadRecord, match="empty"):
-        datasets.read_split_list(write_list(tmp_path, []), "")
+        finetune_data.read_split_list(write_list(tmp_path, []), "")
 
 
 def test_ids_of_siim_lists_keep_their_dots():
     siim = "1.2.276.0.7230010.3.1.4.8323329.2181.1517875171.516361"
-    assert datasets._stem(siim) == siim
-    assert datasets._stem(f"dicom/{siim}.dcm") == siim and datasets._stem("a/b.PNG") == "b"
+    assert finetune_data._stem(siim) == siim
+    assert finetune_data._stem(f"dicom/{siim}.dcm") == siim and finetune_data._stem("a/b.PNG") == "b"
 
 
 def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
@@ -176,17 +144,17 @@ def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
     cfg = lambda val: FinetuneConfig(dataset="custom", train_list=str(tmp_path / "train.txt"),  # noqa: E731
                                      val_list=str(tmp_path / val), test_list=str(tmp_path / "train.txt"))
     with pytest.raises(data.BadRecord, match=r"two.txt, line 1: expected 3 labels, got 2"):
-        datasets.build_splits(cfg("two.txt"), 32)
+        finetune_data.build_splits(cfg("two.txt"), 32)
     with pytest.raises(data.BadRecord, match="one_class.txt: every label has one class only"):
-        datasets.build_splits(cfg("one_class.txt"), 32)
+        finetune_data.build_splits(cfg("one_class.txt"), 32)
 
 
 def test_step_sampler_epochs_and_resume():
-    full = list(datasets.StepSampler(n=5, batch_size=2, steps=6, seed=3))
+    full = list(finetune_data.StepSampler(n=5, batch_size=2, steps=6, seed=3))
     assert [p for _, p in full] == list(range(12))
     for epoch in range(2):  # each epoch is a permutation of the records
         assert sorted(i for i, _ in full[5 * epoch:5 * epoch + 5]) == list(range(5))
-    assert list(datasets.StepSampler(5, 2, 6, seed=3, start_step=4)) == full[8:]
+    assert list(finetune_data.StepSampler(5, 2, 6, seed=3, start_step=4)) == full[8:]
 
 
 def test_train_view_crops_mask_with_image():
@@ -195,7 +163,7 @@ def test_train_view_crops_mask_with_image():
     image, mask = Image.fromarray(img), Image.fromarray((img > 0).astype(np.uint8) * 255)
     flips = 0
     for seed in range(20):
-        a, m = datasets.train_view(image, 32, np.random.default_rng(seed), (0.5, 1.0), mask)
+        a, m = finetune_data.train_view(image, 32, np.random.default_rng(seed), (0.5, 1.0), mask)
         assert a.shape == m.shape == (32, 32)
         agree = ((a > 127) == (m > 0)).mean()
         assert agree > 0.95
@@ -206,10 +174,10 @@ def test_train_view_crops_mask_with_image():
 def test_min_crop_one_trains_on_the_whole_film():
     """--min_crop 1 (the miniature's 0.8 leans this way): every training view is the evaluation view
     of the whole square film, or its mirror; the released 0.08 crops."""
-    films = datasets.SyntheticFilms(datasets.SYNTH_START, 2, 64)
+    films = finetune_data.SyntheticFilms(finetune_data.SYNTH_START, 2, 64)
     labels = films.labels
-    whole = datasets.FinetuneDataset(films, 32, labels, min_crop=1.0)
-    spec = datasets.FinetuneDataset(films, 32, labels)
+    whole = finetune_data.FinetuneDataset(films, 32, labels, min_crop=1.0)
+    spec = finetune_data.FinetuneDataset(films, 32, labels)
     for p in range(6):
         view, test = whole[(1, p)]["image"][0].numpy(), whole[1]["image"][0].numpy()
         assert np.array_equal(view, test) or np.array_equal(view, test[:, ::-1])
@@ -219,7 +187,7 @@ def test_min_crop_one_trains_on_the_whole_film():
 def test_test_view_is_centre_square():
     img = np.zeros((40, 80), np.uint8)
     img[:, 20:60] = 200  # the centred 40 x 40 square
-    out, _ = datasets.eval_view(Image.fromarray(img), 20)
+    out, _ = finetune_data.eval_view(Image.fromarray(img), 20)
     # the resampling reads a pixel beyond the box at its edges: the border columns blend a little black in
     assert (out[:, 1:-1] >= 199).all() and (out > 150).all()
 
@@ -287,8 +255,8 @@ def test_segmenter_shapes_and_taps():
 
 
 def test_segmentation_train_view_is_the_whole_film_or_its_mirror():
-    films = datasets.SyntheticFilms(datasets.SYNTH_START, 2, 64, ("pneumothorax",))
-    ds = datasets.FinetuneDataset(films, 32, masks=films)
+    films = finetune_data.SyntheticFilms(finetune_data.SYNTH_START, 2, 64, ("pneumothorax",))
+    ds = finetune_data.FinetuneDataset(films, 32, masks=films)
     test = ds[1]
     mirrored = 0
     for p in range(8):
@@ -505,8 +473,8 @@ def test_covid19_split_loads_every_film():
     root = SHARED / "covid19" / "images"
     modes = set()
     for split in ("train", "val", "test"):
-        files, labels = datasets.read_split_list(str(SHARED / "covid19" / "covid1" / f"iscovid_{split}.txt"), str(root), 1)
-        ds = datasets.FinetuneDataset(files, 64, labels)
+        files, labels = finetune_data.read_split_list(str(SHARED / "covid19" / "covid1" / f"iscovid_{split}.txt"), str(root), 1)
+        ds = finetune_data.FinetuneDataset(files, 64, labels)
         for i in range(len(ds)):
             with Image.open(files.path(i)) as im:
                 modes.add(im.mode)
@@ -532,10 +500,10 @@ def test_a_list_of_another_label_count_says_which_dataset_fits(tmp_path):
                  test_list=str(tmp_path / "one.txt"))
     with pytest.raises(ConfigError, match=r"one.txt: 1 label\(s\) a line, not the 6 of --dataset synthetic "
                                           r"\(the default\): pass --dataset rsna or covid or viral"):
-        datasets.build_splits(FinetuneConfig(**lists), 32)
+        finetune_data.build_splits(FinetuneConfig(**lists), 32)
     with pytest.raises(ConfigError, match=r"not the 14 of --dataset nih: pass --dataset rsna or covid or viral"):
-        datasets.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
-    splits, names = datasets.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
+        finetune_data.build_splits(FinetuneConfig(dataset="nih", **lists), 32)
+    splits, names = finetune_data.build_splits(FinetuneConfig(dataset="covid", **lists), 32)
     assert names == ("COVID-19",) and len(splits["train"]) == 2
 
 
@@ -547,7 +515,7 @@ def dry_run(capsys, *argv) -> dict:
 @pytest.mark.parametrize("dataset, ratio, schedule", [
     ("nih", 1, (50, 3000, 3e-2)), ("chexpert", 10, (1500, 60000, 5e-4)), ("rsna", 100, (2000, 50000, 5e-4))])
 def test_dry_run_resolves_the_released_schedules_without_reading_images(tmp_path, capsys, dataset, ratio, schedule):
-    k = len(datasets.LABEL_NAMES[dataset])
+    k = len(finetune_data.LABEL_NAMES[dataset])
     for name, n in (("train", 250), ("val", 40), ("test", 60)):  # images that do not exist: never opened
         (tmp_path / f"{name}.txt").write_text("".join(f"missing/{i}.png" + " 0" * k + "\n" for i in range(n)))
     plan = dry_run(capsys, "--dataset", dataset, "--ratio", str(ratio), "--init", "none", "--out", str(tmp_path / "o"),
@@ -623,6 +591,6 @@ def test_random_encoder_probe_is_the_seeds(tmp_path):
     """The scratch reference printed beside the demo: a probe of the seed's random encoder, the same twice."""
     cfg = finetune.resolve_recipe(small_config(tmp_path, num_records=48, num_val=24, num_test=24))
     sizes = MRMConfig.from_preset("tiny")
-    splits, _ = datasets.build_splits(cfg, 64)
+    splits, _ = finetune_data.build_splits(cfg, 64)
     first = finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)
     assert 0 <= first <= 1 and first == finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)

@@ -15,10 +15,11 @@ from PIL import Image
 import checkpoints
 import checks
 import data
-import datasets
+import prepare
 import synthetic
 import train
-from mrm import MRM, MRMConfig, ViT, load_pretrained
+from checkpoints import load_pretrained
+from mrm import MRM, MRMConfig, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
 # a few seconds a run on a 2-core CPU: 16 synthetic records, batches of 4, the tiny model
@@ -69,7 +70,7 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_end_to_end_on_csv_records_with_outputs(tmp_path):
-    datasets.main(["synth", "--out", str(tmp_path / "records"), "--n", "20", "--size", "128"])
+    prepare.main(["synth", "--out", str(tmp_path / "records"), "--n", "20", "--size", "128"])
     ckpt = run(tmp_path / "out", "--data", str(tmp_path / "records" / "training.csv"))
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8 and ckpt["config"]["data"].endswith("training.csv")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
@@ -225,7 +226,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_bad_rows_stop_before_training_or_are_skipped(tmp_path):
-    datasets.main(["synth", "--out", str(tmp_path / "r"), "--n", "20", "--size", "128"])
+    prepare.main(["synth", "--out", str(tmp_path / "r"), "--n", "20", "--size", "128"])
     csv_path = tmp_path / "r" / "training.csv"
     rows = list(csv.reader(open(csv_path)))
     rows.append(["images/missing.png", "FINDINGS: x."])
@@ -338,7 +339,7 @@ def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
 
 
 def test_csv_in_the_working_folder_needs_no_image_root(tmp_path, monkeypatch):
-    datasets.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "128"])
+    prepare.main(["synth", "--out", str(tmp_path), "--n", "20", "--size", "128"])
     monkeypatch.chdir(tmp_path)
     train.main([*SMALL, "--epochs", "1", "--data", "training.csv", "--out", "o"])
     assert (tmp_path / "o" / "ckpt.pt").exists()

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrm import MRM, MRMConfig, ViT, load_pretrained
+from checkpoints import load_pretrained
+from mrm import MRM, MRMConfig, ViT
 
 
 def standard_vit_b16_shapes(depth=12, D=768):
