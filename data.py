@@ -550,3 +550,10 @@ def progress(iterable, **kw):
     """A tqdm bar at a terminal, only in the first process under torchrun."""
     return tqdm(iterable, leave=False, disable=None if os.environ.get("RANK", "0") == "0" else True, **kw)
 
+
+
+if __name__ == "__main__":  # the tools that turn downloads into files the scripts read live in prepare.py
+    print(f"data.py: error: data.py is what pre-training reads, not a command; the tools are in prepare.py: "
+          f"python prepare.py {' '.join(sys.argv[1:]) or 'synth|resize|mimic|siim-masks'} (--help lists them)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -30,6 +30,8 @@ def commands(text: str) -> list[str]:
 
 def script_and_args(command: str):
     """('train.py', [args]) for a project script, else None (pip, pytest, other tools)."""
+    if "|" in command:  # a list of alternatives (`prepare.py synth|resize|...`), not one command
+        return None
     words = [w for w in shlex.split(command) if w != "..."]
     at = next((k for k, w in enumerate(words) if w.endswith(".py")), None)
     if at is None or not (ROOT / words[at]).is_file():

@@ -61,3 +61,11 @@ def test_load_pretrained_has_one_home():
     import mrm
 
     assert hasattr(checkpoints, "load_pretrained") and not hasattr(mrm, "load_pretrained")
+
+
+def test_data_py_run_as_a_command_points_to_prepare_py():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "data.py"), "synth", "--out", "x"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "python prepare.py synth --out x" in done.stderr
