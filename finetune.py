@@ -670,8 +670,10 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
         results.update(val_dice=chosen["val"], test_dice=test, test_dice_with_finding=with_finding,
                        test_dice_without_finding=clean(values[~extra].mean()) if (~extra).any() else None,
                        test_share_without_finding=float((~extra).mean()))
-        print(f"test Dice {test:.4f} over {len(values)} images: {with_finding} on the {int(extra.sum())} with the "
-              f"finding, {results['test_dice_without_finding']} on the {int((~extra).sum())} without")
+        shown = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"test Dice {shown(with_finding)} on the {int(extra.sum())} images with the finding, "
+              f"{shown(results['test_dice_without_finding'])} on the {int((~extra).sum())} without; "
+              f"the SIIM-rule mean over all {len(values)}: {test:.4f}")
     path = os.path.join(cfg.out, "results.json")
     with open(f"{path}.tmp", "w") as f:
         json.dump(results, f, indent=1)
