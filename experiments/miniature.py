@@ -120,6 +120,7 @@ def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered:
                     init=init, num_records=cfg.finetune_records, num_val=cfg.val_records,
                     num_test=cfg.test_records, label_fraction=ratio, steps=steps, warmup_steps=max(1, steps // 15),
                     lr=cfg.lr, min_crop=cfg.min_crop, head_init=cfg.head_init, batch_size=32,
+                    optimizer="sgd", hflip=True, drop_path=0.1,  # the released recipe's, as the table ran
                     eval_every=max(1, steps // 5), num_workers=0, out=run_dir, seed=seed,
                     resume=True)  # an interrupted fine-tuning continues from its last.pt
                 results = finetune.run(fc, rendered)

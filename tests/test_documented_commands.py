@@ -24,8 +24,7 @@ def commands(text: str) -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             found.append(line.split(" #")[0].strip())
     found += re.findall(r"`((?:python|torchrun) [^`]+)`", text)
-    return [c for c in found if c.startswith(("python ", "torchrun ")) and ".py" in c.split()[1 if
-            c.startswith("python") else -1] or (c.startswith("torchrun") and ".py" in c)]
+    return [c for c in found if c.startswith(("python ", "torchrun ")) and ".py" in c]
 
 
 def script_and_args(command: str):
