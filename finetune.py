@@ -427,9 +427,14 @@ def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, si
     return {"val": probe["val_auc_mean"], "weight_decay": probe["weight_decay"]}
 
 
+def learning_rates(cfg: FinetuneConfig) -> list[float]:
+    """The lrs a run fits, one after the other: --lr_grid's, or --lr alone."""
+    return [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
+
+
 def draw_curves(cfg: FinetuneConfig):
     """--out/curves.png: training loss and validation score against the step, a line per lr of the grid."""
-    lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
+    lrs = learning_rates(cfg)
     metric = "val_auc_mean" if cfg.task == "classify" else "val_dice"
     curves.finetuning_curves({f"{lr:g}": os.path.join(cfg.out, f"lr_{lr:g}", "log.jsonl") for lr in lrs},
                              os.path.join(cfg.out, "curves.png"), metric,
@@ -634,7 +639,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     init, sizes, preset, size = resolve_encoder(cfg)
     datasets, names = build_splits(cfg, size, rendered)
     cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
-    lrs = [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
+    lrs = learning_rates(cfg)
     print(f"fine-tuning ({cfg.task}) {preset} encoder from {init} at {size} px on {cfg.dataset}: "
           f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
           f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
@@ -728,7 +733,7 @@ def plan(cfg: FinetuneConfig) -> dict:
                        else ["+".join(f.strip() for f in cfg.seg_findings.split(","))] if cfg.dataset == "synthetic"
                        else list(LABEL_NAMES.get(cfg.dataset, ["finding"])),
         "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
-                     "lr": [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr],
+                     "lr": learning_rates(cfg),
                      "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,
                      "eval_every": cfg.eval_every or "once an epoch (give the lists to count it)",
                      "validations": math.ceil(cfg.steps / cfg.eval_every) if cfg.eval_every else None,
