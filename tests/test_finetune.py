@@ -374,13 +374,15 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
         finetune.resolve_recipe(small_config(tmp_path, task="segment", head_init="probe"))
 
 
-def test_segmentation_end_to_end(tmp_path):
+def test_segmentation_end_to_end(tmp_path, capsys):
     results = finetune.run(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
                                         num_records=16, num_val=8, num_test=8, steps=2, eval_every=1, input_size=128))
     assert 0 <= results["test_dice"] <= 1 and "val_dice" in results
     share = results["test_share_without_finding"]
     parts = [results["test_dice_with_finding"] or 0, results["test_dice_without_finding"] or 0]
     assert results["test_dice"] == pytest.approx((1 - share) * parts[0] + share * parts[1])
+    n_with = round(8 * (1 - share))
+    assert f"on the {n_with} images with the finding" in capsys.readouterr().out  # the three numbers, printed
     best = torch.load(results["checkpoint"], weights_only=True)["model"]
     assert best["encoder.pos_embed"].shape == (1, 1 + 16 * 16, 192)  # tiny: 64 -> 128 px, grid 8 -> 16
 
@@ -395,6 +397,11 @@ def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
     assert f"encoder: 78/78 tensors from {pre / 'ckpt.pt'}; unused: image_decoder (" in said
     assert "missing" not in said
     assert results["init"] == str(pre / "ckpt.pt")
+    # beside the result, the random encoder's probe and which start is better (scratch runs print no such line)
+    scratch = results["random_encoder_probe_test_auc_mean"]
+    verdict = "better" if results["test_auc_mean"] > scratch else "worse"
+    assert f"test mean AUC {scratch:.4f}; this run {results['test_auc_mean']:.4f}: the pre-trained start is " \
+           f"{verdict} than scratch here" in said
 
 
 def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
@@ -594,3 +601,14 @@ def test_random_encoder_probe_is_the_seeds(tmp_path):
     splits, _ = finetune_data.build_splits(cfg, 64)
     first = finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)
     assert 0 <= first <= 1 and first == finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)
+
+
+def test_help_says_where_each_open_default_comes_from(capsys):
+    """--help: no flag shows "(default: None)" or an empty default, and every flag has its own description."""
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: )" not in text
+    helps = {a.dest: a.help for a in finetune.build_parser()._actions[1:]}  # [0] is --help
+    assert helps["drop_path"].endswith("(default: released 0.1, synthetic demo 0.0)")  # from RECIPES
+    assert all(not h.startswith("(default") for h in helps.values()), helps
