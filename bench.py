@@ -4,14 +4,18 @@
     python bench.py step --preset tiny --batch_size 32                  # runs on a CPU in seconds
     python bench.py step --preset base --batch_size 64 --dtype bf16 --steps 0   # FLOPs and memory only
     python bench.py data --image cxr.jpg                                # one core: ours and the released pipeline
+    python bench.py resize --image cxr.jpg                              # a candidate: the resize on the GPU
     python bench.py loader --data training.csv --image_root DIR --num_workers 8
     python bench.py loader --num_workers 2                              # the built-in synthetic records
 
 `step` times train.train_step (forward, backward, optimizer) on synthetic batches, after warm-up.
 `data` times one record's image on one core, in one process, the same file over and over: ours
 (data.load_crop, what PretrainDataset runs) and, in the same run, the bare gray decode of the file
-(`bare_decode`, the floor) and the released recipe re-done with PIL and numpy (`released_pipeline`),
-so their ratios hold on a busy machine too; `overhead_ms` is what ours adds to the decode per image.
+(`bare_decode`, the floor), ours without its decode (`resize_only`: the crop's resize alone) and the
+released recipe re-done with PIL and numpy (`released_pipeline`), so their ratios hold on a busy machine
+too; `overhead_ms` is what ours adds to the decode per image, `resize_ms` how much of it is the resize.
+`resize` measures a candidate for that resize: done on the training device instead, from crops the
+loader would ship as decoded (what the loader would save, what it would ship, what the device spends).
 `loader` runs train.py's DataLoader end to end (images + tokenized, masked reports).
 """
 import argparse
@@ -25,10 +29,12 @@ import time
 import numpy as np
 import PIL
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import synthetic
 import train
 from mrm import MRM, MRMConfig
 
@@ -205,6 +211,25 @@ def bare_decode(path):
         img.load()
 
 
+def resize_only(path, size: int):
+    """load_crop without its decode: the film decoded once beforehand at each scale load_crop decodes a crop
+    at (data.draft_scale), then per call the same draws (box, mirror) and data.resize_box. The floor of
+    what load_crop adds to the decode with torch's resize kernel. Returns a function of rng."""
+    def run(rng):
+        box = data.random_resized_crop_box(width, height, rng)
+        img, scale = decoded[data.draft_scale(box, size)]
+        return data.resize_box(img, tuple(round(v / scale) for v in box), size, data.coin_flip(rng, True))
+
+    decoded = {}
+    for s in (1, 2, 4, 8):  # every scale beforehand: no decode in a timed call
+        with Image.open(path) as img:
+            width, height = img.size
+            drafted = img.draft("L", (width // s, height // s)) if img.format == "JPEG" else None
+            img.load()
+            decoded[s] = data.to_gray8(img), (width / drafted[1][2] if drafted else 1)
+    return run
+
+
 def bench_data(args) -> dict:
     core = None
     if hasattr(os, "sched_setaffinity"):  # Linux: one core for this process; elsewhere one thread only
@@ -215,11 +240,12 @@ def bench_data(args) -> dict:
     pipelines = {  # ours: exactly what PretrainDataset does with an image file, (1, S, S) uint8
         "decode": lambda rng: bare_decode(args.image),
         "ours": lambda rng: torch.from_numpy(np.ascontiguousarray(files.load_crop(0, args.size, rng)))[None],
+        "resize": resize_only(args.image, args.size),
         "released": lambda rng: released_pipeline(args.image, args.size, rng)}
     rates = {name: [] for name in pipelines}
-    for _ in range(args.rounds):  # alternate, so all three see the same background load
+    for _ in range(args.rounds):  # alternate, so all four see the same background load
         for name, run in pipelines.items():
-            rng = np.random.default_rng(0)  # ours and the released pipeline draw the same crops
+            rng = np.random.default_rng(0)  # ours, the resize alone and the released pipeline: the same crops
             run(rng)
             start = time.perf_counter()
             for _ in range(args.n):
@@ -236,8 +262,84 @@ def bench_data(args) -> dict:
                    # what load_crop adds to the decode: crop box, resize, mirror, arrays (can be < 0: 1/2-scale decodes)
                    "overhead_ms": round(1e3 / best["ours"] - 1e3 / best["decode"], 2),
                    "share_of_decode": round(best["ours"] / best["decode"], 2),
+                   # the resize alone (resize_only); above overhead_ms where crops decode at 1/2 scale
+                   "resize_ms": round(1e3 / best["resize"], 2),
                    "rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()}, "n": args.n,
                    "core": core, **environment(torch.device("cpu"))})
+
+
+# -----------------------------------------------------------------------------
+# resize: a candidate, the crop's resize on the training device instead of in the loader
+
+
+def resize_on_device(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
+    """A (h, w) uint8 crop, on any device, to (size, size) uint8: data.resize_box's two passes (along the rows,
+    then the columns, rounded to uint8 in between) in float, the only dtype CUDA's antialiased bicubic
+    takes. Each call leaves the other axis as it is (bicubic at scale 1 is the identity). Within 2 gray
+    levels of resize_box, about 0.005 on average (tested)."""
+    x = crop.float()[None, None]
+    x = F.interpolate(x, (crop.shape[0], size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
+    x = F.interpolate(x, (size, size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
+    return (x.flip(-1) if flip else x)[0, 0].to(torch.uint8)
+
+
+def bench_resize(args) -> dict:
+    """If the loader shipped each crop as decoded (decode_crop's box, cut out) and the training device
+    resized it: the loader's cost per record on one core (the cut) beside resize_box's, the bytes it would
+    ship, and the device's time for a batch of such crops, one resize_on_device each, copies included."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_num_threads(1)  # the loader's side: one core's work (on a CPU device, the resizes too)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.image
+        if not path:  # a synthetic 1,024-px film, JPEG as the recommended MIMIC-CXR copy
+            path = os.path.join(tmp, "film.jpg")
+            Image.fromarray(synthetic.synth_record(0, 1024)["image"]).save(path, quality=95)
+        rng = np.random.default_rng(0)
+        records = []
+        for _ in range(args.batch_size):  # the draws of data.load_crop: box, then mirror
+            img, box = data.decode_crop(path, args.size, rng)
+            records.append((img, box, data.coin_flip(rng, True)))
+        with Image.open(path) as img:
+            image_size = img.size
+
+    def cut(img, box):  # what the loader would ship: the box of the decoded film, as a tensor
+        left, top, right, bottom = box
+        return torch.from_numpy(np.array(data.pixels(img)[top:bottom, left:right]))
+
+    loader_ms = {"cut": [], "resize_box": []}
+    for _ in range(args.rounds):  # one core, as bench.py data; alternating
+        for name, run in (("cut", lambda r: cut(*r[:2])), ("resize_box", lambda r: data.resize_box(*r[:2], args.size, r[2]))):
+            start = time.perf_counter()
+            for r in records:
+                run(r)
+            loader_ms[name].append((time.perf_counter() - start) * 1e3 / len(records))
+    crops = [cut(img, box) for img, box, _ in records]
+    if device.type == "cuda":
+        crops = [c.pin_memory() for c in crops]
+    times = []
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = torch.stack([resize_on_device(c.to(device, non_blocking=True), args.size, flip)
+                           for c, (_, _, flip) in zip(crops, records)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    expected = torch.from_numpy(np.stack([data.resize_box(img, box, args.size, flip) for img, box, flip in records]))
+    diff = (out.cpu().int() - expected.int()).abs()
+    batch_ms = sorted(times)[len(times) // 2]
+    return report({"bench": "resize", "image": args.image or "synthetic 1,024-px film", "image_size": image_size,
+                   "crop": args.size, "batch_size": args.batch_size,
+                   "loader_cut_ms": round(min(loader_ms["cut"]), 3),  # per record, one core (best round)
+                   "loader_resize_box_ms": round(min(loader_ms["resize_box"]), 3),
+                   "shipped_kb_per_record": round(sum(c.numel() for c in crops) / len(crops) / 1024, 1),
+                   "resized_kb_per_record": round(args.size ** 2 / 1024, 1),
+                   "device_ms_per_batch": round(batch_ms, 2),  # median of the timed steps
+                   "device_ms_per_record": round(batch_ms / args.batch_size, 3),
+                   "max_diff": int(diff.max()), "mean_diff": round(float(diff.float().mean()), 4),
+                   **environment(device)})
 
 
 # -----------------------------------------------------------------------------
@@ -298,6 +400,15 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--size", type=int, default=448, help="crop size")
     p.add_argument("--core", type=int, default=None, help="CPU core to run on (default: the last one)")
+    p = sub.add_parser("resize", help="a candidate: the crops' resize on the training device instead of in the loader",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image", default="", help="a film (default: a synthetic 1,024-px JPEG)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--size", type=int, default=448, help="crop size")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the loader's side, one core")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed batches on the device")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p = sub.add_parser("loader", help="train.py's DataLoader end to end", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic", help="training.csv, or 'synthetic'")
     p.add_argument("--image_root", default="", help="default: the CSV's folder")
@@ -312,7 +423,7 @@ def main(argv=None) -> dict:
         if args.command == "step":
             args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
             return bench_step(args)
-        return bench_data(args) if args.command == "data" else bench_loader(args)
+        return {"data": bench_data, "resize": bench_resize, "loader": bench_loader}[args.command](args)
 
 
 if __name__ == "__main__":

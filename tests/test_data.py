@@ -368,6 +368,40 @@ def test_resize_box_is_torch_bicubic_on_the_gray_crop_exactly():
     assert np.array_equal(data.resize_box(img, (3, 4, 50, 61), 30, flip=True), plain(img, (3, 4, 50, 61), 30)[:, ::-1])
 
 
+def test_pixels_reads_the_image_without_a_copy():
+    """data.pixels: an 'L' image's own memory as a read-only array (Pillow's Arrow export), the same values
+    as np.asarray; it stays valid after the image is closed; other modes and an image PIL keeps in pieces
+    (over its 16 MB blocks) come as np.asarray's copy."""
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (300, 283), (1087, 1024)):
+        # .copy(): memory of PIL's own (fromarray's image shares numpy's, and is copied: below)
+        img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).copy()
+        view = data.pixels(img)
+        assert view.shape == (h, w) and view.dtype == np.uint8 and not view.flags.writeable
+        assert np.array_equal(view, np.asarray(img))
+    if not hasattr(img, "__arrow_c_array__"):
+        pytest.skip("this Pillow has no Arrow export: pixels() copies, as np.asarray")
+    img.putpixel((5, 7), 255 - int(view[7, 5]))  # PIL writes its own memory: the view sees it, a copy would not
+    assert view[7, 5] == img.getpixel((5, 7))
+    kept = view.copy()
+    img.close()
+    del img
+    filler = [np.full(1 << 20, 7, np.uint8) for _ in range(20)]  # memory freed too early would be reused here
+    assert np.array_equal(view, kept) and len(filler) == 20
+    shared = rng.integers(0, 256, (10, 20), dtype=np.uint8)
+    for img in (Image.new("RGB", (20, 10), (1, 2, 3)), Image.new("L", (4200, 4200), 9),  # 17.6 MB: in pieces
+                Image.fromarray(shared)):  # Pillow 11.2-12.x crash on exporting it
+        assert np.array_equal(data.pixels(img), np.asarray(img))
+
+
+def test_resize_box_refuses_a_box_outside_the_image():
+    img = Image.new("L", (50, 40))
+    for box in ((0, 0, 51, 40), (-1, 0, 10, 10), (0, 30, 10, 41), (10, 10, 10, 20)):
+        for size in (32, 30):  # either way through resize_box
+            with pytest.raises(ValueError, match="not inside the 50 x 40 image"):
+                data.resize_box(img, box, size)
+
+
 def test_min_crop_bounds_the_crop_area():
     """min_crop=1 keeps the whole square film (resized, maybe mirrored); the released 0.2 often cuts it;
     PretrainDataset passes its min_crop on (train.py --min_crop)."""
