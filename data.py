@@ -5,14 +5,15 @@ Read top to bottom:
   2. augmentation (released main_pretrain.py): random resized crop to 448, bicubic, horizontal flip;
   3. the records of a run (synthetic.py's built-in ones, or `training.csv`) and the Dataset train.py reads;
   4. images: any file PIL reads (8- or 16-bit, L / RGB / RGBA / P / I;16) or DICOM, to 8-bit grayscale;
-then the plumbing (PIL's pixels without a copy; errors that name the file, UTF-8 lines and progress
-bars, shared by the scripts).
+then the plumbing (PIL's pixels without a copy; bad flags and errors as one line, UTF-8 lines and
+progress bars, shared by the scripts).
 The tools that prepare real data are in prepare.py (`python prepare.py -h`), the fine-tuning data in
 finetune_data.py, the synthetic records themselves in synthetic.py.
 
 A training sample is a uint8 image; float conversion, normalisation and 3 channels happen on the
 training device (mrm.MRM.prepare_images), so the loader moves a quarter of the bytes.
 """
+import argparse
 import csv
 import ctypes
 import io
@@ -487,7 +488,7 @@ def load_image(path) -> Image.Image:
 
 
 # -----------------------------------------------------------------------------
-# Plumbing: PIL's pixels without a copy, errors that name the file, UTF-8 lines, progress bars
+# Plumbing: PIL's pixels without a copy; flags and errors as one line, UTF-8 lines, progress bars
 
 
 class _ArrowArray(ctypes.Structure):
@@ -530,6 +531,32 @@ def pixels(img: Image.Image) -> np.ndarray:
     view = np.frombuffer(memory, np.uint8).reshape(img.height, img.width)
     view.flags.writeable = False
     return view
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, `SCRIPT: error: ...`, exit status 2 (without the usage,
+    which for these scripts is a screenful): the same form as every other expected error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float), finite, within [low, high] (an open end where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, "
+                                             f"{high if high is not None else 'inf'}{')' if high_open else ']'}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def text_lines(path):

@@ -36,9 +36,10 @@ import synthetic
 from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, non_finite,
                          read_checkpoint, save_checkpoint)
 from checks import auc_table, dice_per_image, mean_auc, roc_auc
+from data import bounded
 from finetune_data import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
 from mrm import ConfigError, MRMConfig, ViT
-from train import NonFiniteLoss, amp_dtype, bounded, config_parser, lr_at
+from train import NonFiniteLoss, amp_dtype, config_parser, lr_at
 
 # Released classification schedules: (warm-up steps, total steps, lr) by dataset and label %, batch 96.
 SCHEDULES = {
@@ -771,7 +772,7 @@ def shown_default(f) -> str:
                                                                             else "none")
 
 
-# what each number may be (train.bounded): counts at least 1, shares within (0, 1], rates positive
+# what each number may be (data.bounded): counts at least 1, shares within (0, 1], rates positive
 LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch_size", "eval_every"], bounded(int, 1)),
           **dict.fromkeys(["num_workers", "seed", "input_size", "warmup_steps"], bounded(int, 0)),
           **dict.fromkeys(["label_fraction", "min_crop"], bounded(float, 0, 1, low_open=True)),

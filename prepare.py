@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGE_SUFFIXES, BadRecord, csv_rows, load_image, one_line_errors, progress
+from data import IMAGE_SUFFIXES, BadRecord, OneLineParser, bounded, csv_rows, load_image, one_line_errors, progress
 from mrm import ConfigError
 from synthetic import FINDINGS, synth_record
 
@@ -83,16 +83,21 @@ def resize_dataset(src, dst, size: int = 512, workers: int | None = None):
     """Copy every image under src to the same relative path under dst, shorter side shrunk to `size`,
     8-bit gray (DICOM, TIFF and BMP files become PNG). Files already in dst are skipped."""
     src, dst = Path(src), Path(dst)
-    jobs = []
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
+    jobs, found = [], 0
     for p in sorted(src.rglob("*")):
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
+        found += 1
         target = dst / p.relative_to(src)
         if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
             target = target.with_suffix(".png")
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((p, target, size))
+    if not found:
+        raise FileNotFoundError(f"{src}: no images under it ({', '.join(sorted(IMAGE_SUFFIXES))})")
     print(f"{len(jobs)} images to shrink under {src} (others already done)")
     errors = []
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
@@ -139,6 +144,11 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None,
     view). views (e.g. ('PA', 'AP')) keeps those views only and needs the metadata CSV
     (mimic-cxr-2.0.0-metadata.csv[.gz]), which holds each image's view; sections: see mimic_report_text."""
     reports_root, images_root = Path(reports_root), Path(images_root)
+    for folder, what in ((reports_root, "reports folder"), (images_root, "images folder")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such {what}")
+    if metadata and not Path(metadata).is_file():
+        raise FileNotFoundError(f"{metadata}: no such metadata file")
     if views and not metadata:
         raise ConfigError("--views needs --metadata (mimic-cxr-2.0.0-metadata.csv.gz): an image's view is "
                           "in the metadata, not in its file name")
@@ -166,11 +176,13 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None,
             no_text += 1
         else:
             rows.append((rel.as_posix(), text))
-    _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
     left_out = f"{no_text} whose report has none of the sections {', '.join(sections)}" if sections else \
         f"{no_text} with an empty report"
-    print(f"wrote {len(rows)} rows to {out_csv}; skipped {missing_image} missing images, {no_report} "
-          f"without a report file, {left_out}")
+    skipped = f"skipped {missing_image} missing images, {no_report} without a report file, {left_out}"
+    if not rows:  # an empty training.csv would only fail later, in train.py
+        raise BadRecord(f"no image with a report, so {out_csv} was not written: of {len(images)} images found, {skipped}")
+    _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
+    print(f"wrote {len(rows)} rows to {out_csv}; {skipped}")
     return len(rows)
 
 
@@ -201,6 +213,8 @@ def decode_rle(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
 def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
     """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
     out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
+    if not Path(rle_csv).is_file():
+        raise FileNotFoundError(f"{rle_csv}: no such run-length CSV file")
     runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
     rows = csv_rows(rle_csv)
     header = [h.strip() for h in next(rows, (1, []))[1]]
@@ -234,8 +248,8 @@ def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="prepare.py", description="Prepare records for train.py and finetune.py. "
-                                     "`python prepare.py COMMAND -h` says what COMMAND reads and writes.")
+    parser = OneLineParser(prog="prepare.py", description="Prepare records for train.py and finetune.py. "
+                           "`python prepare.py COMMAND -h` says what COMMAND reads and writes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = command(sub, "synth", "write the synthetic records as files, in the formats of the real datasets",
@@ -246,9 +260,9 @@ def main(argv=None):
                        "(for finetune.py --splits OUT); OUT/findings.txt (the label order)",
                 example="python prepare.py synth --out synth --n 2000")
     p.add_argument("--out", required=True, help="folder to write into (made if missing)")
-    p.add_argument("--n", type=int, default=1000, help="number of records (default 1000)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="the records' seed (default 0)")
+    p.add_argument("--n", type=bounded(int, 1), default=1000, help="number of records (default 1000)")
+    p.add_argument("--size", type=bounded(int, 1), default=512, help="image side in pixels (default 512)")
+    p.add_argument("--seed", type=bounded(int, 0), default=0, help="the records' seed (default 0)")
 
     p = command(sub, "resize", "copy a folder of films with the shorter side shrunk, in parallel",
                 reads="every image under SRC, at any depth (JPEG, PNG, DICOM, TIFF, BMP)",
@@ -258,9 +272,9 @@ def main(argv=None):
                 example="python prepare.py resize --src mimic-cxr-jpg --dst mimic-1024")
     p.add_argument("--src", required=True, help="folder of films")
     p.add_argument("--dst", required=True, help="folder of the shrunk copies")
-    p.add_argument("--size", type=int, default=1024,
+    p.add_argument("--size", type=bounded(int, 1), default=1024,
                    help="shorter side in pixels (default 1024: a 448 crop of area share 0.2 is then rarely upsampled)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one a core)")
+    p.add_argument("--workers", type=bounded(int, 1), default=None, help="processes (default: one a core)")
 
     p = command(sub, "mimic", "MIMIC-CXR-JPG + the MIMIC-CXR reports -> the training.csv that train.py reads",
                 reads="REPORTS/files/pXX/pSUBJECT/sSTUDY.txt and IMAGES/files/pXX/pSUBJECT/sSTUDY/*.jpg; "
@@ -284,7 +298,7 @@ def main(argv=None):
                 example="python prepare.py siim-masks --rle siim/train-rle.csv --out siim/masks")
     p.add_argument("--rle", required=True, help="Kaggle's train-rle.csv")
     p.add_argument("--out", required=True, help="folder of the masks (made if missing)")
-    p.add_argument("--size", type=int, default=1024, help="image side the run lengths refer to (default 1024)")
+    p.add_argument("--size", type=bounded(int, 1), default=1024, help="image side the run lengths refer to (default 1024)")
 
     args = parser.parse_args(argv)
     with one_line_errors("prepare.py"):

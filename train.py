@@ -32,6 +32,7 @@ from tqdm import tqdm
 import checks
 import curves
 import data
+from data import OneLineParser, bounded
 import synthetic
 from checkpoints import load_checkpoint, load_pretrained, non_finite, save_checkpoint
 from mrm import MRM, ConfigError, MRMConfig
@@ -473,32 +474,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
 
 # -----------------------------------------------------------------------------
 # Command line: the flags are TrainConfig's fields
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line, `SCRIPT: error: ...`, exit status 2 (without the usage,
-    which for these scripts is a screenful): the same form as every other expected error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
-
-
-def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
-    """An argparse type: `kind` (int or float), finite, within [low, high] (an open end where asked)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if (low is not None and (value <= low if low_open else value < low)) or \
-                (high is not None and (value >= high if high_open else value > high)):
-            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, "
-                                             f"{high if high is not None else 'inf'}{')' if high_open else ']'}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
 
 
 def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, shown_default=None,

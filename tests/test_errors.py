@@ -152,7 +152,13 @@ def test_split_list_that_is_not_utf8(tmp_path):
     (["train.py", "--resume", "missing.pt"], "train.py: error: missing.pt: no such checkpoint file"),
     (["train.py", "--data", "missing.csv"], "train.py: error: missing.csv: no such CSV file"),
     (["finetune.py", "--dataset", "nih", "--train_list", "a.txt"], "finetune.py: error: give --val_list"),
-    (["prepare.py", "siim-masks", "--rle", "missing.csv", "--out", "m"], "prepare.py: error: "),
+    (["prepare.py", "siim-masks", "--rle", "missing.csv", "--out", "m"],
+     "prepare.py: error: missing.csv: no such run-length CSV file"),
+    (["prepare.py", "resize", "--src", "nowhere", "--dst", "out"], "prepare.py: error: nowhere: no such folder"),
+    (["prepare.py", "mimic", "--reports", "nowhere", "--images", "."],
+     "prepare.py: error: nowhere: no such reports folder"),
+    (["prepare.py", "synth", "--n", "0", "--out", "s"], "prepare.py synth: error: argument --n: 0 is outside [1, inf]"),
+    (["prepare.py", "mimic"], "prepare.py mimic: error: the following arguments are required: --reports, --images"),
     (["bench.py", "data", "--image", "missing.png", "--n", "1", "--rounds", "1"], "bench.py: error: "),
 ])
 def test_scripts_print_expected_errors_as_one_line(tmp_path, argv, says):

@@ -68,6 +68,16 @@ def test_resize_shrinks_skips_done_files_and_reports_bad_ones(tmp_path):
     assert (tmp_path / "dst" / "small.jpg").read_bytes() == b"done"  # files already there are left alone
 
 
+def test_resize_refuses_a_source_without_images(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such folder"):
+        prepare.resize_dataset(tmp_path / "nowhere", tmp_path / "dst")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match=r"notes: no images under it \(.bmp, .dcm, .jpeg, .jpg"):
+        prepare.resize_dataset(tmp_path / "notes", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
 # -----------------------------------------------------------------------------
 # mimic
 
@@ -125,6 +135,22 @@ def test_mimic_converter_takes_every_view_and_the_whole_report(tmp_path):
     assert prepare.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 4  # no metadata: every image found
     with pytest.raises(data.ConfigError, match="--views needs --metadata"):
         prepare.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out, views=["PA"])
+
+
+def test_mimic_converter_names_what_is_missing_and_writes_no_empty_csv(tmp_path):
+    study, other, ap = mimic_tree(tmp_path)
+    reports, images, out = tmp_path / "reports", tmp_path / "jpg", tmp_path / "training.csv"
+    with pytest.raises(FileNotFoundError, match="nowhere: no such reports folder"):
+        prepare.convert_mimic(tmp_path / "nowhere", images, out)
+    with pytest.raises(FileNotFoundError, match="nowhere: no such images folder"):
+        prepare.convert_mimic(reports, tmp_path / "nowhere", out)
+    with pytest.raises(FileNotFoundError, match="meta.csv: no such metadata file"):
+        prepare.convert_mimic(reports, images, out, metadata=tmp_path / "meta.csv")
+    (tmp_path / "no_reports").mkdir()  # every image found, none with a report file: nothing to train on
+    with pytest.raises(data.BadRecord, match=r"training.csv was not written: of 4 images found, skipped 0 "
+                                             r"missing images, 4 without a report file"):
+        prepare.convert_mimic(tmp_path / "no_reports", images, out)
+    assert not out.exists()
 
 
 def test_mimic_converter_keeps_findings_impression_and_frontal_views_when_asked(tmp_path):
