@@ -224,9 +224,7 @@ def resize_only(path, size: int):
     for s in (1, 2, 4, 8):  # every scale beforehand: no decode in a timed call
         with Image.open(path) as img:
             width, height = img.size
-            drafted = img.draft("L", (width // s, height // s)) if img.format == "JPEG" else None
-            img.load()
-            decoded[s] = data.to_gray8(img), (width / drafted[1][2] if drafted else 1)
+            decoded[s] = data.decode_reduced(img, s)
     return run
 
 
@@ -308,7 +306,8 @@ def bench_resize(args) -> dict:
 
     loader_ms = {"cut": [], "resize_box": []}
     for _ in range(args.rounds):  # one core, as bench.py data; alternating
-        for name, run in (("cut", lambda r: cut(*r[:2])), ("resize_box", lambda r: data.resize_box(*r[:2], args.size, r[2]))):
+        for name, run in (("cut", lambda r: cut(*r[:2])),
+                          ("resize_box", lambda r: data.resize_box(*r[:2], args.size, r[2]))):
             start = time.perf_counter()
             for r in records:
                 run(r)

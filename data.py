@@ -241,13 +241,19 @@ def decode_crop(path: str, size: int, rng, min_crop: float = 0.2):
             img.load()
             img = to_gray8(img)
             return img, random_resized_crop_box(*img.size, rng, (min_crop, 1.0))
-        width = img.width
-        box = random_resized_crop_box(width, img.height, rng, (min_crop, 1.0))
-        s = draft_scale(box, size)
-        drafted = img.draft("L", (width // s, img.height // s))  # None for a file PIL cannot draft
-        s = width / drafted[1][2] if drafted else 1  # the reduction PIL chose: its box is (0, 0, W/s, H/s)
-        img.load()
-        return to_gray8(img), tuple(round(v / s) for v in box)
+        box = random_resized_crop_box(img.width, img.height, rng, (min_crop, 1.0))
+        img, s = decode_reduced(img, draft_scale(box, size))
+        return img, tuple(round(v / s) for v in box)
+
+
+def decode_reduced(img: Image.Image, s: int):
+    """An opened JPEG decoded at 1/s scale (libjpeg's DCT scaling, PIL's `draft`) and straight to gray:
+    (gray 'L' image, the reduction PIL chose, which divides a box of the full image into one of this).
+    Another format is decoded whole: the reduction is 1."""
+    width = img.width
+    drafted = img.draft("L", (width // s, img.height // s))  # None for a file PIL cannot draft
+    img.load()
+    return to_gray8(img), (width / drafted[1][2] if drafted else 1)  # PIL's box: (0, 0, W/s, H/s)
 
 
 # -----------------------------------------------------------------------------
