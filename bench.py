@@ -34,8 +34,10 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-import synthetic
+import recipes
 import train
+from machinery import images, synthetic
+from machinery.console import one_line_errors
 from mrm import MRM, MRMConfig
 
 
@@ -205,7 +207,7 @@ def released_pipeline(path, size: int, rng) -> torch.Tensor:
 def bare_decode(path):
     """The floor under any loader of this film with PIL: the file decoded to gray at full size
     (libjpeg's own conversion, `draft('L', size)`), nothing after. A crop decoded at 1/2 scale
-    (data.draft_scale) costs less than this."""
+    (images.draft_scale) costs less than this."""
     with Image.open(path) as img:
         img.draft("L", img.size)
         img.load()
@@ -213,18 +215,18 @@ def bare_decode(path):
 
 def resize_only(path, size: int):
     """load_crop without its decode: the film decoded once beforehand at each scale load_crop decodes a crop
-    at (data.draft_scale), then per call the same draws (box, mirror) and data.resize_box. The floor of
+    at (images.draft_scale), then per call the same draws (box, mirror) and images.resize_box. The floor of
     what load_crop adds to the decode with torch's resize kernel. Returns a function of rng."""
     def run(rng):
         box = data.random_resized_crop_box(width, height, rng)
-        img, scale = decoded[data.draft_scale(box, size)]
-        return data.resize_box(img, tuple(round(v / scale) for v in box), size, data.coin_flip(rng, True))
+        img, scale = decoded[images.draft_scale(box, size)]
+        return images.resize_box(img, tuple(round(v / scale) for v in box), size, data.coin_flip(rng, True))
 
     decoded = {}
     for s in (1, 2, 4, 8):  # every scale beforehand: no decode in a timed call
         with Image.open(path) as img:
             width, height = img.size
-            decoded[s] = data.decode_reduced(img, s)
+            decoded[s] = images.decode_reduced(img, s)
     return run
 
 
@@ -271,7 +273,7 @@ def bench_data(args) -> dict:
 
 
 def resize_on_device(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
-    """A (h, w) uint8 crop, on any device, to (size, size) uint8: data.resize_box's two passes (along the rows,
+    """A (h, w) uint8 crop, on any device, to (size, size) uint8: images.resize_box's two passes (along the rows,
     then the columns, rounded to uint8 in between) in float, the only dtype CUDA's antialiased bicubic
     takes. Each call leaves the other axis as it is (bicubic at scale 1 is the identity). Within 2 gray
     levels of resize_box, about 0.005 on average (tested)."""
@@ -295,19 +297,19 @@ def bench_resize(args) -> dict:
         rng = np.random.default_rng(0)
         records = []
         for _ in range(args.batch_size):  # the draws of data.load_crop: box, then mirror
-            img, box = data.decode_crop(path, args.size, rng)
+            img, box = images.decode_crop(path, args.size, lambda w, h: data.random_resized_crop_box(w, h, rng))
             records.append((img, box, data.coin_flip(rng, True)))
         with Image.open(path) as img:
             image_size = img.size
 
     def cut(img, box):  # what the loader would ship: the box of the decoded film, as a tensor
         left, top, right, bottom = box
-        return torch.from_numpy(np.array(data.pixels(img)[top:bottom, left:right]))
+        return torch.from_numpy(np.array(images.pixels(img)[top:bottom, left:right]))
 
     loader_ms = {"cut": [], "resize_box": []}
     for _ in range(args.rounds):  # one core, as bench.py data; alternating
         for name, run in (("cut", lambda r: cut(*r[:2])),
-                          ("resize_box", lambda r: data.resize_box(*r[:2], args.size, r[2]))):
+                          ("resize_box", lambda r: images.resize_box(*r[:2], args.size, r[2]))):
             start = time.perf_counter()
             for r in records:
                 run(r)
@@ -326,7 +328,7 @@ def bench_resize(args) -> dict:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append((time.perf_counter() - start) * 1e3)
-    expected = torch.from_numpy(np.stack([data.resize_box(img, box, args.size, flip) for img, box, flip in records]))
+    expected = torch.from_numpy(np.stack([images.resize_box(img, box, args.size, flip) for img, box, flip in records]))
     diff = (out.cpu().int() - expected.int()).abs()
     batch_ms = sorted(times)[len(times) // 2]
     return report({"bench": "resize", "image": args.image or "synthetic 1,024-px film", "image_size": image_size,
@@ -348,7 +350,7 @@ def bench_resize(args) -> dict:
 def bench_loader(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as out:  # where build_data writes the vocabulary it builds
-        cfg = train.resolve(train.TrainConfig(preset=args.preset, data=args.data, image_root=args.image_root,
+        cfg = recipes.fill_pretraining(train.TrainConfig(preset=args.preset, data=args.data, image_root=args.image_root,
                                               tokenizer=args.tokenizer, num_records=args.num_records,
                                               batch_size=args.batch_size, num_workers=args.num_workers, out=out))
         sizes = MRMConfig.from_preset(cfg.preset)
@@ -418,7 +420,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--records", type=int, default=2000, help="records to time, after the first batch")
     args = parser.parse_args(argv)
-    with data.one_line_errors("bench.py"):
+    with one_line_errors("bench.py"):
         if args.command == "step":
             args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
             return bench_step(args)

@@ -23,18 +23,19 @@ between radiographs: the norm of its per-dimension std over films over the norm 
 encoder gives about 0.2; near 0, every film gives the same feature and nothing can be read from it.
 
 Below the fusion check: a linear probe of frozen features, the ceiling a linear read of the visible
-pixels sets, the fine-tuning metrics (ROC-AUC with ties, Dice) and train.py's recon.png (Fig. 3).
+pixels sets, the fine-tuning metrics (ROC-AUC with ties, Dice) and the reconstruction of train.py's
+recon.png (Fig. 3).
 """
-import os
+import functools
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import data
-import synthetic
+from machinery import runs, synthetic
 from mrm import MRM, patchify, unpatchify
 
 CHECK_START = 2_000_000  # held-out synthetic records: pre-training (0..) and fine-tuning (1,000,000..) never see them
@@ -124,6 +125,36 @@ def pooled_spread(encoder, prepare_images, films: np.ndarray) -> float:
     """Spread of the mean post-norm patch token of whole films between films (see the module's text)."""
     pooled = pooled_features(encoder, prepare_images, films)  # (N, D)
     return float(pooled.std(0).norm() / pooled.mean(0).norm())
+
+
+@functools.lru_cache(maxsize=1)
+def held_out_records(n: int, hr: int, seed: int):
+    """The fusion check's films and reports, rendered once a run however often it checks."""
+    return held_out(CHECK_START, n, hr, seed)
+
+
+def logged_fusion_check(model: MRM, tok, n: int, seed: int, log_path: str, epoch: int, step: int,
+                        at_end: bool = False) -> dict:
+    """train.py's check of MRM's idea on n held-out records: are the masked words restored better from
+    their own film than from noise, and does the pooled image feature still differ between films? Writes
+    one log.jsonl line {"fusion_check": {...}} and prints one sentence. A check during the run
+    (--fusion_every) also names its epoch at the line's top level, so that a resumed run keeps the checks
+    before its start; the end's check is the run's and goes when the run is continued."""
+    films, reports = held_out_records(n, 2 * model.cfg.img_size, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random_encoder = MRM(model.cfg).encoder.to(next(model.parameters()).device)  # as the run began
+    result = {"records": n, "epoch": epoch, "step": step,
+              "pooled_spread": {"trained": pooled_spread(model.encoder, model.prepare_images, films),
+                                "random": pooled_spread(random_encoder, model.prepare_images, films)}}
+    if model.report_decoder is not None:
+        result.update(fusion_check(model, tok, films, reports, seed=seed))
+        print(f"epoch {epoch}: " + summary(result))
+    spread = result["pooled_spread"]
+    print(f"pooled image feature spread between films: {spread['trained']:.3f} "
+          f"(a random encoder: {spread['random']:.3f})")
+    runs.append_log(log_path, {"fusion_check": result} if at_end else {"epoch": epoch, "fusion_check": result})
+    return result
 
 
 def summary(check: dict) -> str:
@@ -302,8 +333,8 @@ def dice_per_image(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# The reconstruction picture (Fig. 3): masked input, restored image, original; masked, restored and
-# original report, restored words green where right and red where wrong.
+# The reconstruction (Fig. 3), which train.py draws as recon.png (machinery/pictures.py): masked input,
+# restored image, original; masked, restored and original report.
 
 
 @torch.no_grad()
@@ -350,60 +381,3 @@ def reconstruct(model: MRM, dataset: data.PretrainDataset, n: int = 4) -> dict:
         result["restored_ids"] = tokens.masked_scatter(scored, out["mlm_logits"].argmax(-1).cpu())
         result["right"] = result["restored_ids"] == torch.where(scored, labels, tokens)
     return result
-
-
-def words(tok, ids, colours=None) -> list[tuple[str, str]]:
-    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [CLS] and [PAD] dropped."""
-    out = []
-    for n, i in enumerate(ids):
-        t = tok.id_to_token(int(i))
-        if t == "[PAD]":
-            break
-        if t != "[CLS]":
-            out.append((t[2:] if t.startswith("##") else " " + t, colours[n] if colours else "black"))
-    return out
-
-
-def draw_words(draw, font, x, y, width, title, pieces) -> int:
-    """Wrap coloured pieces into `width` pixels from (x, y); returns the y below the text."""
-    line_h = font.size + 4
-    draw.text((x, y), title, fill="gray", font=font)
-    y += line_h
-    cx = x
-    for text, colour in pieces:
-        if cx + draw.textlength(text, font=font) > x + width and cx > x:
-            cx, y, text = x, y + line_h, text.lstrip()
-        draw.text((cx, y), text, fill=colour, font=font)
-        cx += draw.textlength(text, font=font)
-    return y + line_h + 6
-
-
-def save_recon(model: MRM, dataset: data.PretrainDataset, tok, path: str, panel: int = 256, text_w: int = 720):
-    r = reconstruct(model, dataset)
-    columns = [r[k] for k in ("masked", "restored", "original") if k in r]
-    font = ImageFont.load_default(size=13)
-    rows = []
-    for b in range(len(r["tokens"])):
-        row = Image.new("RGB", (len(columns) * panel + text_w, 2 * panel), "white")
-        for c, col in enumerate(columns):
-            arr = (col[b, 0].cpu().numpy() * 255).round().astype(np.uint8)
-            row.paste(Image.fromarray(arr).resize((panel, panel), Image.BICUBIC), (c * panel, 0))
-        draw, x = ImageDraw.Draw(row), len(columns) * panel + 10
-        y = draw_words(draw, font, x, 4, text_w - 20, "masked report", words(tok, r["tokens"][b]))
-        if "restored_ids" in r:
-            scored = r["labels"][b] != -100
-            colours = ["black" if not s else "green" if ok else "red" for s, ok in zip(scored, r["right"][b])]
-            y = draw_words(draw, font, x, y, text_w - 20, "restored (green right, red wrong)",
-                           words(tok, r["restored_ids"][b], colours))
-        original = torch.where(r["labels"][b] != -100, r["labels"][b], r["tokens"][b])
-        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, original))
-        rows.append(row.crop((0, 0, row.width, max(panel, y))))
-    sheet = Image.new("RGB", (rows[0].width, sum(row.height for row in rows) + 24), "white")
-    title = " | ".join(k for k in ("masked input", "restored", "original") if k.split()[0] in r)
-    ImageDraw.Draw(sheet).text((10, 4), title, fill="gray", font=font)
-    y = 24
-    for row in rows:
-        sheet.paste(row, (0, y))
-        y += row.height
-    sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)

@@ -20,7 +20,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -30,67 +30,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import checks
-import curves
-import data
-import synthetic
-from checkpoints import (CheckpointError, checked_model_config, load_pretrained, load_summary, non_finite,
-                         read_checkpoint, save_checkpoint)
+import recipes
 from checks import auc_table, dice_per_image, mean_auc, roc_auc
-from data import bounded
-from finetune_data import LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, label_subset, resolve_lists
-from mrm import ConfigError, MRMConfig, ViT
-from train import NonFiniteLoss, amp_dtype, config_parser, lr_at
+from finetune_data import (LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, count_splits, resolve_lists,
+                          to_input)
+from machinery import pictures, runs
+from machinery.checkpoints import (finetuning_encoder, finetuning_state, load_pretrained, load_summary,
+                                   read_checkpoint, save_checkpoint)
+from machinery.plans import finetuning_plan
+from machinery.console import one_line_errors, progress
+from machinery.errors import NonFiniteLoss
+from machinery.flags import bounded, config_parser
+from machinery.settings import check_finetuning
+from mrm import MRMConfig, ViT
+from train import amp_dtype, lr_at
 
-# Released classification schedules: (warm-up steps, total steps, lr) by dataset and label %, batch 96.
-SCHEDULES = {
-    ("nih", 1): (50, 3000, 3e-2), ("nih", 10): (500, 30000, 3e-3), ("nih", 100): (5000, 200000, 3e-3),
-    ("chexpert", 1): (150, 2000, 3e-3), ("chexpert", 10): (1500, 60000, 5e-4),
-    ("chexpert", 100): (15000, 200000, 5e-4),
-    ("rsna", 1): (50, 2000, 3e-3), ("rsna", 10): (200, 10000, 5e-4), ("rsna", 100): (2000, 50000, 5e-4),
-    ("covid", 100): (50, 1000, 3e-2), ("viral", 100): (50, 1000, 3e-2),
-    # ours: the synthetic demo (tiny encoder, batch 32, AdamW: RECIPES below), within 3 minutes on a 2-core CPU;
-    # lr 1e-4 chosen on validation against 3e-5 and 3e-4 (docs/finetuning.md)
-    **{("synthetic", r): (20, 300, 1e-4) for r in (1, 10, 100)},
-}
-CLASSIFY_BATCH = 96
-# LP-FT's probe: the weight decays tried (chosen on validation). On the demo's standardised features the
-# weakest won: 1e-6 gave validation mean AUC 0.731 against 0.704 at 1e-4 (docs/finetuning.md).
-PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 LOG_EVERY = 10  # steps between training-loss lines of log.jsonl (validations add their own)
-# Segmentation: AdamW lr 2e-5, weight decay 0.05, layer decay 0.65, linear warm-up then poly (power 1) to 0,
-# batch 8 (4 GPUs x 2 images), as the released Siim_Segmentation configs: upernet_mrm-base_fp16_8x2_512x512_
-# 160k_siim.py (100%: 160k iterations, warm-up 1,500, validation every 500) and its _10per.py (10%: the 5k
-# schedule, warm-up 100, validation every 50). No 1% config was released: 1% runs the 10% schedule. The
-# paper gives no step counts. The tiny preset's lines are the synthetic demo's, chosen on its validation
-# Dice (docs/finetuning.md).
-SEG_RECIPES = {
-    ("base", 100): dict(warmup_steps=1500, steps=160000, lr=2e-5, batch_size=8, eval_every=500),
-    ("base", 10): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
-    ("base", 1): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
-    **{("tiny", r): dict(warmup_steps=30, steps=300, lr=3e-3, batch_size=32, eval_every=50) for r in (1, 10, 100)},
-}
-# The released head (upernet_mrm.py, widened in the configs above): UPerHead of 768 channels and an auxiliary
-# FCN head of 256 on the block-8 level, dropout 0.1 before each classifier, losses focal 2.0 + Dice 1.0 and
-# (auxiliary) focal 0.8 + Dice 0.4. The tiny demo keeps a third of its width, 64 channels, on a CPU.
-SEG_HEADS = {"base": dict(channels=768, aux_channels=256), "tiny": dict(channels=64, aux_channels=64)}
-SEG_LOSS_WEIGHTS = {"main": (2.0, 1.0), "aux": (0.8, 0.4)}  # (focal, Dice)
-# The rest of the recipe, for the flags left at None or auto. The paper's datasets get the released one:
-# classification by NIH_ChestX-ray/train.py (SGD, a near-0 head, RandomResizedCrop 0.08-1 + flip, drop-path
-# 0.1), segmentation by the Siim_Segmentation configs (AdamW, layer decay 0.65, flip). The synthetic demo
-# gets this project's own, chosen on its validation split (docs/finetuning.md, "The synthetic demo"): its
-# tiny encoder was pre-trained without flips (the reports name sides), and its pooled features differ
-# little between films, so the head starts as a linear probe (LP-FT) whose large weights turn drop-path's
-# and the crops' noise into a loss of 2 where the probe's is 0.46.
-RECIPES = {  # (task, records): the flags' values; min_crop 1 is the whole film, as segmentation always takes
-    ("classify", "released"): dict(optimizer="sgd", head_init="zero", min_crop=0.08, hflip=True, drop_path=0.1,
-                                   layer_decay=0.75),  # (layer decay: MAE's, used only with --optimizer adamw)
-    ("segment", "released"): dict(optimizer="adamw", head_init="zero", min_crop=1.0, hflip=True, drop_path=0.1,
-                                  layer_decay=0.65),
-    ("classify", "synthetic"): dict(optimizer="adamw", head_init="probe", min_crop=1.0, hflip=False, drop_path=0.0,
-                                    layer_decay=0.75),
-    ("segment", "synthetic"): dict(optimizer="adamw", head_init="zero", min_crop=1.0, hflip=False, drop_path=0.0,
-                                   layer_decay=0.65),
-}
 
 
 @dataclass
@@ -137,6 +92,7 @@ class FinetuneConfig:
     resume: bool = False             # continue each lr's run from its last.pt in --out
     overwrite: bool = False          # replace an earlier run found in --out (without it, such an --out is refused)
     seed: int = 0                    # init of the new layers, data order, crops, label subset
+
 
 
 # -----------------------------------------------------------------------------
@@ -221,6 +177,10 @@ class Segmenter(nn.Module):
         return logits, aux
 
 
+# -----------------------------------------------------------------------------
+# Losses, layer-wise lr decay and the segmentation schedule
+
+
 def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.5):
     """Binary focal loss, mean over pixels: easy background pixels weigh little. gamma 2 and alpha 0.5 are
     mmseg's FocalLoss defaults, which the released configs use (RetinaNet's alpha is 0.25)."""
@@ -265,89 +225,7 @@ def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0
 
 
 # -----------------------------------------------------------------------------
-# Putting a run together
-
-
-def resolve_recipe(cfg: FinetuneConfig) -> FinetuneConfig:
-    """Fill the recipe flags left at None or auto from RECIPES: the released recipe, or on the synthetic
-    records (without --train_list) the demo's."""
-    records = "synthetic" if cfg.dataset == "synthetic" and not cfg.train_list else "released"
-    for key, value in RECIPES[(cfg.task, records)].items():
-        if getattr(cfg, key) in (None, "auto"):
-            setattr(cfg, key, value)
-    if cfg.task == "segment" and (cfg.head_init != "zero" or cfg.optimizer != "adamw"):
-        raise ConfigError("--head_init probe and --optimizer sgd are for classification; segmentation heads start "
-                          "as released and train with AdamW")
-    return cfg
-
-
-def resolve_schedule(cfg: FinetuneConfig, preset: str, n_train: int | None) -> FinetuneConfig:
-    """Fill steps, warm-up, lr and batch from the released schedule of (--dataset, --ratio), or for
-    segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
-    if cfg.task == "segment":
-        r = SEG_RECIPES[(preset, cfg.ratio)]
-        warmup, steps, lr, batch = r["warmup_steps"], r["steps"], r["lr"], r["batch_size"]
-    else:
-        schedule = SCHEDULES.get((cfg.dataset, cfg.ratio))
-        if schedule is None and ((cfg.steps is None and cfg.epochs is None) or (cfg.lr is None and not cfg.lr_grid)):
-            raise ConfigError(f"no released schedule for --dataset {cfg.dataset} --ratio {cfg.ratio}: "
-                             "give --steps (or --epochs) and --lr (or --lr_grid)")
-        warmup, steps, lr = schedule or (0, 1, None)
-        batch = 32 if cfg.dataset == "synthetic" else CLASSIFY_BATCH
-    cfg.batch_size = cfg.batch_size or batch
-    cfg.lr = cfg.lr if cfg.lr is not None else lr
-    if cfg.epochs is not None:
-        if n_train is None:
-            raise ConfigError("--epochs needs the train list, to count an epoch's steps")
-        cfg.steps = max(1, round(cfg.epochs * n_train / cfg.batch_size))
-    elif cfg.steps is None:
-        cfg.steps = steps
-    if cfg.warmup_steps is None:
-        cfg.warmup_steps = warmup if cfg.steps == steps else round(warmup / steps * cfg.steps)
-    if cfg.eval_every is None:  # as released: classification once an epoch, segmentation by its config
-        if cfg.task == "segment":
-            every = SEG_RECIPES[(preset, cfg.ratio)]["eval_every"]
-        else:  # unknown (None) only in a --dry_run without the lists
-            every = math.ceil(n_train / cfg.batch_size) if n_train else None
-        cfg.eval_every = max(1, min(every, cfg.steps)) if every else None
-    return cfg
-
-
-def resolve_encoder(cfg: FinetuneConfig) -> tuple[str, MRMConfig, str, int]:
-    """(init, encoder sizes, preset name, input size): the checkpoint, its sizes, and the fine-tuning input.
-    Classification runs at the pre-training input; segmentation at 512 for the base encoder (the released
-    SIIM configs' 512 x 512), while the tiny demo stays at its 64 px (a CPU budget; tests cover the
-    position-table interpolation)."""
-    init = pick_init(cfg)
-    sizes = encoder_sizes(cfg, init)
-    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
-    size = cfg.input_size or (512 if cfg.task == "segment" and preset == "base" else sizes.img_size)
-    if size % sizes.patch_size:
-        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
-    return init, sizes, preset, size
-
-
-def pick_init(cfg: FinetuneConfig) -> str:
-    if cfg.init == "auto":
-        default = "out/ckpt.pt"
-        if os.path.exists(default):
-            return default
-        print(f"no {default} (from `python train.py`): fine-tuning from scratch; --init PATH picks weights")
-        return "none"
-    return cfg.init
-
-
-def encoder_sizes(cfg: FinetuneConfig, init: str) -> MRMConfig:
-    """The encoder's sizes: from this project's checkpoint (it records them), else the preset."""
-    if init != "none":
-        ckpt = read_checkpoint(init, cfg.trust_checkpoint)  # refuses a missing, broken or unsafe file, naming it
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
-            sizes = checked_model_config(init, ckpt["model_config"], cfg.trust_checkpoint)  # sizes in range
-            if cfg.preset not in ("auto", "") and MRMConfig.from_preset(cfg.preset).embed_dim != sizes.embed_dim:
-                raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {cfg.preset}")
-            return sizes
-    preset = cfg.preset if cfg.preset not in ("auto", "") else "tiny" if cfg.dataset == "synthetic" else "base"
-    return MRMConfig.from_preset(preset)
+# Evaluation, and LP-FT's probe
 
 
 def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: int, size: int, verbose=True):
@@ -360,35 +238,32 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
         if verbose:
             print(load_summary(report, len(encoder.state_dict()), init))
     model = Classifier(encoder, num_labels) if cfg.task == "classify" else \
-        Segmenter(encoder, **SEG_HEADS["base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"])
+        Segmenter(encoder, **recipes.SEG_HEADS["base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"])
     if cfg.linear_probe:
         encoder.requires_grad_(False)
     return model
 
 
-def to_input(images: torch.Tensor, device, sizes: MRMConfig) -> torch.Tensor:
-    """(B, 1, S, S) uint8 -> (B, 3, S, S) normalised floats, on the device (the loader ships bytes)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    return ((x - sizes.pixel_mean) / sizes.pixel_std).expand(-1, sizes.in_chans, -1, -1)
+def outputs(forward, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype, desc: str):
+    """forward(x) on every record's test view, a batch at a time: (outputs as floats on the CPU, targets)."""
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda")
+    for batch in progress(loader, desc=desc):
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            yield forward(to_input(batch["image"], device, sizes)).float().cpu(), batch["target"].numpy()
 
 
-@torch.no_grad()
 def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype, desc: str):
     """Classification: (AUC per label (K,), scores (N, K)); segmentation: (Dice per image (N,), whether
     each image's truth holds the finding (N,))."""
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
     model.eval()  # the caller sets its training mode again
     scores, truths = [], []
-    for batch in data.progress(loader, desc=desc):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(to_input(batch["image"], device, sizes)).float()
-        target = batch["target"].numpy()
+    for logits, target in outputs(model, dataset, cfg, sizes, device, dtype, desc):
         if cfg.task == "classify":
-            scores.append(torch.sigmoid(logits).cpu().numpy())
+            scores.append(torch.sigmoid(logits).numpy())
             truths.append(target)
         else:  # a pixel is the finding where its logit is above 0 (p > 0.5)
-            scores.append(dice_per_image((logits[:, 0] > 0).cpu().numpy(), target))
+            scores.append(dice_per_image((logits[:, 0] > 0).numpy(), target))
             truths.append(target.reshape(len(target), -1).any(1))
     scores, truths = np.concatenate(scores), np.concatenate(truths)
     if cfg.task == "classify":
@@ -396,16 +271,11 @@ def evaluate(model, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMCon
     return scores, truths
 
 
-@torch.no_grad()
 def head_inputs(model: Classifier, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype):
     """(N, D): what the head reads, fc_norm(mean patch token), for every record's test view."""
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     model.eval()  # the caller sets its training mode again
-    out = []
-    for batch in data.progress(loader, desc="features for the probe"):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out.append(model.features(to_input(batch["image"], device, sizes)).float().cpu())
-    return torch.cat(out)
+    features = outputs(model.features, dataset, cfg, sizes, device, dtype, "features for the probe")
+    return torch.cat([f for f, _ in features])
 
 
 def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype,
@@ -418,7 +288,7 @@ def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, si
     folded into the head, which stays one Linear."""
     splits = ("train", "val")
     probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
-                                {k: datasets[k].labels for k in splits}, weight_decays or PROBE_WEIGHT_DECAYS)
+                                {k: datasets[k].labels for k in splits}, weight_decays or recipes.PROBE_WEIGHT_DECAYS)
     w, mean, std = probe["w"], probe["mean"], probe["std"]
     with torch.no_grad():  # head(f) = ((f - mean) / std) @ w + b
         model.head.weight.copy_((w / std[:, None]).T)
@@ -428,66 +298,8 @@ def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, si
     return {"val": probe["val_auc_mean"], "weight_decay": probe["weight_decay"]}
 
 
-def learning_rates(cfg: FinetuneConfig) -> list[float]:
-    """The lrs a run fits, one after the other: --lr_grid's, or --lr alone."""
-    return [float(v) for v in cfg.lr_grid.split(",")] if cfg.lr_grid else [cfg.lr]
-
-
-def draw_curves(cfg: FinetuneConfig):
-    """--out/curves.png: training loss and validation score against the step, a line per lr of the grid."""
-    lrs = learning_rates(cfg)
-    metric = "val_auc_mean" if cfg.task == "classify" else "val_dice"
-    curves.finetuning_curves({f"{lr:g}": os.path.join(cfg.out, f"lr_{lr:g}", "log.jsonl") for lr in lrs},
-                             os.path.join(cfg.out, "curves.png"), metric,
-                             f"fine-tuning on {cfg.dataset} ({cfg.task}, {cfg.ratio}% labels)")
-
-
-def random_encoder_probe(cfg: FinetuneConfig, datasets: dict, sizes: MRMConfig, size: int, device, dtype) -> float:
-    """Test mean AUC of a linear probe of a randomly initialised encoder (the seed's), fitted as LP-FT fits
-    the head: the score a scratch run starts from, printed beside the synthetic demo's result."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, sizes, "none", datasets["train"].labels.shape[1], size).to(device)
-    splits = ("train", "val", "test")
-    probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
-                                {k: datasets[k].labels for k in splits}, PROBE_WEIGHT_DECAYS)
-    return probe["test_auc_mean"]
-
-
-def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
-    """The one number a run is judged by: mean AUC over labels, or mean Dice over images."""
-    return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
-
-
-RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
-
-
-def default_out(cfg: FinetuneConfig) -> str:
-    """--out, or where the task's demo writes: the two demos write apart, so that `python finetune.py --task
-    segment` after `python finetune.py` does not find the first one's run in its folder."""
-    return cfg.out or os.path.join("out", "finetune" if cfg.task == "classify" else "segment")
-
-
-def check_settings(cfg: FinetuneConfig):
-    """What the flags' own limits (LIMITS) cannot tell, refused before anything is read: a bad lr grid, an
-    --out that is a file, and an --out that holds an earlier run (never emptied without --resume or
-    --overwrite)."""
-    for v in cfg.lr_grid.split(",") if cfg.lr_grid else []:
-        try:
-            ok = math.isfinite(float(v)) and float(v) > 0
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {v!r} is not a positive number")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out} is a file, not a folder")
-    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.out):
-        return
-    earlier = sorted(os.path.relpath(os.path.join(d, f), cfg.out) for d, _, files in os.walk(cfg.out) for f in files
-                     if f in ("results.json", "log.jsonl", "best.pt", "last.pt"))
-    if earlier:
-        raise ConfigError(f"--out {cfg.out} holds an earlier run ({', '.join(earlier[:3])}"
-                          f"{', ...' if len(earlier) > 3 else ''}): pass --resume to continue it, --overwrite to "
-                          "replace it, or another --out")
+# -----------------------------------------------------------------------------
+# Fine-tuning at one lr, then a whole run
 
 
 def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
@@ -507,40 +319,26 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     config = {**asdict(cfg), "lr": lr}
     step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
-    resumed = cfg.resume and os.path.exists(last_path)
-    if resumed:
-        state = read_checkpoint(last_path, expect=dict(model=dict, optimizer=dict, scaler=dict, step=int, best=dict,
-                                                       config=dict, rng=torch.Tensor))
-        default = asdict(FinetuneConfig())  # a flag newer than the checkpoint had its default then
-        changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE
-                         and state["config"].get(k, default.get(k)) != config[k])
-        if changed:
-            raise ConfigError(f"{last_path}: --resume continues the same run; changed: "
-                             + ", ".join(f"{k} {state['config'].get(k)!r} -> {config[k]!r}" for k in changed))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state["scaler"]:  # empty when the stopped run had no fp16 scaler
-            scaler.load_state_dict(state["scaler"])
+    state = runs.resumed_state(last_path, config, asdict(FinetuneConfig()), RESUME_MAY_CHANGE) if cfg.resume else None
+    if state is not None:  # a flag newer than the checkpoint is taken at its default
+        runs.load_state(state, model, optimizer, scaler)
         step, best = state["step"], state["best"]
         print(f"{last_path}: resuming at step {step}/{cfg.steps}")
-        if os.path.exists(log_path):  # drop what the stopped run logged after this checkpoint
-            kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+        runs.truncate_log(log_path, "step", step)  # what the stopped run logged after this checkpoint goes
     elif os.path.exists(log_path):
         os.remove(log_path)
     if step >= cfg.steps:
         return best
+    def stop_note():  # what a run that goes non-finite keeps
+        return runs.kept_and_cause(runs.existing(best_path, last_path), "--lr", dtype == torch.float16)
 
     train_set = datasets["train"]
     loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         sampler=StepSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step=step),
                         pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
-    if resumed:
-        torch.set_rng_state(state["rng"])  # drop-path continues where the stopped run left it
-        if device.type == "cuda" and state.get("cuda_rng") is not None:  # on a GPU drop-path draws from CUDA's
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state is not None:  # drop-path continues where the stopped run left it
+        runs.set_rng(state["rng"], state.get("cuda_rng"), device)
     schedule = lr_at if classify else poly_lr_at  # cosine (classification), polynomial (segmentation)
 
     def train_mode():
@@ -550,11 +348,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
 
     def validate(train_loss):
         """Score the validation split, keep the best weights and the state to resume from, log one line."""
-        broken = non_finite(model.state_dict())
-        if broken:  # the loss came before the last update: what is saved is checked itself
-            raise NonFiniteLoss(f"after step {step} at lr {lr:g}, {len(broken)} weight tensors are not finite (e.g. "
-                                f"{broken[0]}); stopping. {best_path} and {last_path} are left as they were: "
-                                "lower the lr, or --amp off")
+        runs.refuse_non_finite(model, f"step {step} at lr {lr:g}", stop_note)
         values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
         train_mode()
         val = summary(values, names, cfg, "validation")
@@ -562,18 +356,13 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
             best.update(val=val, step=step)
             save_checkpoint(best_path, {"model": model.state_dict(), "step": step, "val": val, "config": config,
                                         "model_config": sizes.to_dict(), "labels": list(names)})
-        save_checkpoint(last_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "scaler": scaler.state_dict(), "step": step, "best": best, "config": config,
-                                    "rng": torch.get_rng_state(),
-                                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
-        record = {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
-                  ("val_auc_mean" if classify else "val_dice"): val}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        save_checkpoint(last_path, finetuning_state(model, optimizer, scaler, step, best, config))
+        runs.append_log(log_path, {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
+                                   ("val_auc_mean" if classify else "val_dice"): val})
         draw_curves(cfg)
         return val
 
-    if not resumed and classify and cfg.head_init == "probe":
+    if state is None and classify and cfg.head_init == "probe":
         # LP-FT: the head starts as a linear probe, and that start is a candidate for the kept weights, so
         # the selected model is never below the probe on validation
         fit_head_to_probe(model, datasets, cfg, sizes, device, dtype)
@@ -593,7 +382,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         else:  # focal + Dice (Sec. 4.6) on the main and the auxiliary head, weighted as released
             mask = target[:, None].float()
             loss = sum(wf * focal_loss(out.float(), mask) + wd * dice_loss(out.float(), mask)
-                       for out, (wf, wd) in zip(logits, SEG_LOSS_WEIGHTS.values()))
+                       for out, (wf, wd) in zip(logits, recipes.SEG_LOSS_WEIGHTS.values()))
         scaler.scale(loss).backward()
         if classify:
             scaler.unscale_(optimizer)
@@ -607,9 +396,8 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         recent.append(loss.detach())
         bar.update()
         if step % LOG_EVERY == 0:  # the curve's points: the mean loss since the last point or validation
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "lr": optimizer.param_groups[-1]["lr"],
-                                    "train_loss": torch.stack(recent).mean().item()}) + "\n")
+            runs.append_log(log_path, {"step": step, "lr": optimizer.param_groups[-1]["lr"],
+                                       "train_loss": torch.stack(recent).mean().item()})
             recent = []
         if step % cfg.eval_every and step != cfg.steps:
             continue
@@ -619,8 +407,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         loss_sum.zero_()
         loss_steps = 0
         if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. "
-                                f"{best_path} and {last_path} are left as they were: lower the lr, or --amp off")
+            raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. {stop_note()}")
         val = validate(train_loss)
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best['val']:.4f}")
     bar.close()
@@ -632,23 +419,23 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results.
     rendered: see build_splits."""
     cfg.out = default_out(cfg)
-    check_settings(cfg)
-    cfg = resolve_recipe(resolve_lists(cfg))
+    check_finetuning(cfg)
+    cfg = recipes.fill_finetuning(resolve_lists(cfg))
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(cfg, device)
-    init, sizes, preset, size = resolve_encoder(cfg)
+    init, sizes, preset, size = finetuning_encoder(cfg)
     datasets, names = build_splits(cfg, size, rendered)
-    cfg = resolve_schedule(cfg, preset, len(datasets["train"]))
-    lrs = learning_rates(cfg)
+    cfg = recipes.fill_schedule(cfg, preset, len(datasets["train"]))
+    lrs = recipes.learning_rates(cfg)
     print(f"fine-tuning ({cfg.task}) {preset} encoder from {init} at {size} px on {cfg.dataset}: "
           f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
           f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
           f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}")
     os.makedirs(cfg.out, exist_ok=True)
-    runs = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
+    fits = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
             for lr in lrs]
-    chosen = max(runs, key=lambda r: r["val"])  # selected on validation only
+    chosen = max(fits, key=lambda r: r["val"])  # selected on validation only
 
     # the test split, scored once, with the selected weights
     model = build_model(cfg, sizes, "none", len(names), size).to(device)
@@ -657,7 +444,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     test = summary(values, names, cfg, "test")
     results = {"task": cfg.task, "dataset": cfg.dataset, "init": init, "selected_lr": chosen["lr"],
                "best_step": chosen["step"], "checkpoint": chosen["checkpoint"],
-               "val_by_lr": {f"{r['lr']:g}": r["val"] for r in runs},
+               "val_by_lr": {f"{r['lr']:g}": r["val"] for r in fits},
                "sizes": {k: len(d) for k, d in datasets.items()}, "config": asdict(cfg)}
     clean = lambda v: None if np.isnan(v) else float(v)  # noqa: E731 (JSON has no NaN)
     if cfg.task == "classify":
@@ -681,98 +468,61 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
               f"{shown(results['test_dice_without_finding'])} on the {int((~extra).sum())} without; "
               f"the SIIM-rule mean over all {len(values)}: {test:.4f}")
     path = os.path.join(cfg.out, "results.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    runs.write_json(path, results)
     print(f"selected lr {chosen['lr']:g} (step {chosen['step']}); results in {path}")
     return results
+
+
+def draw_curves(cfg: FinetuneConfig):
+    """--out/curves.png: training loss and validation score against the step, a line per lr of the grid."""
+    lrs = recipes.learning_rates(cfg)
+    metric = "val_auc_mean" if cfg.task == "classify" else "val_dice"
+    pictures.finetuning_curves({f"{lr:g}": os.path.join(cfg.out, f"lr_{lr:g}", "log.jsonl") for lr in lrs},
+                               os.path.join(cfg.out, "curves.png"), metric,
+                               f"fine-tuning on {cfg.dataset} ({cfg.task}, {cfg.ratio}% labels)")
+
+
+def random_encoder_probe(cfg: FinetuneConfig, datasets: dict, sizes: MRMConfig, size: int, device, dtype) -> float:
+    """Test mean AUC of a linear probe of a randomly initialised encoder (the seed's), fitted as LP-FT fits
+    the head: the score a scratch run starts from, printed beside the synthetic demo's result."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, sizes, "none", datasets["train"].labels.shape[1], size).to(device)
+    splits = ("train", "val", "test")
+    probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
+                                {k: datasets[k].labels for k in splits}, recipes.PROBE_WEIGHT_DECAYS)
+    return probe["test_auc_mean"]
+
+
+def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
+    """The one number a run is judged by: mean AUC over labels, or mean Dice over images."""
+    return mean_auc(values, names, split) if cfg.task == "classify" else float(values.mean())
 
 
 # -----------------------------------------------------------------------------
 # Command line: the flags are FinetuneConfig's fields
 
 
+def default_out(cfg: FinetuneConfig) -> str:
+    """--out, or where the task's demo writes: the two demos write apart, so that `python finetune.py --task
+    segment` after `python finetune.py` does not find the first one's run in its folder."""
+    return cfg.out or os.path.join("out", "finetune" if cfg.task == "classify" else "segment")
+
+
 def plan(cfg: FinetuneConfig) -> dict:
     """--dry_run: every setting run() would use, resolved the same way, without reading an image. The split
     lists are counted (lines and labels), not checked against the images."""
-    cfg = resolve_recipe(resolve_lists(FinetuneConfig(**asdict(cfg))))
-    init, sizes, preset, size = resolve_encoder(cfg)
-    if cfg.dataset == "synthetic" and not cfg.train_list:
-        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
-        labels = 1 if cfg.task == "segment" else len(synthetic.FINDINGS)
-    else:
-        counts, labels = {}, len(LABEL_NAMES.get(cfg.dataset, ())) or None
-        for name in ("train", "val", "test"):
-            path = getattr(cfg, f"{name}_list")
-            if not path:  # a plan without the lists: the schedule still resolves, the counts stay unknown
-                counts[name] = None
-                continue
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such split list")
-            rows = [line.split() for line in data.text_lines(path) if line.strip()]
-            counts[name] = len(rows)
-            if name == "train" and cfg.task == "classify":
-                labels = len(rows[0]) - 1 if rows else 0
-    if cfg.label_fraction < 1 and counts["train"]:
-        counts["train"] = len(label_subset(counts["train"], cfg.label_fraction, cfg.seed))
-    cfg = resolve_schedule(cfg, preset, counts["train"])
-    classify = cfg.task == "classify"
-    return {
-        "task": cfg.task, "dataset": cfg.dataset, "ratio": cfg.ratio, "init": init,
-        "encoder": {"preset": preset, "input_size": size, "patch_size": sizes.patch_size, "embed_dim": sizes.embed_dim,
-                    "depth": sizes.depth, "num_heads": sizes.num_heads, "drop_path": cfg.drop_path,
-                    "frozen": cfg.linear_probe},
-        "head": (f"mean of the patch tokens, LayerNorm, Linear {sizes.embed_dim} -> {labels or 'K'}"
-                 + (", fitted first as a linear probe of the frozen features (LP-FT)" if cfg.head_init == "probe"
-                    else "") if classify else
-                 f"UPerNet-style head on blocks {Segmenter.tap_blocks(sizes.depth)}, {SEG_HEADS[preset]['channels']} "
-                 f"channels, dropout 0.1, one logit a pixel; auxiliary FCN head ({SEG_HEADS[preset]['aux_channels']} "
-                 f"channels) on block {Segmenter.tap_blocks(sizes.depth)[2]}'s level in training; loss focal 2.0 + "
-                 "Dice 1.0, auxiliary 0.8 + 0.4"),
-        "records": counts,
-        "label_names": list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(labels or 0)])) if classify
-                       else ["+".join(f.strip() for f in cfg.seg_findings.split(","))] if cfg.dataset == "synthetic"
-                       else list(LABEL_NAMES.get(cfg.dataset, ["finding"])),
-        "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
-                     "lr": learning_rates(cfg),
-                     "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,
-                     "eval_every": cfg.eval_every or "once an epoch (give the lists to count it)",
-                     "validations": math.ceil(cfg.steps / cfg.eval_every) if cfg.eval_every else None,
-                     "lr_schedule": "linear warm-up, then " + ("cosine to 0" if classify else "poly (power 1) to 0")},
-        "optimizer": "SGD, momentum 0.9, no weight decay" if cfg.optimizer == "sgd" else
-                     f"AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay {cfg.layer_decay}",
-        "augmentation": (("the whole film" if cfg.min_crop >= 1 else f"random resized crop (area {cfg.min_crop}-1)")
-                         + (" + horizontal flip" if cfg.hflip else ", no flip")
-                         + "; evaluation: bilinear resize, centre crop") if classify else
-                        ("the whole film resized (bilinear)" + (" + horizontal flip" if cfg.hflip else ", no flip")
-                         + ", no crop; evaluation: the whole film"),
-        "amp": cfg.amp, "out": cfg.out, "config": asdict(cfg)}
+    cfg = recipes.fill_finetuning(resolve_lists(replace(cfg)))
+    init, sizes, preset, size = finetuning_encoder(cfg)
+    counts, names = count_splits(cfg)
+    cfg = recipes.fill_schedule(cfg, preset, counts["train"])
+    return finetuning_plan(cfg, init, sizes, preset, size, counts, names, Segmenter.tap_blocks(sizes.depth))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(FinetuneConfig, "finetune.py", __doc__, CHOICES, LIMITS, shown_default)
+    return config_parser(FinetuneConfig, "finetune.py", __doc__, CHOICES, LIMITS, recipes.finetuning_help_default)
 
 
-def shown_default(f) -> str:
-    """What --help shows as a flag's default: the fields left open say where their value comes from."""
-    if f.name in RECIPES[("classify", "released")]:  # e.g. "released 0.1, synthetic demo 0.0"
-        parts = []
-        for records in ("released", "synthetic"):
-            by_task = {task: r[f.name] for (task, rec), r in RECIPES.items() if rec == records}
-            value = by_task["classify"] if len(set(by_task.values())) == 1 else \
-                f"{by_task['classify']} (segmentation {by_task['segment']})"
-            parts.append(f"{'released' if records == 'released' else 'synthetic demo'} {value}")
-        return ", ".join(parts)
-    return {"lr": "from --dataset and --ratio, their schedule (--dry_run shows it)",
-            "steps": "from --dataset and --ratio", "warmup_steps": "from --dataset and --ratio",
-            "batch_size": "from --dataset: 96, synthetic 32, segmentation 8 (tiny 32)",
-            "eval_every": "once an epoch; segmentation 500 at 100%, 50 at 10% and 1%, 50 for the tiny demo",
-            "epochs": "none: --steps", "image_root": "the list's folder",
-            "out": "out/finetune, or out/segment with --task segment"}.get(f.name, f.default if f.default != ""
-                                                                            else "none")
-
-
-# what each number may be (data.bounded): counts at least 1, shares within (0, 1], rates positive
+# what each number may be (flags.bounded): counts at least 1, shares within (0, 1], rates positive
 LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch_size", "eval_every"], bounded(int, 1)),
           **dict.fromkeys(["num_workers", "seed", "input_size", "warmup_steps"], bounded(int, 0)),
           **dict.fromkeys(["label_fraction", "min_crop"], bounded(float, 0, 1, low_open=True)),
@@ -781,6 +531,7 @@ LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
            "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"],
            "head_init": ["auto", "zero", "probe"], "optimizer": ["auto", "sgd", "adamw"]}
+RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
 
 
 def main(argv=None):
@@ -788,13 +539,10 @@ def main(argv=None):
     cfg.out = default_out(cfg)
 
     def how_to_resume() -> str:
-        kept = sorted(os.path.relpath(d, cfg.out) for d, _, files in os.walk(cfg.out) if "last.pt" in files) \
-            if os.path.isdir(cfg.out) else []
-        if not kept:
-            return "no checkpoint was written"
-        return f"{', '.join(os.path.join(cfg.out, k, 'last.pt') for k in kept)} intact; continue with --resume"
+        kept = sorted(os.path.join(d, "last.pt") for d, _, files in os.walk(cfg.out) if "last.pt" in files)
+        return runs.resume_hint(kept, "the same command with --resume")
 
-    with data.one_line_errors("finetune.py", NonFiniteLoss, interrupted=how_to_resume):
+    with one_line_errors("finetune.py", NonFiniteLoss, interrupted=how_to_resume):
         if cfg.dry_run:  # what resolving the settings says goes to stderr: stdout is the JSON alone
             with contextlib.redirect_stdout(sys.stderr):
                 settings = plan(cfg)

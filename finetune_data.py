@@ -4,7 +4,7 @@ finetune.py calls build_splits(cfg, size) and gets {'train', 'val', 'test'} Fine
 label names. Read top to bottom:
   1. the released training and test views (crop, flip, resize), a step-seeded sampler that makes a run
      resumable exactly, and the Dataset finetune.py reads;
-  2. the splits: train / val / test from split lists, or from synthetic records (synthetic.py) rendered
+  2. the splits: train / val / test from split lists, or from synthetic records (machinery/synthetic.py) rendered
      into memory, with an optional seeded label fraction;
   3. the split-list files: the released DatasetsSplits/ format ('relative/path l1 ... lK') of NIH
      ChestX-ray14, CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks.
@@ -19,9 +19,12 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 import data
-from data import IMAGE_SUFFIXES, BadRecord, load_image, progress, random_resized_crop_box, text_lines
-from mrm import ConfigError
-from synthetic import FINDINGS, synth_record
+from data import random_resized_crop_box
+from machinery.console import progress
+from machinery.errors import BadRecord, ConfigError
+from machinery.images import IMAGE_SUFFIXES, load_image
+from machinery.records import text_lines
+from machinery.synthetic import FINDINGS, synth_record
 
 
 # Label columns of the released split lists (DatasetsSplits/), so tables print names, not indices.
@@ -121,6 +124,13 @@ class FinetuneDataset(Dataset):
         return {"image": torch.from_numpy(image.copy())[None], "target": target}
 
 
+def to_input(images: torch.Tensor, device, sizes) -> torch.Tensor:
+    """(B, 1, S, S) uint8 -> (B, 3, S, S) normalised floats (sizes: the encoder's mrm.MRMConfig), on the
+    device: the loader ships bytes, a quarter of the floats."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return ((x - sizes.pixel_mean) / sizes.pixel_std).expand(-1, sizes.in_chans, -1, -1)
+
+
 # -----------------------------------------------------------------------------
 # 2. Splits: from split lists, or synthetic records (finetune.py --dataset synthetic)
 
@@ -200,6 +210,36 @@ def resolve_lists(cfg):  # cfg: a finetune.FinetuneConfig
             if not getattr(cfg, field):
                 setattr(cfg, field, os.path.join(cfg.splits, name))
     return cfg
+
+
+def count_splits(cfg) -> tuple[dict, list]:
+    """--dry_run's look at the splits, no image read: the records of each (None for a list not given; the
+    train split after --label_fraction) and the label names."""
+    segment = cfg.task == "segment"
+    if cfg.dataset == "synthetic" and not cfg.train_list:
+        counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
+        columns = None if segment else len(FINDINGS)
+    else:
+        counts, columns = {}, None
+        for name in ("train", "val", "test"):
+            path = getattr(cfg, f"{name}_list")
+            if not path:  # a plan without the lists: the schedule still resolves, the counts stay unknown
+                counts[name] = None
+                continue
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such split list")
+            rows = [line.split() for line in text_lines(path) if line.strip()]
+            counts[name] = len(rows)
+            if name == "train" and not segment:
+                columns = len(rows[0]) - 1 if rows else 0
+    if cfg.label_fraction < 1 and counts["train"]:
+        counts["train"] = len(label_subset(counts["train"], cfg.label_fraction, cfg.seed))
+    if segment:
+        names = ["+".join(f.strip() for f in cfg.seg_findings.split(","))] if cfg.dataset == "synthetic" \
+            else list(LABEL_NAMES.get(cfg.dataset, ["finding"]))
+    else:
+        names = list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(columns or 0)]))
+    return counts, names
 
 
 def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:

@@ -20,14 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from machinery.errors import ConfigError
+from machinery.settings import check_images, check_model_config
+from recipes import PRESETS
+
 
 # -----------------------------------------------------------------------------
 # Sizes and switches: every part below reads its sizes from here
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work. The scripts print it, like a bad record or a refused checkpoint, as one
-    line `SCRIPT: error: ...` (data.one_line_errors)."""
 
 
 @dataclass
@@ -70,100 +69,25 @@ class MRMConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MRMConfig":
+        """'base' (these defaults) or 'tiny', the CPU demo's sizes (recipes.PRESETS), with overrides."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides}).validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "MRMConfig":
-        """Rebuild from a checkpoint's plain dict, ignoring keys this version does not know."""
+        """Rebuild from a checkpoint's plain dict, ignoring (and naming) keys this version does not know."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d.keys() - known)
-        if unknown:
-            print(f"MRMConfig: ignoring unknown keys {unknown}")
+        if d.keys() - known:
+            print(f"MRMConfig: ignoring unknown keys {sorted(str(k) for k in d.keys() - known)}")
         return cls(**{k: v for k, v in d.items() if k in known}).validate()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> "MRMConfig":
-        """Refuse settings no model can be built with, naming the first, before anything is built: sizes
-        come from checkpoints as well as from code, and a bad one would otherwise surface as an assert deep
-        inside a layer, or not at all."""
-        for f in fields(self):  # each setting has its default's type; an int will do for a float
-            v, kind = getattr(self, f.name), type(f.default)
-            if kind is float:
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            else:  # True is an int to Python, not a size
-                ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
-            if not ok:
-                raise ConfigError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}, "
-                                  f"got {v!r}")
-            least = 0 if f.name.endswith(("depth", "_id")) else 1  # a model may have no block of a kind
-            if kind is int and v < least:
-                raise ConfigError(f"{f.name} must be {'>= 0' if least == 0 else 'positive'}, got {v}")
-        checks = [
-            (self.img_size % self.patch_size == 0, f"img_size {self.img_size} is not a multiple of "
-                                                   f"patch_size {self.patch_size}"),
-            (self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}"),
-            (self.pixel_std > 0, f"pixel_std must be > 0, got {self.pixel_std}"),
-            # a ratio of 1 would leave nothing visible: nothing to pool, nothing to encode
-            (0 <= self.mask_ratio < 1, f"mask_ratio must be in [0, 1) so that some patch is encoded, "
-                                       f"got {self.mask_ratio}"),
-            (0 <= self.text_mask_ratio < 1, f"text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}"),
-            (self.mlm_weight >= 0, f"mlm_weight must be >= 0, got {self.mlm_weight}"),
-            (self.mim_weight >= 0, f"mim_weight must be >= 0, got {self.mim_weight}"),
-            (self.mlm_weight > 0 or self.mim_weight > 0, "mlm_weight and mim_weight are both 0: nothing to learn"),
-            (self.fusion in ("gap", "gmp"), f"fusion must be 'gap' or 'gmp', got {self.fusion!r}"),
-            (self.fusion_tokens in ("visible", "all"), f"fusion_tokens must be 'visible' or 'all', "
-                                                       f"got {self.fusion_tokens!r}"),
-            (not self.multimodal_mim or (self.mlm_weight > 0 and self.mim_weight > 0),
-             "multimodal_mim needs both the image and the report decoder"),
-        ]
-        for width, heads in [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
-                             ("text_embed_dim", "text_num_heads")]:
-            w, h = getattr(self, width), getattr(self, heads)
-            checks.append((w % h == 0, f"{width} {w} is not divisible by {heads} {h}"))
-        for k in ("pad_token_id", "mask_token_id"):
-            v = getattr(self, k)
-            checks.append((v < self.vocab_size, f"{k} {v} is not an id of the vocabulary (0 to {self.vocab_size - 1})"))
-        for width in ("embed_dim", "decoder_embed_dim"):  # 2D sin-cos: half the channels per axis, sin and cos
-            checks.append((getattr(self, width) % 4 == 0, f"{width} must be a multiple of 4 (the sin-cos "
-                                                          f"position table), got {getattr(self, width)}"))
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        check_model_config(self)  # ConfigError naming the first setting no model can be built with
         return self
-
-    def num_parameters(self) -> int:
-        """sum(p.numel() for p in MRM(cfg).parameters()), by formula from the sizes alone, nothing allocated:
-        checkpoints.py refuses a checkpoint whose model_config asks for an absurd model before building it."""
-        def blocks(d, depth):  # Block: 2 LayerNorms, qkv and proj Linears, the MLP's two Linears
-            h = int(d * self.mlp_ratio)
-            return depth * (4 * d * d + 9 * d + 2 * d * h + h)
-
-        D, L = self.embed_dim, (self.img_size // self.patch_size) ** 2
-        # ViT: patch projection, [CLS], position table (1 + L rows), blocks, final norm
-        n = D * self.in_chans * self.patch_size**2 + D + D + (1 + L) * D + blocks(D, self.depth) + 2 * D
-        if self.mim_weight > 0:  # ImageDecoder: embed, mask token, position table, blocks, norm, prediction
-            d = self.decoder_embed_dim
-            out = (2 * self.patch_size if self.super_resolution else self.patch_size) ** 2 * self.in_chans
-            n += D * d + d + d + (1 + L) * d + blocks(d, self.decoder_depth) + 2 * d + d * out + out
-        if self.mlm_weight > 0:  # fusion_proj, then ReportDecoder: words, positions, norms, blocks, head
-            t, V = self.text_embed_dim, self.vocab_size
-            n += D * t + t + V * t + self.max_text_len * t + 2 * t + blocks(t, self.text_depth) + 2 * t + t * V + V
-        if self.multimodal_mim:  # text_to_image
-            n += self.text_embed_dim * self.decoder_embed_dim + self.decoder_embed_dim
-        return n
-
-
-PRESETS = {
-    "base": {},
-    # A CPU-sized model for demos and tests: 128-px high-res / 64-px input, an 8 x 8 grid of 8-px patches.
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
-                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4,
-                 text_embed_dim=128, text_depth=2, text_num_heads=4),
-}
 
 
 # -----------------------------------------------------------------------------
@@ -171,10 +95,8 @@ PRESETS = {
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in raster order, values in (row, column, channel) order.
-
-    This is the layout the official decoder's output Linear assumes, so its weights load unchanged.
-    """
+    """imgs: (B, C, H, W) -> (B, L, p*p*C), patches in raster order, values in (row, column, channel)
+    order: the layout the official decoder's output Linear assumes, so its weights load unchanged."""
     B, C, H, W = imgs.shape
     assert H % p == 0 and W % p == 0, f"image {H}x{W} is not a multiple of the patch size {p}"
     h, w = H // p, W // p
@@ -204,18 +126,15 @@ def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    """The fixed 2D table of MAE: (G*G, D), or (1 + G*G, D) with a zero row first for [CLS].
-
-    Patch i = r * G + c gets the 1D code of its column c in the first D/2 channels and of its row r in
+    """The fixed 2D table of MAE: (G*G, D), or (1 + G*G, D) with a zero row first for [CLS]. Patch
+    i = r * G + c gets the 1D code of its column c in the first D/2 channels and of its row r in
     the last D/2 (MAE's meshgrid puts the column coordinate first). The released helper (model_mrm.py)
     divides the exponent by 2*D instead of D/2; we use MAE's formula, which its weights were trained with.
     """
     assert embed_dim % 4 == 0, "2D sin-cos needs a width divisible by 4"
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
-    emb = np.concatenate(
-        [get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],
-        axis=1,
-    )  # (G*G, D)
+    emb = np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, cols),
+                          get_1d_sincos_pos_embed(embed_dim // 2, rows)], axis=1)  # (G*G, D)
     if cls_token:
         emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
     return emb.astype(np.float32)
@@ -223,14 +142,11 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 
 def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None,
                    noise=None):
-    """Per-sample random removal of mask_ratio of the patches (Sec. 3.2, following MAE).
-
-    Sorting uniform noise gives a random permutation per sample; the first int(L * (1 - r)) are kept.
-    `noise` (B, L) may be given (the data pipeline draws it per record, so a record's mask does not
-    depend on its batch or process); otherwise it is drawn from `generator`.
-    Returns ids_keep (B, K), mask (B, L) with 1 = removed, and ids_restore (B, L), the permutation that
-    puts [kept, removed] back into raster order.
-    """
+    """Per-sample random removal of mask_ratio of the patches (Sec. 3.2, following MAE): sorting uniform
+    noise gives a random permutation per sample, and the first int(L * (1 - r)) are kept. `noise` (B, L)
+    may be given (the data pipeline draws it per record, so a record's mask does not depend on its batch
+    or process); otherwise it is drawn from `generator`. Returns ids_keep (B, K), mask (B, L) with
+    1 = removed, and ids_restore (B, L), the permutation that puts [kept, removed] back in raster order."""
     len_keep = int(num_patches * (1 - mask_ratio))
     if noise is None:
         # draw on the generator's own device, so one seeded CPU generator gives the same masks on any device
@@ -333,17 +249,14 @@ def init_weights(m: nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT-B/16 by default. forward returns the post-norm tokens (B, 1 + L, D), [CLS] first.
-
-    Parameter names are those of MAE's and the released MRM checkpoints, so their state dicts load
-    with strict=True and no renaming (no head: fine-tuning adds its own).
-    """
+    """ViT-B/16 by default. forward returns the post-norm tokens (B, 1 + L, D), [CLS] first. Parameter
+    names are those of MAE's and the released MRM checkpoints, so their state dicts load with strict=True
+    and no renaming (no head: fine-tuning adds its own)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path_rate=0.0):
         super().__init__()
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = img_size // patch_size
+        self.img_size, self.patch_size, self.grid_size = img_size, patch_size, img_size // patch_size
         self.num_patches = self.grid_size**2
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -392,12 +305,10 @@ class ViT(nn.Module):
 
 
 class ImageDecoder(nn.Module):
-    """MAE-style decoder that restores every patch position at twice the resolution (Sec. 3.2).
-
-    Visible latents are projected, a shared learned mask token fills the removed positions, the fixed
-    sin-cos table is added, 4 blocks run, and one Linear predicts a (2p)^2 * C high-res patch per position.
-    Attribute names keep the official `decoder_*` / `mask_token` names behind an `image_decoder.` prefix.
-    """
+    """MAE-style decoder that restores every patch position at twice the resolution (Sec. 3.2). Visible
+    latents are projected, a shared learned mask token fills the removed positions, the fixed sin-cos table
+    is added, 4 blocks run, and one Linear predicts a (2p)^2 * C high-res patch per position. Attribute
+    names keep the official `decoder_*` / `mask_token` names behind an `image_decoder.` prefix."""
 
     def __init__(self, cfg: MRMConfig):
         super().__init__()
@@ -407,8 +318,8 @@ class ImageDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         table = get_2d_sincos_pos_embed(d, cfg.img_size // cfg.patch_size, cls_token=True)
         self.decoder_pos_embed = nn.Parameter(torch.from_numpy(table).unsqueeze(0), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(d, cfg.decoder_num_heads, cfg.mlp_ratio) for _ in range(cfg.decoder_depth)])
+        self.decoder_blocks = nn.ModuleList([Block(d, cfg.decoder_num_heads, cfg.mlp_ratio)
+                                             for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
         self.decoder_pred = nn.Linear(d, out_p * out_p * cfg.in_chans)
         self.apply(init_weights)
@@ -441,15 +352,13 @@ def global_pool(patch_tokens: torch.Tensor, fusion: str = "gap") -> torch.Tensor
 
 
 class ReportDecoder(nn.Module):
-    """Light transformer that restores masked report tokens from hybrid tokens (Sec. 3.1, App. A.2).
-
-    Token embedding + learned position embedding (A.2 says learnable; Sec. 3.1 says fixed, A.2 and the
-    released code agree on learned), a LayerNorm, the image feature added to every visible real token,
-    6 pre-norm blocks, LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as
-    BERT's mask does. The embedding LayerNorm is BERT's (the released decoder added the image feature
-    after it): it puts the words at unit scale beside the image feature, which otherwise, at about 50x
-    the size of a normal(0, 0.02) embedding, drowns which word is where until the embeddings grow.
-    """
+    """Light transformer that restores masked report tokens from hybrid tokens (Sec. 3.1, App. A.2). Token
+    embedding + learned position embedding (A.2 says learnable, Sec. 3.1 fixed; A.2 and the released code
+    agree on learned), a LayerNorm, the image feature added to every visible real token, 6 pre-norm blocks,
+    LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as BERT's mask does. The
+    embedding LayerNorm is BERT's (the released decoder added the image feature after it): it puts the
+    words at unit scale beside the image feature, which otherwise, at about 50x the size of a normal(0,
+    0.02) embedding, drowns which word is where until the embeddings grow."""
 
     def __init__(self, cfg: MRMConfig):
         super().__init__()
@@ -488,16 +397,14 @@ class ReportDecoder(nn.Module):
 
     def forward(self, tokens, image_feature, *, predict_at=None):
         """tokens: (B, T) ids with [MASK] in place; image_feature: (B, d). Returns logits (B, T, V), or
-        (M, V) at the M positions of predict_at only: a (B, T) bool mask, or (M,) positions in the
-        flattened (B * T) tokens, row-major. The loss scores only the masked words, and the projection to
-        the 30,000-word vocabulary is the costly part, so training asks for those positions alone."""
+        (M, V) at predict_at only: a (B, T) bool mask, or (M,) positions in the flattened (B * T) tokens."""
         x = self.embed(tokens)  # (B, T, d)
         x = x + self.hybrid_positions(tokens).unsqueeze(-1) * image_feature.unsqueeze(1)  # hybrid tokens
         attn_mask = (tokens != self.pad_token_id)[:, None, None, :]  # (B, 1, 1, T)
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.norm(x)
-        if predict_at is not None:  # the vocabulary projection is the costly part: only where it is scored
+        if predict_at is not None:  # the 30,000-word projection is the costly part: only where it is scored
             x = x[predict_at] if predict_at.dtype == torch.bool else x.flatten(0, 1)[predict_at]  # (M, d)
         return self.head(x)
 
@@ -507,12 +414,9 @@ class ReportDecoder(nn.Module):
 
 
 def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool = False):
-    """Eq. 2: mean squared error per patch, averaged over the masked patches only.
-
-    pred, target: (B, L, P) with pixels in [0, 1]; mask: (B, L), 1 = removed (scored), 0 = visible.
-    norm_pix_loss: MAE's option (used by the released run script) of scoring each target patch
-    normalised by its own mean and variance.
-    """
+    """Eq. 2: mean squared error per patch, averaged over the masked patches only. pred, target: (B, L, P),
+    pixels in [0, 1]; mask: (B, L), 1 = removed (scored). norm_pix_loss: MAE's option (the released run
+    script's) of scoring each target patch normalised by its own mean and variance."""
     target = target.float()
     if norm_pix_loss:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -522,12 +426,9 @@ def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 
 def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> torch.Tensor:
-    """Eq. 1: cross entropy of the masked tokens only, averaged over them. logits (M, V), targets (M,).
-    (The released code averaged over all 100 positions, padding included; this project does not copy that.)
-
-    denominator: divide the summed cross entropy by this instead of M. Reports differ in length, so a
-    batch split over processes or accumulation steps must divide by the whole batch's count (train.py).
-    """
+    """Eq. 1: cross entropy of the masked tokens only, averaged over them (the released code averaged over
+    all 100 positions, padding included). logits (M, V), targets (M,). denominator: divide the sum by this
+    instead of M: the whole batch's count, when a batch is split over processes or steps (train.py)."""
     if denominator is not None:
         return F.cross_entropy(logits.float(), targets, reduction="sum") / denominator
     if targets.numel() == 0:  # the mean over no token is NaN: say why instead
@@ -540,10 +441,8 @@ def mlm_loss(logits: torch.Tensor, targets: torch.Tensor, denominator=None) -> t
 
 
 class MRM(nn.Module):
-    """Image encoder + image decoder (L_I) + fusion and report decoder (L_R), Fig. 2.
-
-    A part whose loss weight is 0 is not built, so ablations train under DDP without unused parameters.
-    """
+    """Image encoder + image decoder (L_I) + fusion and report decoder (L_R), Fig. 2. A part whose loss
+    weight is 0 is not built, so ablations train under DDP without unused parameters."""
 
     def __init__(self, cfg: MRMConfig | None = None):
         super().__init__()
@@ -568,16 +467,10 @@ class MRM(nn.Module):
         cfg = self.cfg
         if images.dtype == torch.uint8:  # the data pipeline ships uint8 to save host-device bandwidth
             images = images.float() / 255
-        gray = images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3  # repeated to 3 channels below
-        hr = 2 * cfg.img_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
-            gray_too = f" or (B, 1, {hr}, {hr})" if cfg.in_chans == 3 else ""
-            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, "
-                             f"got {tuple(images.shape)}")
+        gray = check_images(images, cfg)  # a gray (B, 1, 2H, 2W) batch is repeated to 3 channels below
         # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
         # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
-        low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
-        low = low.clamp(0, 1)
+        low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
         if gray:  # resized once, then repeated: the three channels of a radiograph are equal
             images, low = images.expand(-1, 3, -1, -1), low.expand(-1, 3, -1, -1)
         return images, low, (low - cfg.pixel_mean) / cfg.pixel_std
@@ -586,17 +479,10 @@ class MRM(nn.Module):
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                 mlm_denominator=None, mlm_index: torch.Tensor | None = None) -> dict:
         """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
-        original id where a token was masked, -100 elsewhere. generator: optional, seeds the image mask.
-
-        The keyword arguments after it make training fast or exact across processes; train.py passes them,
-        and each has a default that needs none of them. noise (B, L): the image mask's noise, drawn on the
-        host (random_masking). mlm_denominator: the number of masked words in the whole global batch, so
-        that a batch split over processes averages alike (mlm_loss). mlm_index (M,): the flat positions of
-        the masked words, torch.nonzero(labels.flatten() != -100)[:, 0], counted on the host.
-
-        Returns loss, loss_mim, loss_mlm, pred (B, L, (2p)^2 C), mask (B, L), and mlm_logits (M, V) at
-        the M masked report positions, in the order of labels[labels != -100].
-        """
+        original id where a token was masked, -100 elsewhere. Returns loss, loss_mim, loss_mlm, pred
+        (B, L, (2p)^2 C), mask (B, L) and mlm_logits (M, V) at the M masked words, in labels' row-major order.
+        The keywords are optional; train.train_step passes them: the image mask's noise (random_masking),
+        mlm_denominator (mlm_loss) and mlm_index, the masked words' flat positions, counted on the host."""
         cfg = self.cfg
         high, low, x = self.prepare_images(images)
         B, L = x.shape[0], self.encoder.num_patches
@@ -608,27 +494,20 @@ class MRM(nn.Module):
         text_feature = None
         if self.report_decoder is not None:  # report comprehension, Sec. 3.1
             image_feature = self.fusion_proj(global_pool(latent[:, 1:], cfg.fusion))  # (B, 384)
-            # The head runs only at the M masked words. Finding them on the GPU (nonzero) would make the
-            # host wait for the device and break a compiled graph, so train.py counts them on the host,
-            # where the batch's labels are, and passes mlm_index; otherwise they are found here.
-            if mlm_index is None:
+            if mlm_index is None:  # found on the GPU, nonzero makes the host wait: train.py counts them itself
                 mlm_index = torch.nonzero(labels.flatten() != -100).squeeze(1)  # (M,)
             logits = self.report_decoder(tokens, image_feature, predict_at=mlm_index)  # (M, V)
-            out["mlm_logits"] = logits
-            out["loss_mlm"] = mlm_loss(logits, labels.flatten()[mlm_index], mlm_denominator)
+            out.update(mlm_logits=logits, loss_mlm=mlm_loss(logits, labels.flatten()[mlm_index], mlm_denominator))
             if cfg.multimodal_mim:  # Table 4's variant: the report's mean visible embedding, 384 -> 768
                 text_feature = self.text_to_image(self.report_decoder.mean_visible_embedding(tokens))
 
         if self.image_decoder is not None:  # radiograph understanding, Sec. 3.2
             pred = self.image_decoder(latent, ids_restore, text_feature)  # (B, L, (2p)^2 C)
-            if cfg.super_resolution:
-                target = patchify(high, 2 * cfg.patch_size)  # 2p x 2p patches on the same G x G grid
-            else:
-                target = patchify(low, cfg.patch_size)
+            # the 2p x 2p patches of the high-res image on the same G x G grid (or, ablated, the input's)
+            target = patchify(high, 2 * cfg.patch_size) if cfg.super_resolution else patchify(low, cfg.patch_size)
             # with mask_ratio 0 (Table 5b) nothing is removed: score every patch's super-resolution
             weight = mask if cfg.mask_ratio > 0 else torch.ones_like(mask)
-            out["pred"] = pred
-            out["loss_mim"] = mim_loss(pred, target, weight, cfg.norm_pix_loss)
+            out.update(pred=pred, loss_mim=mim_loss(pred, target, weight, cfg.norm_pix_loss))
 
         out["loss"] = cfg.mlm_weight * out["loss_mlm"] + cfg.mim_weight * out["loss_mim"]  # Eq. 3
         return out

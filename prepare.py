@@ -22,9 +22,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data import IMAGE_SUFFIXES, BadRecord, OneLineParser, bounded, csv_rows, load_image, one_line_errors, progress
-from mrm import ConfigError
-from synthetic import FINDINGS, synth_record
+from machinery.console import one_line_errors, progress
+from machinery.errors import BadRecord, ConfigError
+from machinery.flags import OneLineParser, bounded
+from machinery.images import IMAGE_SUFFIXES, load_image
+from machinery.records import csv_rows
+from machinery.synthetic import FINDINGS, synth_record
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = command(sub, "synth", "write the synthetic records as files, in the formats of the real datasets",
-                reads="nothing: each record is drawn from (--seed, its index) by synthetic.py",
+                reads="nothing: each record is drawn from (--seed, its index) by machinery/synthetic.py",
                 writes="OUT/images/NNNNN.png; OUT/masks/NNNNN.png (bit k set where finding k is); OUT/training.csv "
                        "(the first 80%: image_path,report_content, for train.py --data); split lists "
                        "OUT/train_list.txt, val_list.txt, test_list.txt (80/10/10), train_1.txt, train_10.txt "

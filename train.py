@@ -11,18 +11,13 @@ the run ends with the fusion check (checks.py): are held-out reports' masked wor
 their film than from noise?
 `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
-import argparse
-import functools
-import inspect
 import json
 import math
 import os
-import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -30,19 +25,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import checks
-import curves
 import data
-from data import OneLineParser, bounded
-import synthetic
-from checkpoints import load_checkpoint, load_pretrained, non_finite, save_checkpoint
-from mrm import MRM, ConfigError, MRMConfig
-
-# The recipe's numbers that depend on the model size: base is the paper's (Sec. 4.6, run.sh), tiny is
-# a demo that visibly learns within a few minutes on a 2-core CPU.
-RECIPES = {
-    "base": dict(epochs=200, warmup_epochs=40, batch_size=64, blr=1.5e-4, num_records=10000, hflip=True),
-    "tiny": dict(epochs=10, warmup_epochs=1, batch_size=32, blr=1.5e-2, num_records=2048, hflip=False),
-}
+import recipes
+from machinery import pictures, runs
+from machinery.checkpoints import load_checkpoint, load_pretrained, pretraining_state, save_checkpoint
+from machinery.console import one_line_errors
+from machinery.errors import ConfigError, NonFiniteLoss
+from machinery.flags import bounded, config_parser
+from machinery.records import csv_rows
+from machinery.settings import check_pretraining
+from machinery.tokenizer import load_tokenizer, train_tokenizer
+from mrm import MRM, MRMConfig
 
 
 @dataclass
@@ -91,26 +84,9 @@ class TrainConfig:
     dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the fields left at None from the preset's recipe."""
-    if cfg.preset not in RECIPES:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose from {sorted(RECIPES)}")
-    for k, v in RECIPES[cfg.preset].items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
-    return cfg
 
-
-def check_settings(cfg: TrainConfig, ckpt: dict | None = None):
-    """What the flags' own limits (LIMITS) cannot tell: settings that cannot work together, refused before
-    anything is read or built."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise ConfigError(f"--out {cfg.out} is a file, not a folder")
-    sizes = MRMConfig.from_dict(ckpt["model_config"]) if ckpt else MRMConfig.from_preset(cfg.preset)
-    patches = (sizes.img_size // sizes.patch_size) ** 2
-    if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
-        raise ConfigError(f"--mask_ratio {cfg.mask_ratio} leaves none of the {patches} patches visible: "
-                          f"the encoder would see nothing (at most {1 - 1 / patches:.4f})")
+# -----------------------------------------------------------------------------
+# The schedule and the step (Sec. 4.6)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
@@ -127,14 +103,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int,
@@ -177,60 +145,42 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     return sums
 
 
-def checkpoint_state(model, optimizer, scaler, epoch, step, cfg, mcfg, tok, device) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "config": asdict(cfg), "model_config": mcfg.to_dict(),
-            "tokenizer": tok.to_str(),
-            "rng": {"torch": torch.get_rng_state(),  # the data's randomness is seeded per sample: not here
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+# -----------------------------------------------------------------------------
+# The loop
 
 
 def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     """Run (or continue) pre-training; returns the last logged values."""
-    cfg = resolve(cfg)
+    cfg = recipes.fill_pretraining(cfg)  # the fields left open, from the preset's recipe
     if cfg.resume and ckpt is None:
         ckpt = load_checkpoint(cfg.resume, cfg.trust_checkpoint)
-    check_settings(cfg, ckpt)
+    sizes = model_sizes(cfg, ckpt)  # what the data needs; the model also needs the vocabulary's size
+    check_pretraining(cfg, sizes)
     rank, world, device = setup_distributed()
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
-    if main_process:
-        print(f"writing to {os.path.abspath(cfg.out)}" + (f", continuing {cfg.resume}" if ckpt is not None else ""))
-        changed = [f"{k} {v} -> {getattr(cfg, k)}" for k, v in (ckpt or {}).get("config", {}).items()
-                   if k in RESUME_MAY_CHANGE - {"resume", "out"} and getattr(cfg, k, v) != v]
-        if changed:
-            print("resuming with changed settings: " + ", ".join(changed))
-        os.makedirs(cfg.out, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    if main_process:  # says where it writes, and what a resumed run changes
+        saved = ckpt["config"] if ckpt is not None else {}
+        runs.start(cfg.out, ckpt and cfg.resume, runs.changed_settings(
+            saved, {k: getattr(cfg, k) for k in saved if k in RESUME_MAY_CHANGE - {"resume", "out"}}))
+    barrier()
 
     # data and model (a resumed run rebuilds both from its checkpoint)
-    if ckpt is not None:
-        mcfg = MRMConfig.from_dict(ckpt["model_config"])
-        dataset, tok = build_data(cfg, mcfg, ckpt, rank)
-    else:  # the data needs the sizes; the model then needs the tokenizer's vocabulary
-        sizes = MRMConfig.from_preset(cfg.preset, text_mask_ratio=cfg.text_mask_ratio)
-        dataset, tok = build_data(cfg, sizes, None, rank)
-        mcfg = model_config(cfg, tok)
+    dataset, tok = build_data(cfg, sizes, ckpt, rank)
+    mcfg = sizes if ckpt is not None else model_config(cfg, tok)
     model = MRM(mcfg).to(device)
     if cfg.init and ckpt is None:
         load_pretrained(model.encoder, cfg.init, verbose=main_process, trust=cfg.trust_checkpoint)
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.weight_decay, device)
-    start_epoch = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():  # empty when the run had no fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = ckpt["epoch"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    ddp = None
-    if dist.is_initialized():
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    start_epoch = 0 if ckpt is None else ckpt["epoch"]
+    if ckpt is not None:  # the data's randomness is seeded per sample: only torch's generators come back
+        runs.load_state(ckpt, model, optimizer, scaler)
+        runs.set_rng(ckpt["rng"]["torch"], ckpt["rng"]["cuda"], device)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if dist.is_initialized() else None
     net = torch.compile(ddp or model) if cfg.compile else ddp or model  # saved and drawn through `model`
 
     sampler, loader = build_loader(dataset, cfg, world, rank, device)
@@ -242,18 +192,16 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     # the schedule runs in epochs; a resumed run on another batch size or GPU count picks it up there
     step, total = start_epoch * steps_per_epoch, cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    log_path = os.path.join(cfg.out, "log.jsonl")
+    log_path, ckpt_path = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "ckpt.pt")
+    stop_note = lambda: runs.kept_and_cause(runs.existing(ckpt_path), "--blr", dtype == torch.float16)  # noqa: E731
     if main_process:
         print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} records, vocabulary {mcfg.vocab_size}, device {device}"
               f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}, {world} process(es)")
         print(f"effective batch {eff_batch} = {world} x {cfg.batch_size} x {cfg.accum_iter}, lr {lr:.3g}, "
               f"{steps_per_epoch} steps/epoch, epochs {start_epoch}..{cfg.epochs}")
-        if ckpt is not None and os.path.exists(log_path):  # drop what the stopped run logged after its checkpoint
-            # (and a fusion check of the run's end: the continued run writes its own)
-            kept = [line for line in open(log_path) if json.loads(line).get("epoch", math.inf) <= start_epoch]
-            with open(log_path, "w") as f:
-                f.writelines(kept)
+        if ckpt is not None:  # what the stopped run logged after its checkpoint goes, the end's fusion check too
+            runs.truncate_log(log_path, "epoch", start_epoch)
 
     last = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -275,95 +223,42 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             logs = step % cfg.log_every == 0 or step == total
             if not (logs or n == steps_per_epoch - 1):
                 continue
-            # read the steps since the last read, in one host-device sync (not one per step)
-            for k, (loss, loss_mim, loss_mlm, n_skipped) in enumerate(torch.stack(pending).tolist()):
-                skipped += int(n_skipped)
-                if not math.isfinite(loss):
-                    at = step - len(pending) + 1 + k
-                    raise NonFiniteLoss(f"the loss is {loss} at step {at} (epoch {epoch + 1}): image loss {loss_mim}, "
-                                        f"report loss {loss_mlm}; stopping. {kept_and_cause(cfg, dtype)}")
-            pending = []
+            # the steps since the last read, in one host-device sync (not one per step); NaN stops the run
+            (loss, loss_mim, loss_mlm), n_skipped = runs.read_steps(pending, step, epoch + 1, stop_note)
+            skipped, pending = skipped + n_skipped, []
             if logs:
                 now = time.perf_counter()
-                speed = seen / (now - tick)
+                speed, tick, seen = seen / (now - tick), now, 0
                 last = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                        "loss_mim": loss_mim, "loss_mlm": loss_mlm, "images_per_s": speed}
-                if skipped:
-                    last["skipped_images"] = skipped
-                tick, seen = now, 0
+                        "loss_mim": loss_mim, "loss_mlm": loss_mlm, "images_per_s": speed,
+                        **({"skipped_images": skipped} if skipped else {})}
                 if main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                    runs.append_log(log_path, last)
             bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{speed:.0f}", refresh=False)
         bar.close()
         saves = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
-        if saves:  # what is saved is checked, not only the losses: the last step's loss comes before its update
-            # (on every process: the weights are the same on each, and every process then stops alike)
-            broken = non_finite(model.state_dict())
-            if broken:
-                raise NonFiniteLoss(f"after step {step} (epoch {epoch + 1}) {len(broken)} weight tensors are not "
-                                    f"finite (e.g. {broken[0]}), the losses before it were; stopping. "
-                                    + kept_and_cause(cfg, dtype))
+        if saves:  # what is saved is checked, not only the losses (on every process: they all stop alike)
+            runs.refuse_non_finite(model, f"step {step} (epoch {epoch + 1})", stop_note)
         if main_process:
             seconds = time.perf_counter() - epoch_start
             print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, loss {loss:.4f} (image {loss_mim:.4f}, "
                   f"report {loss_mlm:.4f}), {seconds:.0f} s, {steps_per_epoch * eff_batch / seconds:.0f} images/s"
                   + (f", {skipped} unreadable images skipped" if skipped else ""))
             if saves:
-                save_checkpoint(os.path.join(cfg.out, "ckpt.pt"),
-                                checkpoint_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok, device))
-                checks.save_recon(model, dataset, tok, os.path.join(cfg.out, "recon.png"))
-                curves.pretraining_curves(log_path, os.path.join(cfg.out, "curves.png"))
+                save_checkpoint(ckpt_path, pretraining_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok))
+                pictures.save_recon(checks.reconstruct(model, dataset), tok, os.path.join(cfg.out, "recon.png"))
+                pictures.pretraining_curves(log_path, os.path.join(cfg.out, "curves.png"))
             if (cfg.data == "synthetic" and cfg.fusion_check > 0 and cfg.fusion_every > 0
                     and (epoch + 1) % cfg.fusion_every == 0 and epoch + 1 < cfg.epochs):  # the end's check is below
-                run_fusion_check(model, tok, cfg, log_path, epoch + 1, step)
-        if dist.is_initialized():
-            dist.barrier()  # no rank runs ahead of the checkpoint
+                checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path, epoch + 1, step)
+        barrier()  # no rank runs ahead of the checkpoint
     if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
-        last["fusion_check"] = run_fusion_check(model, tok, cfg, log_path, cfg.epochs, step, at_end=True)
+        last["fusion_check"] = checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path,
+                                                          cfg.epochs, step, at_end=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return last
-
-
-def kept_and_cause(cfg: TrainConfig, dtype) -> str:
-    """The end of a non-finite stop's message: what is kept, and what likely caused it."""
-    ckpt = os.path.join(cfg.out, "ckpt.pt")
-    kept = f"The last good checkpoint {ckpt} is left as it was" if os.path.exists(ckpt) else "No checkpoint was written"
-    fp16 = ", or fp16 overflowed (--amp bf16 or off)" if dtype == torch.float16 else ""
-    return f"{kept}. Likely cause: an lr too high for this run (lower --blr){fp16}"
-
-
-def run_fusion_check(model: MRM, tok, cfg: TrainConfig, log_path: str, epoch: int, step: int,
-                     at_end: bool = False) -> dict:
-    """MRM's idea, checked (checks.py): are the held-out reports' masked words restored better from their
-    own film than from noise, and does the pooled image feature still differ between films? Writes one
-    log.jsonl line {"fusion_check": {...}} and prints one sentence. A check during the run (--fusion_every)
-    also names its epoch at the line's top level, so that a resumed run keeps the checks before its start;
-    the end's check is the run's and goes when the run is continued."""
-    films, reports = held_out_records(cfg.fusion_check, 2 * model.cfg.img_size, cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        random_encoder = MRM(model.cfg).encoder.to(next(model.parameters()).device)  # as this run began
-    result = {"records": cfg.fusion_check, "epoch": epoch, "step": step,
-              "pooled_spread": {"trained": checks.pooled_spread(model.encoder, model.prepare_images, films),
-                                "random": checks.pooled_spread(random_encoder, model.prepare_images, films)}}
-    if model.report_decoder is not None:
-        result.update(checks.fusion_check(model, tok, films, reports, seed=cfg.seed))
-        print(f"epoch {epoch}: " + checks.summary(result))
-    spread = result["pooled_spread"]
-    print(f"pooled image feature spread between films: {spread['trained']:.3f} "
-          f"(a random encoder: {spread['random']:.3f})")
-    with open(log_path, "a") as f:
-        f.write(json.dumps({"fusion_check": result} if at_end else {"epoch": epoch, "fusion_check": result}) + "\n")
-    return result
-
-
-@functools.lru_cache(maxsize=1)
-def held_out_records(n: int, hr: int, seed: int):
-    """The fusion check's films and reports, rendered once a run however often it checks."""
-    return checks.held_out(checks.CHECK_START, n, hr, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -392,8 +287,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # -----------------------------------------------------------------------------
 # Data and model
+
+
+def model_sizes(cfg: TrainConfig, ckpt: dict | None) -> MRMConfig:
+    """The sizes the data needs: a resumed run's from its checkpoint, else the preset's."""
+    if ckpt is not None:
+        return MRMConfig.from_dict(ckpt["model_config"])
+    return MRMConfig.from_preset(cfg.preset, text_mask_ratio=cfg.text_mask_ratio)
 
 
 def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
@@ -401,35 +308,25 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
     from tokenizers import Tokenizer
 
     hr = 2 * mcfg.img_size
-    if cfg.data == "synthetic":
-        images = data.SyntheticImages(cfg.num_records, size=min(2 * hr, 512), seed=cfg.seed)
-        reports = [synthetic.synth_report(i, cfg.seed) for i in range(cfg.num_records)]
-    else:
-        root = cfg.image_root or os.path.dirname(os.path.abspath(cfg.data))
-        images, reports, n_bad = data.read_training_csv(cfg.data, root, cfg.skip_bad)
-        if n_bad and rank == 0:
-            print(f"skipped {n_bad} bad rows of {cfg.data}")
+    images, reports = data.run_records(cfg.data, cfg.image_root, cfg.num_records, hr, cfg.seed, cfg.skip_bad,
+                                       verbose=rank == 0)
     tok_path = os.path.join(cfg.out, "tokenizer.json")
     if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     elif cfg.tokenizer:
-        tok = data.load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer)
     else:  # built once (rank 0), the other ranks read it
         if rank == 0:
             print(f"building a WordPiece vocabulary from {len(reports)} reports")
-            data.train_tokenizer(reports, cfg.vocab_size).save(tok_path)
-        if dist.is_initialized():
-            dist.barrier()
-        tok = data.load_tokenizer(tok_path)
+            train_tokenizer(reports, cfg.vocab_size).save(tok_path)
+        barrier()
+        tok = load_tokenizer(tok_path)
     if rank == 0 and (cfg.tokenizer or ckpt is not None):
         tok.save(tok_path)
-    tokens = data.encode_reports(tok, reports, mcfg.max_text_len)
-    empty = np.flatnonzero(tokens[:, 1] == tok.token_to_id("[PAD]"))  # nothing after [CLS]: nothing to mask
-    if len(empty):
-        raise data.BadRecord(f"{len(empty)} reports have no token: " + "; ".join(images.where(i) for i in empty[:5]))
-    dataset = data.PretrainDataset(images, tokens, hr, (mcfg.img_size // mcfg.patch_size) ** 2,
-                                   mcfg.text_mask_ratio, tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"),
-                                   seed=cfg.seed, hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
+    dataset = data.PretrainDataset(images, data.encode_reports(tok, reports, mcfg.max_text_len), hr,
+                                   (mcfg.img_size // mcfg.patch_size) ** 2, mcfg.text_mask_ratio,
+                                   tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"), seed=cfg.seed,
+                                   hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
     return dataset, tok
 
 
@@ -462,7 +359,7 @@ def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.o
                              fused=device.type in ("cuda", "cpu"))
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device):
+def amp_dtype(cfg, device: torch.device):
     """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
     (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
     if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
@@ -476,34 +373,10 @@ def amp_dtype(cfg: TrainConfig, device: torch.device):
 # Command line: the flags are TrainConfig's fields
 
 
-def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, shown_default=None,
-                  given_only: bool = False):
-    """An argparse parser with one flag per field of the dataclass `config` (finetune.py's too); each
-    flag's help is the comment beside its field, and its value is checked against `limits` (name ->
-    type, as `bounded` makes) as it is parsed. given_only: the namespace holds only the flags given."""
-    parser = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                           argument_default=argparse.SUPPRESS if given_only else None)
-    helps = dict(re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(config), flags=re.M))
-    for f in fields(config):
-        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
-        shown = shown_default(f) if shown_default else f.default  # None: the help itself says it
-        kw = {"help": (helps.get(f.name, "") + ("" if shown is None else f" (default: {shown})")).replace("%", "%%")}
-        if not given_only:
-            kw["default"] = f.default
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-        else:
-            parser.add_argument(f"--{f.name}", type=limits.get(f.name, kind), choices=choices.get(f.name), **kw)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    def shown_default(f):  # a field left at None takes the preset's recipe
-        return f.default if f.default is not None else "from --preset: " + ", ".join(
-            f"{p} {r[f.name]}" for p, r in RECIPES.items())
-
+def build_parser():
     # only the flags given, so that a resumed run can tell them from the saved ones
-    return config_parser(TrainConfig, "train.py", __doc__, CHOICES, LIMITS, shown_default, given_only=True)
+    return config_parser(TrainConfig, "train.py", __doc__, CHOICES, LIMITS, recipes.pretraining_help_default,
+                         given_only=True)
 
 
 # what each number may be: counts at least 1 (0 for workers and checks), shares within (0, 1), rates positive
@@ -515,7 +388,7 @@ LIMITS = {
     "mask_ratio": bounded(float, 0, 1, high_open=True), "text_mask_ratio": bounded(float, 0, 1, True, True),
     **dict.fromkeys(["warmup_epochs", "min_lr", "weight_decay", "mim_weight", "mlm_weight"], bounded(float, 0)),
 }
-CHOICES = {"preset": sorted(RECIPES), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
+CHOICES = {"preset": sorted(recipes.PRETRAINING), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
            "fusion_tokens": ["visible", "all"]}
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
@@ -530,11 +403,10 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
         return TrainConfig(**given), None
     ckpt = load_checkpoint(given["resume"], bool(given.get("trust_checkpoint")))
     saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
-    changed = {k: (saved.get(k), v) for k, v in given.items() if k != "resume" and saved.get(k) != v}
-    refused = sorted(changed.keys() - RESUME_MAY_CHANGE)
+    refused = sorted(runs.changed_settings(saved, given).keys() - RESUME_MAY_CHANGE)
     if refused:
         raise ConfigError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
-                         "(start a new run, with --init to begin from these weights)")
+                          "(start a new run, with --init to begin from these weights)")
     # a run folder may have been copied or moved since: the run continues where its checkpoint is now
     out = given.get("out", os.path.dirname(os.path.abspath(given["resume"])))
     return TrainConfig(**{**saved, **given, "out": out}), ckpt
@@ -543,19 +415,19 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
 def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     """--dry_run: the settings train() would run with, resolved the same way, without reading an image. A
     CSV is counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
-    cfg = resolve(TrainConfig(**asdict(cfg)))
-    check_settings(cfg, ckpt)
+    cfg = recipes.fill_pretraining(TrainConfig(**asdict(cfg)))
+    check_pretraining(cfg, model_sizes(cfg, ckpt))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.data == "synthetic":
         records = cfg.num_records
     else:
         if not os.path.isfile(cfg.data):
             raise FileNotFoundError(f"{cfg.data}: no such CSV file")
-        records = sum(1 for _, row in data.csv_rows(cfg.data) if row) - 1  # less the header
+        records = sum(1 for _, row in csv_rows(cfg.data) if row) - 1  # less the header
     if ckpt is not None:
         mcfg, vocab = MRMConfig.from_dict(ckpt["model_config"]), "from the checkpoint"
     else:
-        mcfg = model_config(cfg, data.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+        mcfg = model_config(cfg, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
         vocab = cfg.tokenizer or f"built from the training reports (up to {cfg.vocab_size})"
     steps_per_epoch = records // world // cfg.batch_size // cfg.accum_iter  # every sampler and loader drops the rest
     eff_batch = cfg.batch_size * cfg.accum_iter * world
@@ -578,12 +450,10 @@ def main(argv=None):
     run = {}  # where the run writes, once known: what an interrupt's message tells
 
     def how_to_resume() -> str:
-        ckpt = os.path.join(run["cfg"].out, "ckpt.pt") if "cfg" in run else None
-        if ckpt and os.path.exists(ckpt):
-            return f"the last checkpoint {ckpt} is intact; continue with: python train.py --resume {ckpt}"
-        return "no checkpoint was written"
+        kept = runs.existing(os.path.join(run["cfg"].out, "ckpt.pt")) if "cfg" in run else []
+        return runs.resume_hint(kept, f"python train.py --resume {kept[0]}" if kept else "")
 
-    with data.one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
+    with one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
         try:
             cfg, ckpt = parse_config(argv)
             run["cfg"] = cfg

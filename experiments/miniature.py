@@ -31,12 +31,13 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
 import checks  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import finetune_data  # noqa: E402
+import recipes  # noqa: E402
 import train  # noqa: E402
+from machinery import checkpoints  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +91,7 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
                            **VARIANTS[variant])
     if os.path.exists(path):  # finished or stopped in an earlier experiment: only with the same settings
         ckpt = checkpoints.load_checkpoint(path)
-        changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(train.resolve(tc)).items()
+        changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(recipes.fill_pretraining(tc)).items()
                    if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
         if changed:
             raise ValueError(f"{path}: pre-trained with other settings {changed}; use another --runs folder")

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checks  # noqa: E402
 import data  # noqa: E402
-import synthetic  # noqa: E402
 import train  # noqa: E402
+from machinery import synthetic  # noqa: E402
+from machinery.tokenizer import train_tokenizer  # noqa: E402
 from miniature import load_model  # noqa: E402
 from mrm import MRM, MRMConfig, ReportDecoder, global_pool, init_weights, random_masking  # noqa: E402
 
@@ -206,7 +207,7 @@ def decoder_alone(ckpt: str, steps: int, every: int, n: int = 2048, masks: int =
 
 def new_model(reports: list[str]) -> tuple[MRM, object]:
     """A tiny MRM with a tokenizer built from `reports`, as train.py builds them."""
-    tok = data.train_tokenizer(reports)
+    tok = train_tokenizer(reports)
     special = {k: tok.token_to_id(f"[{k.upper()}]") for k in ("pad", "mask")}
     return MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=special["pad"],
                                      mask_token_id=special["mask"])), tok

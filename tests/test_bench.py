@@ -12,7 +12,7 @@ from PIL import Image
 import bench
 import data
 import prepare
-import synthetic
+from machinery import images, synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def test_data_and_loader_run_on_synthetic_files(tmp_path):
                          capture_output=True, text=True, check=True, cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["bench"] == "resize" and r["batch_size"] == 6 and r["device"] == "cpu"
-    assert r["max_diff"] <= 2 and r["mean_diff"] < 0.05  # the device's resize is data.resize_box's, to rounding
+    assert r["max_diff"] <= 2 and r["mean_diff"] < 0.05  # the device's resize is images.resize_box's, to rounding
     assert r["resized_kb_per_record"] == 4.0 and r["shipped_kb_per_record"] > 0
     r = bench.main(["loader", "--data", str(tmp_path / "training.csv"), "--preset", "tiny", "--batch_size", "2",
                     "--num_workers", "0", "--records", "10"])
@@ -139,14 +139,14 @@ def check_resize_on_device(device):
         crop = torch.from_numpy(np.array(img.crop((left, top, right, bottom)))).to(device)
         out = bench.resize_on_device(crop, size, flip)
         assert out.shape == (size, size) and out.dtype == torch.uint8 and out.device == crop.device
-        expected = data.resize_box(img, (left, top, right, bottom), size, flip).astype(int)
+        expected = images.resize_box(img, (left, top, right, bottom), size, flip).astype(int)
         diffs.append(np.abs(out.cpu().numpy().astype(int) - expected))
     # 0.002 on average here; one float pass, not rounded between the two, is 0.14 off; PIL's resize 0.015
     assert max(d.max() for d in diffs) <= 2 and np.mean([d.mean() for d in diffs]) < 0.01
 
 
 def test_resize_on_device_is_resize_box_to_rounding():
-    """The candidate of `bench.py resize`: data.resize_box's two passes in float (what CUDA runs) give
+    """The candidate of `bench.py resize`: images.resize_box's two passes in float (what CUDA runs) give
     its pixels but where a rounding between the passes falls the other way."""
     check_resize_on_device(torch.device("cpu"))
 

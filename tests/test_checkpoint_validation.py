@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
+from machinery import checkpoints
 import train
-from checkpoints import CheckpointError, load_checkpoint, load_pretrained, read_checkpoint
+from machinery.checkpoints import CheckpointError, load_checkpoint, load_pretrained, read_checkpoint
 from mrm import MRM, ConfigError, MRMConfig, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,9 +144,10 @@ def test_config_settings_are_checked_in_one_place(setting, says):
                                      dict(multimodal_mim=True, in_chans=1, img_size=48, patch_size=16),
                                      dict(decoder_depth=0, vocab_size=7)])
 def test_parameter_count_by_formula_is_the_models(setting):
+    # a layer added to mrm.py fails here until machinery/checkpoints.py's num_parameters counts it too
     cfg = MRMConfig.from_preset("tiny", **setting)
     model = MRM(cfg)
-    assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert checkpoints.num_parameters(cfg) == sum(p.numel() for p in model.parameters())
     state, trainable = checkpoints.expected_state(cfg)  # what a resumed checkpoint is checked against
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert trainable == sum(p.requires_grad for p in model.parameters())
@@ -155,7 +156,7 @@ def test_parameter_count_by_formula_is_the_models(setting):
 def test_parameter_count_of_the_base_model():
     cfg = MRMConfig()
     state, _ = checkpoints.expected_state(cfg)  # the meta device: nothing allocated
-    assert cfg.num_parameters() == sum(v.numel() for v in state.values()) == 151_308_720  # 30,000 words
+    assert checkpoints.num_parameters(cfg) == sum(v.numel() for v in state.values()) == 151_308_720  # 30,000 words
 
 
 @pytest.mark.parametrize("setting", [dict(depth=200_000), dict(embed_dim=49152)])

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import checks
 import data
-import synthetic
 import train
+from machinery import synthetic, tokenizer
 from mrm import MRM, MRMConfig, ReportDecoder, init_weights
 
 PAD, CLS, MASK, LEFT, RIGHT, SEP = 0, 2, 3, 4, 5, 30
@@ -97,7 +97,7 @@ def test_image_path_reads_the_side_from_the_feature(fusion_tokens):
 
 def tiny_model_and_tokenizer(seed=0):
     reports = [synthetic.synth_report(i) for i in range(200)]
-    tok = data.train_tokenizer(reports)
+    tok = tokenizer.train_tokenizer(reports)
     torch.manual_seed(seed)
     cfg = MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
                                 mask_token_id=tok.token_to_id("[MASK]"))

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import curves
-from curves import Panel, Series
+from machinery import pictures
+from machinery.pictures import Panel, Series
 
 
 def test_ticks_are_round_and_inside():
-    assert curves.ticks(0, 1, log=False) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    assert curves.ticks(0.6, 5, log=True) == pytest.approx([1, 2, 5])  # under two decades: 1, 2, 5
-    assert curves.ticks(0.001, 10, log=True) == pytest.approx([0.001, 0.01, 0.1, 1, 10])
+    assert pictures.ticks(0, 1, log=False) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert pictures.ticks(0.6, 5, log=True) == pytest.approx([1, 2, 5])  # under two decades: 1, 2, 5
+    assert pictures.ticks(0.001, 10, log=True) == pytest.approx([0.001, 0.01, 0.1, 1, 10])
     for low, high in ((0.013, 0.0291), (-3.2, 7.7), (1e-6, 3e-5)):
-        values = curves.ticks(low, high, log=False)
+        values = pictures.ticks(low, high, log=False)
         assert 2 <= len(values) <= 6 and all(low <= v <= high for v in values)
 
 
@@ -32,14 +32,14 @@ def test_a_line_goes_where_its_values_are(tmp_path):
     path = str(tmp_path / "c.png")
     steps = list(range(0, 101, 10))
     rising = [0.1 * (s + 1) for s in steps]
-    curves.save_curves(path, "title", [
+    pictures.save_curves(path, "title", [
         Panel("rising", [Series("rising", steps, rising), Series("gaps", steps, [None, math.nan] + rising[2:])]),
         Panel("empty", [Series("none", [], [])], log_y=True),
         Panel("log", [Series("with zero", steps, [0.0] + rising[1:])], log_y=True),
     ], panel_size=(300, 200))
     image = Image.open(path).convert("RGB")
     assert image.size == (900, 226) and not (tmp_path / "c.png.tmp.png").exists()
-    blue = curves.COLOURS[0]
+    blue = pictures.COLOURS[0]
     # the plotting area of the first panel: x 58..290, y 50..192
     low_left = colour_share(image, (60, 140, 120, 190), blue)
     high_left = colour_share(image, (60, 52, 120, 100), blue)
@@ -53,13 +53,13 @@ def test_pretraining_and_finetuning_curves_read_their_logs(tmp_path):
     lines = [{"step": s, "epoch": 1, "lr": 1e-3 * s, "loss": 5 / s, "loss_mim": 0.1 / s, "loss_mlm": 4.9 / s}
              for s in range(10, 101, 10)] + [{"fusion_check": {"records": 3}}]  # not a point
     log.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    curves.pretraining_curves(str(log), str(tmp_path / "p.png"))
+    pictures.pretraining_curves(str(log), str(tmp_path / "p.png"))
     assert Image.open(tmp_path / "p.png").size[0] == 3 * 380
     ft = tmp_path / "ft.jsonl"
     ft.write_text("".join(json.dumps(r) + "\n" for r in [
         {"step": 0, "lr": 0.1, "train_loss": None, "val_auc_mean": 0.7},
         {"step": 10, "lr": 0.1, "train_loss": 0.5}, {"step": 20, "lr": 0.1, "train_loss": 0.4},
         {"step": 20, "lr": 0.1, "train_loss": 0.45, "val_auc_mean": 0.75}]))
-    curves.finetuning_curves({"0.1": str(ft), "0.01": str(tmp_path / "missing.jsonl")}, str(tmp_path / "f.png"),
+    pictures.finetuning_curves({"0.1": str(ft), "0.01": str(tmp_path / "missing.jsonl")}, str(tmp_path / "f.png"),
                              "val_auc_mean", "fine-tuning")
     assert Image.open(tmp_path / "f.png").size[0] == 2 * 380

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import data
-import synthetic
+from machinery import images, synthetic, tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -123,7 +123,7 @@ def test_every_image_mode_becomes_8_bit_gray(tmp_path, mode):
         img = Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
     path = tmp_path / ("x.tiff" if mode in ("I", "F") else "x.png")
     img.save(path)
-    out = data.load_image(path)
+    out = images.load_image(path)
     assert out.mode == "L" and out.size == (40, 30)
     a = np.asarray(out).astype(int)
     if mode != "1":  # a ramp stays a ramp, over the full 8-bit range for deep images (no clipping at 255)
@@ -131,8 +131,8 @@ def test_every_image_mode_becomes_8_bit_gray(tmp_path, mode):
 
 
 def test_16_bit_film_matches_its_8_bit_rendering():
-    film16 = np.asarray(data.load_image(needs_shared("cxr_pa_real_16bit.png"))).astype(float)
-    film8 = np.asarray(data.load_image(SHARED / "cxr_pa_real.jpg")).astype(float)
+    film16 = np.asarray(images.load_image(needs_shared("cxr_pa_real_16bit.png"))).astype(float)
+    film8 = np.asarray(images.load_image(SHARED / "cxr_pa_real.jpg")).astype(float)
     assert film16.shape == film8.shape and np.abs(film16 - film8).mean() < 2
 
 
@@ -140,7 +140,7 @@ def test_real_covid_films_in_every_format_load():
     folder = needs_shared("covid19/images")
     files = sorted(folder.iterdir())[::8]
     for f in files:
-        img = data.load_image(f)
+        img = images.load_image(f)
         assert img.mode == "L" and min(img.size) > 100
 
 
@@ -151,7 +151,7 @@ def test_corrupt_truncated_and_missing_images_are_named(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
     for name, words in [("junk.png", "cannot read image .not a format PIL knows"), ("cut.jpg", "cannot read image"),
                         ("gone.png", "no such image file")]:
-        for load in (data.load_image, lambda path: data.load_crop(path, 64, np.random.default_rng(0))):
+        for load in (images.load_image, lambda path: data.load_crop(path, 64, np.random.default_rng(0))):
             with pytest.raises(data.BadRecord, match=words) as e:
                 load(tmp_path / name)
             assert name in str(e.value) and "BytesIO" not in str(e.value)  # the file, not the memory PIL read
@@ -162,7 +162,7 @@ def test_dicom_needs_pydicom_and_says_so(tmp_path, monkeypatch):
     path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # recognised by its preamble, not its name
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if not installed
     with pytest.raises(data.BadRecord, match="pip install pydicom") as e:
-        data.load_image(path)
+        images.load_image(path)
     assert "film.img" in str(e.value)
 
 
@@ -178,10 +178,10 @@ def test_dicom_monochrome1_is_inverted_and_rescaled(tmp_path, monkeypatch):
     fake.dcmread = dcmread
     monkeypatch.setitem(sys.modules, "pydicom", fake)
     (tmp_path / "a.dcm").write_bytes(b"a DICOM file")
-    out = np.asarray(data.load_image(tmp_path / "a.dcm"))
+    out = np.asarray(images.load_image(tmp_path / "a.dcm"))
     assert out.tolist() == [[255, 191], [127, 0]]  # stretched 0..255, then 0 = white turned over
     tags = {}  # no tag: MONOCHROME2, as is
-    assert np.asarray(data.load_image(tmp_path / "a.dcm")).tolist() == [[0, 64], [128, 255]]
+    assert np.asarray(images.load_image(tmp_path / "a.dcm")).tolist() == [[0, 64], [128, 255]]
 
 
 # -----------------------------------------------------------------------------
@@ -234,11 +234,11 @@ def test_training_csv_names_missing_files_and_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
+    return tokenizer.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
 
 
 def test_trained_tokenizer_matches_the_released_layout(tok, tmp_path):
-    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert [tok.token_to_id(t) for t in tokenizer.SPECIAL_TOKENS] == [0, 1, 2, 3]
     ids = data.encode_reports(tok, ["Small LEFT pleural effusion.", ""], max_len=10)
     assert ids.shape == (2, 10) and ids.dtype == np.int32
     assert ids[0, 0] == 2 and [tok.id_to_token(int(i)) for i in ids[0, 1:6]] == ["small", "left", "pleural",
@@ -247,18 +247,18 @@ def test_trained_tokenizer_matches_the_released_layout(tok, tmp_path):
     long = data.encode_reports(tok, ["no effusion . " * 50], max_len=100)
     assert (long != 0).all()  # truncated to exactly 100
     tok.save(str(tmp_path / "t.json"))
-    assert data.load_tokenizer(tmp_path / "t.json").encode("normal heart size").ids == \
+    assert tokenizer.load_tokenizer(tmp_path / "t.json").encode("normal heart size").ids == \
         tok.encode("normal heart size").ids
 
 
 def test_tokenizer_training_is_deterministic_and_covers_every_character(tok):
-    again = data.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
+    again = tokenizer.train_tokenizer([synthetic.synth_report(i) for i in range(200)], vocab_size=2000)
     assert again.to_str() == tok.to_str()
-    small = data.train_tokenizer(["aa bb bb cc cc cc"], vocab_size=4 + 6 + 2)  # room for two words
+    small = tokenizer.train_tokenizer(["aa bb bb cc cc cc"], vocab_size=4 + 6 + 2)  # room for two words
     assert [t for t, _ in sorted(small.get_vocab().items(), key=lambda kv: kv[1])][4:] == \
         ["a", "b", "c", "##a", "##b", "##c", "cc", "bb"]  # characters, then words by frequency
     assert small.encode("aa cc").tokens == ["a", "##a", "cc"]  # a word left out is spelled, not [UNK]
-    tie = data.train_tokenizer(["bb aa"], vocab_size=4 + 4 + 1)  # room for one of two equally common words
+    tie = tokenizer.train_tokenizer(["bb aa"], vocab_size=4 + 4 + 1)  # room for one of two equally common words
     assert tie.token_to_id("aa") == 8 and tie.token_to_id("bb") is None
 
 
@@ -272,8 +272,8 @@ def test_encoding_adds_cls_itself_whatever_the_tokenizer_file_says(tok):
 
 
 def test_released_mimic_tokenizer_loads():
-    t = data.load_tokenizer(needs_shared("mimic_wordpiece.json"))
-    assert t.get_vocab_size() == 30000 and [t.token_to_id(s) for s in data.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    t = tokenizer.load_tokenizer(needs_shared("mimic_wordpiece.json"))
+    assert t.get_vocab_size() == 30000 and [t.token_to_id(s) for s in tokenizer.SPECIAL_TOKENS] == [0, 1, 2, 3]
     ids = data.encode_reports(t, ["Small left pleural effusion. No pneumothorax."])
     assert ids[0, :9].tolist() == [2, 418, 247, 221, 203, 16, 152, 258, 16]
 
@@ -281,14 +281,14 @@ def test_released_mimic_tokenizer_loads():
 def test_bert_vocab_txt_and_bad_tokenizer_files(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[MASK]", "no", "effusion", "eff", "##usion", "."]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    t = data.load_tokenizer(tmp_path / "vocab.txt")
+    t = tokenizer.load_tokenizer(tmp_path / "vocab.txt")
     assert t.encode("No effusion.").tokens == ["no", "effusion", "."]
     (tmp_path / "bad.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"bad.txt: the tokenizer lacks the special tokens"):
-        data.load_tokenizer(tmp_path / "bad.txt")
+        tokenizer.load_tokenizer(tmp_path / "bad.txt")
     (tmp_path / "junk.json").write_text("{")
     with pytest.raises(ValueError, match="junk.json: not a tokenizer file"):
-        data.load_tokenizer(tmp_path / "junk.json")
+        tokenizer.load_tokenizer(tmp_path / "junk.json")
 
 
 def test_report_masking_statistics(tok):
@@ -361,22 +361,22 @@ def test_resize_box_is_torch_bicubic_on_the_gray_crop_exactly():
     for k, box in enumerate(boxes):
         size = (64, 128, 448, 36)[k % 4]  # 36 < most boxes < 448; 36 is a multiple of 4, 30 (below) is not
         expected = plain(img, box, size)
-        out = data.resize_box(img, box, size)
+        out = images.resize_box(img, box, size)
         assert out.shape == (size, size) and out.dtype == np.uint8 and out.flags.c_contiguous
         assert np.array_equal(out, expected)
-        assert np.array_equal(data.resize_box(img, box, size, flip=True), expected[:, ::-1])
-    assert np.array_equal(data.resize_box(img, (3, 4, 50, 61), 30, flip=True), plain(img, (3, 4, 50, 61), 30)[:, ::-1])
+        assert np.array_equal(images.resize_box(img, box, size, flip=True), expected[:, ::-1])
+    assert np.array_equal(images.resize_box(img, (3, 4, 50, 61), 30, flip=True), plain(img, (3, 4, 50, 61), 30)[:, ::-1])
 
 
 def test_pixels_reads_the_image_without_a_copy():
-    """data.pixels: an 'L' image's own memory as a read-only array (Pillow's Arrow export), the same values
+    """images.pixels: an 'L' image's own memory as a read-only array (Pillow's Arrow export), the same values
     as np.asarray; it stays valid after the image is closed; other modes and an image PIL keeps in pieces
     (over its 16 MB blocks) come as np.asarray's copy."""
     rng = np.random.default_rng(0)
     for h, w in ((1, 1), (300, 283), (1087, 1024)):
         # .copy(): memory of PIL's own (fromarray's image shares numpy's, and is copied: below)
         img = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).copy()
-        view = data.pixels(img)
+        view = images.pixels(img)
         assert view.shape == (h, w) and view.dtype == np.uint8 and not view.flags.writeable
         assert np.array_equal(view, np.asarray(img))
     if not hasattr(img, "__arrow_c_array__"):
@@ -391,7 +391,7 @@ def test_pixels_reads_the_image_without_a_copy():
     shared = rng.integers(0, 256, (10, 20), dtype=np.uint8)
     for img in (Image.new("RGB", (20, 10), (1, 2, 3)), Image.new("L", (4200, 4200), 9),  # 17.6 MB: in pieces
                 Image.fromarray(shared)):  # Pillow 11.2-12.x crash on exporting it
-        assert np.array_equal(data.pixels(img), np.asarray(img))
+        assert np.array_equal(images.pixels(img), np.asarray(img))
 
 
 def test_resize_box_refuses_a_box_outside_the_image():
@@ -399,7 +399,7 @@ def test_resize_box_refuses_a_box_outside_the_image():
     for box in ((0, 0, 51, 40), (-1, 0, 10, 10), (0, 30, 10, 41), (10, 10, 10, 20)):
         for size in (32, 30):  # either way through resize_box
             with pytest.raises(ValueError, match="not inside the 50 x 40 image"):
-                data.resize_box(img, box, size)
+                images.resize_box(img, box, size)
 
 
 def test_min_crop_bounds_the_crop_area():
@@ -420,12 +420,12 @@ def test_min_crop_bounds_the_crop_area():
 
 
 def test_draft_scale_keeps_the_crop_at_least_the_output_size():
-    assert data.draft_scale((0, 0, 895, 2000), 448) == 1  # 895 / 2 < 448
-    assert data.draft_scale((10, 20, 906, 1010), 448) == 2  # 896 x 990
-    assert data.draft_scale((0, 0, 1792, 1791), 448) == 2
-    assert data.draft_scale((0, 0, 1792, 1792), 448) == 4
-    assert data.draft_scale((0, 0, 4000, 3584), 448) == 8
-    assert data.draft_scale((0, 0, 100, 100), 448) == 1  # a crop to enlarge: full decode
+    assert images.draft_scale((0, 0, 895, 2000), 448) == 1  # 895 / 2 < 448
+    assert images.draft_scale((10, 20, 906, 1010), 448) == 2  # 896 x 990
+    assert images.draft_scale((0, 0, 1792, 1791), 448) == 2
+    assert images.draft_scale((0, 0, 1792, 1792), 448) == 4
+    assert images.draft_scale((0, 0, 4000, 3584), 448) == 8
+    assert images.draft_scale((0, 0, 100, 100), 448) == 1  # a crop to enlarge: full decode
 
 
 def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
@@ -439,11 +439,11 @@ def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
     drafted = 0
     for seed in range(8):
         box = data.random_resized_crop_box(512, 512, np.random.default_rng(seed))
-        s = data.draft_scale(box, 128)
+        s = images.draft_scale(box, 128)
         for name in ("a.jpg", "rgb.jpg", "a.png"):
             rng_fast, rng_full = np.random.default_rng(seed), np.random.default_rng(seed)
             fast = data.load_crop(tmp_path / name, 128, rng_fast)
-            full = data.augment(data.load_image(tmp_path / name), 128, rng_full)
+            full = data.augment(images.load_image(tmp_path / name), 128, rng_full)
             assert fast.shape == (128, 128) and fast.dtype == np.uint8
             assert rng_fast.random() == rng_full.random()  # the same draws: samples stay reproducible
             if name == "a.png" or s == 1:
@@ -453,7 +453,7 @@ def test_jpeg_crops_decoded_at_draft_scale_match_the_full_decode(tmp_path):
             fast = data.load_crop(tmp_path / name, 128, np.random.default_rng(seed), hflip=False).astype(int)
             nearest = tuple(round(v / s) * s for v in box)  # the box load_crop resizes, in full-size pixels
             assert nearest != box and all(abs(u - v) <= s / 2 for u, v in zip(nearest, box))
-            full = data.resize_box(data.load_image(tmp_path / name), nearest, 128).astype(int)
+            full = images.resize_box(images.load_image(tmp_path / name), nearest, 128).astype(int)
             diff = np.abs(fast - full)
             assert 0 < diff.mean() < 0.6 and diff.max() <= 8  # > 0: the reduced decode really ran
     assert drafted >= 8
@@ -466,7 +466,7 @@ def test_real_film_crops_at_draft_scale_match_the_full_decode():
     film = needs_shared("cxr_pa_real.jpg")
     for seed in range(3):  # all at 1/2 scale on this 1841 x 1955 film; the box moves by up to a pixel
         fast = data.load_crop(film, 448, np.random.default_rng(seed)).astype(int)
-        full = data.augment(data.load_image(film), 448, np.random.default_rng(seed)).astype(int)
+        full = data.augment(images.load_image(film), 448, np.random.default_rng(seed)).astype(int)
         assert 0 < np.abs(fast - full).mean() < 1.0 and abs(fast.mean() - full.mean()) < 0.1
 
 

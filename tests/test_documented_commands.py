@@ -32,6 +32,8 @@ def script_and_args(command: str):
     if "|" in command:  # a list of alternatives (`prepare.py synth|resize|...`), not one command
         return None
     words = [w for w in shlex.split(command) if w != "..."]
+    if words[1:2] == ["-m"]:  # python -m pytest tests/test_mrm.py: a tool, not a script of this project
+        return None
     at = next((k for k, w in enumerate(words) if w.endswith(".py")), None)
     if at is None or not (ROOT / words[at]).is_file():
         return None

@@ -16,7 +16,7 @@ import data
 import finetune
 import finetune_data
 import train
-from checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from machinery.checkpoints import CheckpointError, load_pretrained, read_checkpoint
 from mrm import ViT
 
 ROOT = Path(__file__).resolve().parent.parent

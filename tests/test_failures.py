@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import data
 import finetune
 import finetune_data
 import train
+from machinery import checkpoints, console
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,8 +85,8 @@ def test_the_worker_message_is_the_original_one():
     wrapped = data.BadRecord("Caught BadRecord in DataLoader worker process 1.\nOriginal Traceback (most recent call "
                              "last):\n  File \"data.py\", line 9, in load\n    raise BadRecord(msg)\n"
                              "data.BadRecord: a.png, line 3: cannot read the image (truncated)\n")
-    assert data.original_message(wrapped) == "a.png, line 3: cannot read the image (truncated)"
-    assert data.original_message(data.BadRecord("plain")) == "plain"
+    assert console.original_message(wrapped) == "a.png, line 3: cannot read the image (truncated)"
+    assert console.original_message(data.BadRecord("plain")) == "plain"
 
 
 # ----------------------------------------------------------------------------- non-finite training

@@ -14,11 +14,12 @@ import checks
 import data
 import finetune
 import finetune_data
-import synthetic
-from checkpoints import interpolate_pos_embed, load_pretrained
+import recipes
 from checks import dice_per_image, roc_auc
 from finetune import FinetuneConfig
 from finetune_data import label_subset
+from machinery import checkpoints, synthetic
+from machinery.checkpoints import interpolate_pos_embed, load_pretrained
 from mrm import ConfigError, MRMConfig, ViT, get_2d_sincos_pos_embed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -251,7 +252,7 @@ def test_segmenter_shapes_and_taps():
     assert enc.blocks[11].mlp.fc2.weight.grad is not None and enc.blocks[0].attn.qkv.weight.grad is not None
     main, aux = model.train()(torch.randn(2, 3, 64, 64))  # training: the auxiliary FCN head too (released)
     assert main.shape == aux.shape == (2, 1, 64, 64) and model.aux[0][0].out_channels == 16
-    assert finetune.SEG_HEADS["base"] == {"channels": 768, "aux_channels": 256}
+    assert recipes.SEG_HEADS["base"] == {"channels": 768, "aux_channels": 256}
 
 
 def test_segmentation_train_view_is_the_whole_film_or_its_mirror():
@@ -339,7 +340,7 @@ def test_label_fraction_run_and_linear_probe(tmp_path, monkeypatch):
     best = torch.load(results["checkpoint"], weights_only=True)["model"]
     # the frozen encoder did not move: compare with the model rebuilt from the same seed
     torch.manual_seed(cfg.seed)
-    same_init = finetune.build_model(cfg, finetune.encoder_sizes(cfg, "none"), "none", 6, 64).state_dict()
+    same_init = finetune.build_model(cfg, checkpoints.encoder_sizes("none", cfg.preset, cfg.dataset), "none", 6, 64).state_dict()
     assert torch.equal(best["encoder.blocks.0.attn.qkv.weight"], same_init["encoder.blocks.0.attn.qkv.weight"])
     assert not torch.equal(best["head.weight"], same_init["head.weight"])
 
@@ -371,7 +372,7 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
     assert log[0]["val_auc_mean"] == pytest.approx(fitted["val"]) == pytest.approx(fitted["probe_val"])
     assert results["val_auc_mean"] == max(r["val_auc_mean"] for r in log) >= fitted["val"]
     with pytest.raises(ConfigError, match="for classification"):
-        finetune.resolve_recipe(small_config(tmp_path, task="segment", head_init="probe"))
+        recipes.fill_finetuning(small_config(tmp_path, task="segment", head_init="probe"))
 
 
 def test_segmentation_end_to_end(tmp_path, capsys):
@@ -569,7 +570,7 @@ def test_dry_run_without_lists_prints_the_released_schedule(tmp_path, monkeypatc
 def test_recipe_flags_left_open_take_the_released_or_the_demo_recipe(tmp_path):
     """The paper's datasets keep the released recipe; the synthetic demo gets its own (LP-FT, AdamW, the whole
     film without flips, no drop-path); a flag given on the command line wins over either."""
-    resolve = lambda *argv: finetune.resolve_recipe(  # noqa: E731
+    resolve = lambda *argv: recipes.fill_finetuning(  # noqa: E731
         finetune.FinetuneConfig(**vars(finetune.build_parser().parse_args(list(argv)))))
     released, demo = resolve("--dataset", "nih"), resolve()
     pick = lambda c: (c.optimizer, c.head_init, c.min_crop, c.hflip, c.drop_path)  # noqa: E731
@@ -596,7 +597,7 @@ def test_training_loss_lines_and_curves_png(tmp_path):
 
 def test_random_encoder_probe_is_the_seeds(tmp_path):
     """The scratch reference printed beside the demo: a probe of the seed's random encoder, the same twice."""
-    cfg = finetune.resolve_recipe(small_config(tmp_path, num_records=48, num_val=24, num_test=24))
+    cfg = recipes.fill_finetuning(small_config(tmp_path, num_records=48, num_val=24, num_test=24))
     sizes = MRMConfig.from_preset("tiny")
     splits, _ = finetune_data.build_splits(cfg, 64)
     first = finetune.random_encoder_probe(cfg, splits, sizes, 64, torch.device("cpu"), None)

@@ -1,4 +1,6 @@
-"""Checks of mrm.py: shapes, hand-computed values, masking, losses, fusion and the ViT itself."""
+"""Checks of mrm.py: shapes, hand-computed values, masking, losses, fusion and the ViT itself. The quick checks
+for a learner who edits mrm.py leave out the three marked slow (base size, a tiny model trained for 50 steps):
+python -m pytest -q tests/test_mrm.py -m "not slow"."""
 import math
 
 import pytest
@@ -467,6 +469,7 @@ def test_config_round_trips_through_a_plain_dict(capsys):
         MRMConfig.from_preset("huge")
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     cfg = tiny_cfg()
@@ -517,6 +520,7 @@ def test_cuda_forward_with_a_cpu_generator_matches_cpu():
 
 # ----------------------------------------------------------------------------- base size
 
+@pytest.mark.slow
 def test_base_sizes():
     cfg = MRMConfig()
     assert (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads) == (224, 16, 768, 12, 12)
@@ -530,6 +534,7 @@ def test_base_sizes():
     assert not m.encoder.pos_embed.requires_grad and not m.image_decoder.decoder_pos_embed.requires_grad
 
 
+@pytest.mark.slow
 def test_base_forward_backward_two_records():
     cfg = MRMConfig(vocab_size=30000)
     m = MRM(cfg)

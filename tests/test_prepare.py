@@ -10,7 +10,7 @@ from PIL import Image
 
 import data
 import prepare
-import synthetic
+from machinery import errors, synthetic
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_mimic_converter_takes_every_view_and_the_whole_report(tmp_path):
                     {"image_path": f"{other.as_posix()}/x.jpg", "report_content": "INDICATION: pain."},
                     {"image_path": f"{ap.as_posix()}/y.jpg", "report_content": "FINDINGS: Clear."}]
     assert prepare.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out) == 4  # no metadata: every image found
-    with pytest.raises(data.ConfigError, match="--views needs --metadata"):
+    with pytest.raises(errors.ConfigError, match="--views needs --metadata"):
         prepare.convert_mimic(tmp_path / "reports", tmp_path / "jpg", out, views=["PA"])
 
 

@@ -9,8 +9,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import reading  # noqa: E402
 
-import data  # noqa: E402
-import synthetic  # noqa: E402
+from machinery import synthetic, tokenizer  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def test_toy_strength_follows_the_code_scale():
 
 def test_side_probe_masks_exactly_the_side_words():
     reports = [synthetic.synth_report(i) for i in range(200)]
-    tok = data.train_tokenizer(reports)
+    tok = tokenizer.train_tokenizer(reports)
     torch.manual_seed(0)
     model = MRM(MRMConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
                                       mask_token_id=tok.token_to_id("[MASK]"))).eval()

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import checks
 import data
 import prepare
-import synthetic
+import recipes
 import train
-from checkpoints import load_pretrained
+from machinery import checkpoints, synthetic, tokenizer
+from machinery.checkpoints import load_pretrained
 from mrm import MRM, MRMConfig, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def test_lr_schedule_key_points():
 
 
 def test_weight_decay_spares_biases_norms_and_1d_parameters():
-    model = MRM(train.model_config(train.resolve(train.TrainConfig()), data.train_tokenizer(["a b c"], 100)))
+    model = MRM(train.model_config(recipes.fill_pretraining(train.TrainConfig()), tokenizer.train_tokenizer(["a b c"], 100)))
     decay, no_decay = train.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
@@ -110,7 +110,7 @@ def test_each_epoch_reshuffles_and_redraws(tmp_path, monkeypatch):
 def test_persistent_loader_workers_draw_each_new_epoch(tmp_path):
     """train.py's loader keeps its worker processes across epochs; they still draw every sample with the
     current epoch's seed (the dataset's epoch lives in shared memory), as the main process would."""
-    cfg = train.resolve(train.TrainConfig(num_records=8, batch_size=4, num_workers=1, out=str(tmp_path)))
+    cfg = recipes.fill_pretraining(train.TrainConfig(num_records=8, batch_size=4, num_workers=1, out=str(tmp_path)))
     dataset, _ = train.build_data(cfg, MRMConfig.from_preset("tiny"), None, rank=0)
     sampler, loader = train.build_loader(dataset, cfg, 1, 0, torch.device("cpu"))
     assert loader.persistent_workers
@@ -268,8 +268,8 @@ def test_accumulation_and_two_process_ddp_equal_one_big_batch(tmp_path):
                    check=True, env=env, cwd=tmp_path, timeout=300)
     ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
     torch.manual_seed(0)  # train.py's seed, before it builds the model
-    tok = data.load_tokenizer(tmp_path / "one" / "tokenizer.json")
-    init = MRM(train.model_config(train.resolve(train.TrainConfig()), tok)).state_dict()
+    tok = tokenizer.load_tokenizer(tmp_path / "one" / "tokenizer.json")
+    init = MRM(train.model_config(recipes.fill_pretraining(train.TrainConfig()), tok)).state_dict()
     assert one["step"] == accum["step"] == ddp["step"] == 2
     moved = max((one["model"][k] - v).abs().max().item() for k, v in init.items())
     assert moved > 5e-6  # the runs really trained: 5 x the tolerance below (each step moves about lr = 4.7e-6)
@@ -324,9 +324,9 @@ def test_torchrun_on_gpus_binds_each_process_to_its_gpu(monkeypatch):
 
 
 def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
-    tok = data.train_tokenizer([synthetic.synth_report(i) for i in range(4)])
+    tok = tokenizer.train_tokenizer([synthetic.synth_report(i) for i in range(4)])
     for ratio in (0.75, 0.0):
-        cfg = train.resolve(train.TrainConfig(num_records=4, mask_ratio=ratio))
+        cfg = recipes.fill_pretraining(train.TrainConfig(num_records=4, mask_ratio=ratio))
         model = MRM(train.model_config(cfg, tok))
         dataset, _ = train.build_data(cfg, model.cfg, {"tokenizer": tok.to_str()}, rank=1)
         r = checks.reconstruct(model, dataset)
@@ -447,9 +447,9 @@ def test_fusion_every_draws_the_check_as_a_curve_that_a_resumed_run_keeps(tmp_pa
 
 
 def test_the_demo_keeps_left_and_right_the_paper_run_mirrors():
-    assert train.resolve(train.TrainConfig()).hflip is False
-    assert train.resolve(train.TrainConfig(preset="base")).hflip is True
-    assert train.resolve(train.TrainConfig(hflip=True)).hflip is True
+    assert recipes.fill_pretraining(train.TrainConfig()).hflip is False
+    assert recipes.fill_pretraining(train.TrainConfig(preset="base")).hflip is True
+    assert recipes.fill_pretraining(train.TrainConfig(hflip=True)).hflip is True
 
 
 def test_dry_run_resolves_the_recipe_without_reading_images(tmp_path, capsys, monkeypatch):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import load_pretrained
+from machinery.checkpoints import load_pretrained
 from mrm import MRM, MRMConfig, ViT
 
 

@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mrm import MRM, Block, ConfigError, MRMConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or that is refused because loading it would run code."""
+import recipes
+from machinery.errors import CheckpointError, ConfigError
+from mrm import MRM, Block, MRMConfig
 
 
 # -----------------------------------------------------------------------------
@@ -151,7 +149,7 @@ def check_fields(path, ckpt, expect: dict):
 # -----------------------------------------------------------------------------
 # train.py's checkpoints, checked field by field before anything is built from them
 
-# what train.checkpoint_state writes, and of what type
+# what pretraining_state writes, and of what type
 TRAIN_CHECKPOINT = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "step": int, "config": dict,
                     "model_config": dict, "tokenizer": str, "rng": dict}
 CHECKPOINT_KEYS = tuple(TRAIN_CHECKPOINT)
@@ -159,6 +157,29 @@ CHECKPOINT_KEYS = tuple(TRAIN_CHECKPOINT)
 # decoders and 30,000 words included), and a file asking for depth 200000 would otherwise be built until the
 # machine runs out of memory.
 MAX_PARAMETERS = 2_000_000_000
+
+
+def pretraining_state(model, optimizer, scaler, epoch: int, step: int, cfg, mcfg: MRMConfig, tok) -> dict:
+    """train.py's ckpt.pt: what --resume needs to continue exactly, settings as plain dicts (no pickled objects)."""
+    device = next(model.parameters()).device
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step, "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
+            "tokenizer": tok.to_str(),
+            "rng": {"torch": torch.get_rng_state(),  # the data's randomness is seeded per sample: not here
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+
+
+# what finetuning_state writes (finetune.py's last.pt, to --resume from), and of what type
+FINETUNE_CHECKPOINT = dict(model=dict, optimizer=dict, scaler=dict, step=int, best=dict, config=dict, rng=torch.Tensor)
+
+
+def finetuning_state(model, optimizer, scaler, step: int, best: dict, config: dict) -> dict:
+    """finetune.py's last.pt at a validation: the weights, the optimizer, the best score so far and the
+    random state drop-path continues from (every GPU's, on a GPU)."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "best": best, "config": config, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
 
 
 def load_checkpoint(path: str, trust: bool = False) -> dict:
@@ -180,15 +201,38 @@ def checked_model_config(path, d, trust: bool = False):
         cfg = MRMConfig.from_dict(d)
     except ConfigError as e:
         raise CheckpointError(f"{path}: model_config: {e}") from None
-    n = cfg.num_parameters()
+    n = num_parameters(cfg)
     if n > MAX_PARAMETERS and not trust:
         raise CheckpointError(f"{path}: model_config describes a model of {n:.3g} parameters, past the "
                               f"{MAX_PARAMETERS:.0e} loaded without --trust_checkpoint")
     return cfg
 
 
+def num_parameters(cfg: MRMConfig) -> int:
+    """sum(p.numel() for p in MRM(cfg).parameters()), by formula from the sizes alone, nothing allocated, so
+    that an absurd model_config is refused before it is built. A layer added to mrm.py needs its line
+    here too: tests/test_checkpoint_validation.py compares this count with the built model's."""
+    def blocks(d, depth):  # Block: 2 LayerNorms, qkv and proj Linears, the MLP's two Linears
+        h = int(d * cfg.mlp_ratio)
+        return depth * (4 * d * d + 9 * d + 2 * d * h + h)
+
+    D, L = cfg.embed_dim, (cfg.img_size // cfg.patch_size) ** 2
+    # ViT: patch projection, [CLS], position table (1 + L rows), blocks, final norm
+    n = D * cfg.in_chans * cfg.patch_size**2 + D + D + (1 + L) * D + blocks(D, cfg.depth) + 2 * D
+    if cfg.mim_weight > 0:  # ImageDecoder: embed, mask token, position table, blocks, norm, prediction
+        d = cfg.decoder_embed_dim
+        out = (2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size) ** 2 * cfg.in_chans
+        n += D * d + d + d + (1 + L) * d + blocks(d, cfg.decoder_depth) + 2 * d + d * out + out
+    if cfg.mlm_weight > 0:  # fusion_proj, then ReportDecoder: words, positions, norms, blocks, head
+        t, V = cfg.text_embed_dim, cfg.vocab_size
+        n += D * t + t + V * t + cfg.max_text_len * t + 2 * t + blocks(t, cfg.text_depth) + 2 * t + t * V + V
+    if cfg.multimodal_mim:  # text_to_image
+        n += cfg.text_embed_dim * cfg.decoder_embed_dim + cfg.decoder_embed_dim
+    return n
+
+
 def validate_train_checkpoint(path, ckpt: dict, trust: bool = False):
-    """Every field of a train.py checkpoint (train.checkpoint_state), checked so that a damaged or hand-made
+    """Every field of a train.py checkpoint (pretraining_state), checked so that a damaged or hand-made
     file is refused here, naming the field, rather than failing somewhere inside the resumed run."""
     from tokenizers import Tokenizer
 
@@ -388,3 +432,46 @@ def load_summary(report: dict, total: int, path) -> str:
         if keys:
             lines.append(f"  {title}: " + ", ".join(keys))
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# The encoder a fine-tuning run starts from
+
+
+def finetuning_encoder(cfg) -> tuple[str, MRMConfig, str, int]:
+    """finetune.py's (init, encoder sizes, preset name, input size): the checkpoint, its sizes, and the
+    fine-tuning input. Classification runs at the pre-training input; segmentation at
+    recipes.SEG_INPUT_SIZE (512 for the base encoder, as released), the tiny demo at its own 64 px."""
+    init = pick_init(cfg.init)
+    sizes = encoder_sizes(init, cfg.preset, cfg.dataset, cfg.trust_checkpoint)
+    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
+    size = cfg.input_size or (recipes.SEG_INPUT_SIZE.get(preset, sizes.img_size) if cfg.task == "segment"
+                              else sizes.img_size)
+    if size % sizes.patch_size:
+        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    return init, sizes, preset, size
+
+
+def pick_init(init: str) -> str:
+    """--init auto: the demo's pre-training checkpoint if `python train.py` left one, else none (scratch)."""
+    if init == "auto":
+        default = "out/ckpt.pt"
+        if os.path.exists(default):
+            return default
+        print(f"no {default} (from `python train.py`): fine-tuning from scratch; --init PATH picks weights")
+        return "none"
+    return init
+
+
+def encoder_sizes(init: str, preset: str, dataset: str, trust: bool = False) -> MRMConfig:
+    """The encoder's sizes: from this project's checkpoint (it records them), else the preset ('auto': tiny
+    for the synthetic records, else base)."""
+    if init != "none":
+        ckpt = read_checkpoint(init, trust)  # refuses a missing, broken or unsafe file, naming it
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
+            sizes = checked_model_config(init, ckpt["model_config"], trust)  # sizes in range
+            if preset not in ("auto", "") and MRMConfig.from_preset(preset).embed_dim != sizes.embed_dim:
+                raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {preset}")
+            return sizes
+    preset = preset if preset not in ("auto", "") else "tiny" if dataset == "synthetic" else "base"
+    return MRMConfig.from_preset(preset)

@@ -1,17 +1,24 @@
-"""Training curves drawn with PIL alone (no plotting package): train.py's curves.png (the losses L, L_I, L_R
-and the lr over the steps) and finetune.py's (training loss and validation score). Each is redrawn from
-the run's log.jsonl at every save, so a resumed run draws its whole history.
+"""The pictures a run writes, drawn with PIL alone (no plotting package).
+
+curves.png: train.py's (the losses L, L_I, L_R and the lr over the steps) and finetune.py's (training loss
+and validation score), each redrawn from the run's log.jsonl at every save, so a resumed run draws its whole
+history:
 
     save_curves("out/curves.png", "MRM pre-training", [
         Panel("loss", [Series("L", steps, losses)], log_y=True),
         Panel("lr", [Series("lr", steps, lrs)]),
     ])
+
+recon.png: the paper's Fig. 3 from checks.reconstruct: masked input, restored image, original; masked, restored
+and original report, restored words green where right and red where wrong.
 """
 import json
 import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -139,3 +146,65 @@ def finetuning_curves(run_logs: dict, path: str, metric: str, title: str):
         val.append(Series(f"lr {label}", [r["step"] for r in scored], [r[metric] for r in scored]))
     name = {"val_auc_mean": "mean AUC", "val_dice": "Dice"}.get(metric, metric)
     save_curves(path, title, [Panel("training loss", loss, log_y=True), Panel(f"validation {name}", val)])
+
+
+# -----------------------------------------------------------------------------
+# recon.png (Fig. 3)
+
+
+def words(tok, ids, colours=None) -> list[tuple[str, str]]:
+    """Token ids -> [(text, colour)], word pieces ('##ing') glued to the previous piece, [CLS] and [PAD] dropped."""
+    out = []
+    for n, i in enumerate(ids):
+        t = tok.id_to_token(int(i))
+        if t == "[PAD]":
+            break
+        if t != "[CLS]":
+            out.append((t[2:] if t.startswith("##") else " " + t, colours[n] if colours else "black"))
+    return out
+
+
+def draw_words(draw, font, x, y, width, title, pieces) -> int:
+    """Wrap coloured pieces into `width` pixels from (x, y); returns the y below the text."""
+    line_h = font.size + 4
+    draw.text((x, y), title, fill="gray", font=font)
+    y += line_h
+    cx = x
+    for text, colour in pieces:
+        if cx + draw.textlength(text, font=font) > x + width and cx > x:
+            cx, y, text = x, y + line_h, text.lstrip()
+        draw.text((cx, y), text, fill=colour, font=font)
+        cx += draw.textlength(text, font=font)
+    return y + line_h + 6
+
+
+def save_recon(r: dict, tok, path: str, panel: int = 256, text_w: int = 720):
+    """recon.png from r = checks.reconstruct(model, dataset): a row per record, the images on the left and
+    the report three times on the right; written atomically."""
+    columns = [r[k] for k in ("masked", "restored", "original") if k in r]
+    font = ImageFont.load_default(size=13)
+    rows = []
+    for b in range(len(r["tokens"])):
+        row = Image.new("RGB", (len(columns) * panel + text_w, 2 * panel), "white")
+        for c, col in enumerate(columns):
+            arr = (col[b, 0].cpu().numpy() * 255).round().astype(np.uint8)
+            row.paste(Image.fromarray(arr).resize((panel, panel), Image.BICUBIC), (c * panel, 0))
+        draw, x = ImageDraw.Draw(row), len(columns) * panel + 10
+        y = draw_words(draw, font, x, 4, text_w - 20, "masked report", words(tok, r["tokens"][b]))
+        if "restored_ids" in r:
+            scored = r["labels"][b] != -100
+            colours = ["black" if not s else "green" if ok else "red" for s, ok in zip(scored, r["right"][b])]
+            y = draw_words(draw, font, x, y, text_w - 20, "restored (green right, red wrong)",
+                           words(tok, r["restored_ids"][b], colours))
+        original = torch.where(r["labels"][b] != -100, r["labels"][b], r["tokens"][b])
+        y = draw_words(draw, font, x, y, text_w - 20, "original report", words(tok, original))
+        rows.append(row.crop((0, 0, row.width, max(panel, y))))
+    sheet = Image.new("RGB", (rows[0].width, sum(row.height for row in rows) + 24), "white")
+    title = " | ".join(k for k in ("masked input", "restored", "original") if k.split()[0] in r)
+    ImageDraw.Draw(sheet).text((10, 4), title, fill="gray", font=font)
+    y = 24
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height
+    sheet.save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)

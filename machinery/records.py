@@ -1,0 +1,77 @@
+"""Text files read strictly: UTF-8 lines (a byte that is not UTF-8 is refused with its file, line and
+column), CSV rows with their line numbers, and the released training.csv checked row by row before a
+run starts."""
+import csv
+import os
+
+from machinery.console import progress
+from machinery.errors import BadRecord
+
+
+def text_lines(path):
+    """The lines of a UTF-8 text file (a CSV, a split list), decoded one at a time so that a byte that
+    is not UTF-8 is refused with its file, line and column. No other encoding is guessed: a guess that
+    is wrong turns a report's words into other words without a sound. Any line end ends a line (Unix
+    \\n, Windows \\r\\n, old Mac \\r); each line comes with a \\n."""
+    number = 0
+    with open(path, "rb") as f:
+        for chunk in f:  # split at \n; a file with \r alone comes as one chunk, split below
+            for raw in chunk.splitlines():
+                number += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadRecord(f"{path}, line {number}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is "
+                                    "not UTF-8; re-save the file as UTF-8") from None
+                yield (line.removeprefix("\ufeff") if number == 1 else line) + "\n"  # a spreadsheet's byte-order mark
+
+
+def csv_rows(path):
+    """(line where the row starts, row) for each row of a UTF-8 CSV file; a row the csv module cannot
+    read (a field over its 131,072-character limit, say) is refused with its file and line."""
+    reader = csv.reader(text_lines(path))
+    start = 1
+    try:
+        for row in reader:
+            yield start, row
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise BadRecord(f"{path}, line {start}: not a readable CSV row ({e})") from None
+
+
+def training_csv_rows(csv_path, image_root, skip_bad: bool = False):
+    """The released format: a CSV with columns image_path,report_content (one row per image), paths
+    relative to image_root. Checks up front what is cheap to check: the columns, empty reports and
+    missing image files. Returns (paths, reports, the CSV line of each, number of rows skipped)."""
+    csv_path = str(csv_path)
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"{csv_path}: no such CSV file")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{image_root}: the image root is not a folder")
+    paths, reports, lines, problems = [], [], [], []
+    rows = csv_rows(csv_path)
+    _, header = next(rows, (None, None))
+    if header is None or not {"image_path", "report_content"} <= set(header):
+        raise BadRecord(f"{csv_path}: needs the columns image_path,report_content; found {header}")
+    col_path, col_report = header.index("image_path"), header.index("report_content")
+    for row_start, row in progress(rows, desc=f"checking {os.path.basename(csv_path)}", unit=" rows"):
+        if not row:  # a blank line
+            continue
+        path = row[col_path].strip() if len(row) > col_path else ""
+        report = row[col_report].strip() if len(row) > col_report else ""
+        if not path:
+            problems.append(f"{csv_path}, line {row_start}: empty image_path")
+        elif not report:
+            problems.append(f"{csv_path}, line {row_start}: empty report for {path}")
+        elif not os.path.isfile(os.path.join(image_root, path)):
+            problems.append(f"{csv_path}, line {row_start}: image {os.path.join(image_root, path)} does not exist")
+        else:
+            paths.append(path)
+            reports.append(report)
+            lines.append(row_start)
+    if problems and not skip_bad:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them):\n  {shown}")
+    if not paths:
+        raise BadRecord(f"{csv_path}: no usable rows")
+    return paths, reports, lines, len(problems)

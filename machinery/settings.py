@@ -1,0 +1,102 @@
+"""Settings that cannot work, refused before anything is read or built, naming the first: the model's
+sizes and switches (from code or from a checkpoint), and the combinations of flags that each script's
+ranges (flags.bounded) cannot tell."""
+import math
+import os
+from dataclasses import fields
+
+from machinery.errors import ConfigError
+
+
+def check_model_config(cfg):
+    """Refuse an mrm.MRMConfig no model can be built with: sizes come from checkpoints as well as from code,
+    and a bad one would otherwise surface as an assert deep inside a layer, or not at all."""
+    for f in fields(cfg):  # each setting has its default's type; an int will do for a float
+        v, kind = getattr(cfg, f.name), type(f.default)
+        if kind is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:  # True is an int to Python, not a size
+            ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
+        if not ok:
+            raise ConfigError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}, got {v!r}")
+        least = 0 if f.name.endswith(("depth", "_id")) else 1  # a model may have no block of a kind
+        if kind is int and v < least:
+            raise ConfigError(f"{f.name} must be {'>= 0' if least == 0 else 'positive'}, got {v}")
+    checks = [
+        (cfg.img_size % cfg.patch_size == 0, f"img_size {cfg.img_size} is not a multiple of "
+                                             f"patch_size {cfg.patch_size}"),
+        (cfg.mlp_ratio > 0, f"mlp_ratio must be > 0, got {cfg.mlp_ratio}"),
+        (cfg.pixel_std > 0, f"pixel_std must be > 0, got {cfg.pixel_std}"),
+        # a ratio of 1 would leave nothing visible: nothing to pool, nothing to encode
+        (0 <= cfg.mask_ratio < 1, f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}"),
+        (0 <= cfg.text_mask_ratio < 1, f"text_mask_ratio must be in [0, 1), got {cfg.text_mask_ratio}"),
+        (cfg.mlm_weight >= 0, f"mlm_weight must be >= 0, got {cfg.mlm_weight}"),
+        (cfg.mim_weight >= 0, f"mim_weight must be >= 0, got {cfg.mim_weight}"),
+        (cfg.mlm_weight > 0 or cfg.mim_weight > 0, "mlm_weight and mim_weight are both 0: nothing to learn"),
+        (cfg.fusion in ("gap", "gmp"), f"fusion must be 'gap' or 'gmp', got {cfg.fusion!r}"),
+        (cfg.fusion_tokens in ("visible", "all"), f"fusion_tokens must be 'visible' or 'all', "
+                                                  f"got {cfg.fusion_tokens!r}"),
+        (not cfg.multimodal_mim or (cfg.mlm_weight > 0 and cfg.mim_weight > 0),
+         "multimodal_mim needs both the image and the report decoder"),
+    ]
+    for width, heads in [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                         ("text_embed_dim", "text_num_heads")]:
+        w, h = getattr(cfg, width), getattr(cfg, heads)
+        checks.append((w % h == 0, f"{width} {w} is not divisible by {heads} {h}"))
+    for k in ("pad_token_id", "mask_token_id"):
+        v = getattr(cfg, k)
+        checks.append((v < cfg.vocab_size, f"{k} {v} is not an id of the vocabulary (0 to {cfg.vocab_size - 1})"))
+    for width in ("embed_dim", "decoder_embed_dim"):  # 2D sin-cos: half the channels per axis, sin and cos
+        checks.append((getattr(cfg, width) % 4 == 0, f"{width} must be a multiple of 4 (the sin-cos "
+                                                     f"position table), got {getattr(cfg, width)}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def check_images(images, cfg) -> bool:
+    """MRM's input: high-res images (B, C, 2H, 2W), or (B, 1, 2H, 2W) gray for a 3-channel model. Returns
+    whether they are that gray batch."""
+    gray = images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3
+    hr = 2 * cfg.img_size
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
+        gray_too = f" or (B, 1, {hr}, {hr})" if cfg.in_chans == 3 else ""
+        raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, "
+                         f"got {tuple(images.shape)}")
+    return gray
+
+
+def refuse_file_out(out: str):
+    """--out must be a folder (or not exist yet): both scripts write several files into it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file, not a folder")
+
+
+def check_pretraining(cfg, sizes):
+    """train.py's flags against the model sizes `sizes` (an mrm.MRMConfig) they will train."""
+    refuse_file_out(cfg.out)
+    patches = (sizes.img_size // sizes.patch_size) ** 2
+    if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
+        raise ConfigError(f"--mask_ratio {cfg.mask_ratio} leaves none of the {patches} patches visible: "
+                          f"the encoder would see nothing (at most {1 - 1 / patches:.4f})")
+
+
+def check_finetuning(cfg):
+    """finetune.py's flags: a bad lr grid, an --out that is a file, and an --out that holds an earlier run
+    (never emptied without --resume or --overwrite)."""
+    for v in cfg.lr_grid.split(",") if cfg.lr_grid else []:
+        try:
+            ok = math.isfinite(float(v)) and float(v) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {v!r} is not a positive number")
+    refuse_file_out(cfg.out)
+    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.out):
+        return
+    earlier = sorted(os.path.relpath(os.path.join(d, f), cfg.out) for d, _, files in os.walk(cfg.out) for f in files
+                     if f in ("results.json", "log.jsonl", "best.pt", "last.pt"))
+    if earlier:
+        raise ConfigError(f"--out {cfg.out} holds an earlier run ({', '.join(earlier[:3])}"
+                          f"{', ...' if len(earlier) > 3 else ''}): pass --resume to continue it, --overwrite to "
+                          "replace it, or another --out")
