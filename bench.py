@@ -38,6 +38,7 @@ import recipes
 import train
 from machinery import images, synthetic
 from machinery.console import one_line_errors
+from machinery.flags import OneLineParser, bounded
 from mrm import MRM, MRMConfig
 
 
@@ -79,7 +80,7 @@ def synthetic_batch(cfg: MRMConfig, batch_size: int, rng) -> dict:
 
 
 # the released WordPiece vocabulary (base); the one `python train.py` builds from the synthetic reports (tiny)
-VOCAB = {"base": 30000, "tiny": 150}
+VOCAB = {"base": 30000, "tiny": 153}
 
 
 def saved_for_backward(model, batch: dict, device, dtype) -> int:
@@ -379,46 +380,46 @@ def bench_loader(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("step", help="the training step on synthetic batches",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base", choices=["base", "tiny"])
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=bounded(int, 1), default=64)
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--vocab_size", type=int, default=None, help="default: base 30000 (the released WordPiece), "
-                   "tiny 150 (what python train.py builds from the synthetic reports)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps (0: only count FLOPs and memory)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--profile", type=int, default=0, help="then profile this many steps and print the top kernels")
+    p.add_argument("--vocab_size", type=bounded(int, 1), default=None, help="default: base 30000 (the released WordPiece), "
+                   "tiny 153 (what python train.py builds from the synthetic reports)")
+    p.add_argument("--warmup", type=bounded(int, 0), default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=bounded(int, 0), default=20, help="timed steps (0: only count FLOPs and memory)")
+    p.add_argument("--peak_tflops", type=bounded(float, 0, low_open=True), default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
+    p.add_argument("--threads", type=bounded(int, 1), default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--profile", type=bounded(int, 0), default=0, help="then profile this many steps and print the top kernels")
     p = sub.add_parser("data", help="one record's image pipeline on one core: ours, the bare decode, the released one",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True)
-    p.add_argument("--n", type=int, default=200, help="images per round and pipeline")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--size", type=int, default=448, help="crop size")
-    p.add_argument("--core", type=int, default=None, help="CPU core to run on (default: the last one)")
+    p.add_argument("--n", type=bounded(int, 1), default=200, help="images per round and pipeline")
+    p.add_argument("--rounds", type=bounded(int, 1), default=3)
+    p.add_argument("--size", type=bounded(int, 1), default=448, help="crop size")
+    p.add_argument("--core", type=bounded(int, 0), default=None, help="CPU core to run on (default: the last one)")
     p = sub.add_parser("resize", help="a candidate: the crops' resize on the training device instead of in the loader",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", default="", help="a film (default: a synthetic 1,024-px JPEG)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--size", type=int, default=448, help="crop size")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the loader's side, one core")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10, help="timed batches on the device")
+    p.add_argument("--batch_size", type=bounded(int, 1), default=64)
+    p.add_argument("--size", type=bounded(int, 1), default=448, help="crop size")
+    p.add_argument("--rounds", type=bounded(int, 1), default=3, help="rounds of the loader's side, one core")
+    p.add_argument("--warmup", type=bounded(int, 0), default=3)
+    p.add_argument("--steps", type=bounded(int, 0), default=10, help="timed batches on the device")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p = sub.add_parser("loader", help="train.py's DataLoader end to end", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic", help="training.csv, or 'synthetic'")
     p.add_argument("--image_root", default="", help="default: the CSV's folder")
     p.add_argument("--tokenizer", default="", help="default: build one from the reports")
     p.add_argument("--preset", default="base", choices=["base", "tiny"], help="sets the crop: 448 or 128")
-    p.add_argument("--num_records", type=int, default=None, help="synthetic records (default: the preset's)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--records", type=int, default=2000, help="records to time, after the first batch")
+    p.add_argument("--num_records", type=bounded(int, 1), default=None, help="synthetic records (default: the preset's)")
+    p.add_argument("--batch_size", type=bounded(int, 1), default=64)
+    p.add_argument("--num_workers", type=bounded(int, 0), default=2)
+    p.add_argument("--records", type=bounded(int, 1), default=2000, help="records to time, after the first batch")
     args = parser.parse_args(argv)
     with one_line_errors("bench.py"):
         if args.command == "step":

@@ -3,8 +3,8 @@
 Read top to bottom:
   1. the report: 100 WordPiece ids, [CLS] first, about half the words masked (Sec. 3.1);
   2. the film: a random resized crop to 448, bicubic, then a coin-flip mirror (released main_pretrain.py);
-  3. the records of a run (the built-in synthetic ones, or the released training.csv) and the Dataset
-     train.py reads, each sample drawn from (seed, epoch, index) alone.
+  3. the Dataset train.py reads, each sample drawn from (seed, epoch, index) alone, and the records of a
+     run it reads from (the built-in synthetic ones, or the released training.csv).
 What stands behind them lives in machinery/: the WordPiece vocabularies (tokenizer.py), every image format
 and the fast crop path (images.py), the CSV checks (records.py), the synthetic records (synthetic.py). The
 tools that prepare real data are in prepare.py, the fine-tuning data in finetune_data.py.
@@ -106,7 +106,7 @@ def full_view(img: Image.Image, size: int) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# 3. The records of a run, and the Dataset
+# 3. The Dataset, and the records of a run
 
 
 class PretrainDataset(torch.utils.data.Dataset):

@@ -16,6 +16,7 @@ classification runs (one GPU); mixed precision on a GPU.
 """
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from machinery.checkpoints import (finetuning_encoder, finetuning_state, load_pr
 from machinery.plans import finetuning_plan
 from machinery.console import one_line_errors, progress
 from machinery.errors import NonFiniteLoss
+from machinery.files import FINETUNE_RUN, release
 from machinery.flags import bounded, config_parser
 from machinery.settings import check_finetuning
 from mrm import MRMConfig, ViT
@@ -87,7 +89,7 @@ class FinetuneConfig:
     eval_every: int | None = None    # steps between validations
     dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
-    num_workers: int = 2             # data loading processes
+    num_workers: int | None = None   # data loading processes (none: 2 on a CPU; on a GPU its CPUs less one, 2-8)
     out: str = ""                    # results.json and lr_<lr>/; empty: out/finetune, or out/segment for --task segment
     resume: bool = False             # continue each lr's run from its last.pt in --out
     overwrite: bool = False          # replace an earlier run found in --out (without it, such an --out is refused)
@@ -246,7 +248,7 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
 
 def outputs(forward, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype, desc: str):
     """forward(x) on every record's test view, a batch at a time: (outputs as floats on the CPU, targets)."""
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=runs.loader_workers(cfg.num_workers, device),
                         pin_memory=device.type == "cuda")
     for batch in progress(loader, desc=desc):
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -319,8 +321,9 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     config = {**asdict(cfg), "lr": lr}
     step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
+    # --resume: the stopped run's last.pt, refused if it ran other settings (a flag newer than it: at its default)
     state = runs.resumed_state(last_path, config, asdict(FinetuneConfig()), RESUME_MAY_CHANGE) if cfg.resume else None
-    if state is not None:  # a flag newer than the checkpoint is taken at its default
+    if state is not None:
         runs.load_state(state, model, optimizer, scaler)
         step, best = state["step"], state["best"]
         print(f"{last_path}: resuming at step {step}/{cfg.steps}")
@@ -329,11 +332,12 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         os.remove(log_path)
     if step >= cfg.steps:
         return best
+
     def stop_note():  # what a run that goes non-finite keeps
         return runs.kept_and_cause(runs.existing(best_path, last_path), "--lr", dtype == torch.float16)
 
     train_set = datasets["train"]
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=runs.loader_workers(cfg.num_workers, device),
                         sampler=StepSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step=step),
                         pin_memory=device.type == "cuda")
     batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
@@ -359,7 +363,7 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         save_checkpoint(last_path, finetuning_state(model, optimizer, scaler, step, best, config))
         runs.append_log(log_path, {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
                                    ("val_auc_mean" if classify else "val_dice"): val})
-        draw_curves(cfg)
+        pictures.finetuning_run_curves(cfg)
         return val
 
     if state is None and classify and cfg.head_init == "probe":
@@ -426,13 +430,13 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     dtype = amp_dtype(cfg, device)
     init, sizes, preset, size = finetuning_encoder(cfg)
     datasets, names = build_splits(cfg, size, rendered)
-    cfg = recipes.fill_schedule(cfg, preset, len(datasets["train"]))
+    cfg = recipes.fill_schedule(cfg, len(datasets["train"]))
     lrs = recipes.learning_rates(cfg)
     print(f"fine-tuning ({cfg.task}) {preset} encoder from {init} at {size} px on {cfg.dataset}: "
           f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
           f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
           f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}")
-    os.makedirs(cfg.out, exist_ok=True)
+    runs.take(cfg.out, cfg.overwrite, FINETUNE_RUN)  # every check has passed: the run takes its folder
     fits = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
             for lr in lrs]
     chosen = max(fits, key=lambda r: r["val"])  # selected on validation only
@@ -470,16 +474,8 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
     path = os.path.join(cfg.out, "results.json")
     runs.write_json(path, results)
     print(f"selected lr {chosen['lr']:g} (step {chosen['step']}); results in {path}")
+    release(cfg.out)
     return results
-
-
-def draw_curves(cfg: FinetuneConfig):
-    """--out/curves.png: training loss and validation score against the step, a line per lr of the grid."""
-    lrs = recipes.learning_rates(cfg)
-    metric = "val_auc_mean" if cfg.task == "classify" else "val_dice"
-    pictures.finetuning_curves({f"{lr:g}": os.path.join(cfg.out, f"lr_{lr:g}", "log.jsonl") for lr in lrs},
-                               os.path.join(cfg.out, "curves.png"), metric,
-                               f"fine-tuning on {cfg.dataset} ({cfg.task}, {cfg.ratio}% labels)")
 
 
 def random_encoder_probe(cfg: FinetuneConfig, datasets: dict, sizes: MRMConfig, size: int, device, dtype) -> float:
@@ -510,11 +506,13 @@ def default_out(cfg: FinetuneConfig) -> str:
 
 def plan(cfg: FinetuneConfig) -> dict:
     """--dry_run: every setting run() would use, resolved the same way, without reading an image. The split
-    lists are counted (lines and labels), not checked against the images."""
+    lists are counted (lines and labels), not checked against the images; the flags are checked as a run
+    checks them."""
+    check_finetuning(cfg)
     cfg = recipes.fill_finetuning(resolve_lists(replace(cfg)))
     init, sizes, preset, size = finetuning_encoder(cfg)
     counts, names = count_splits(cfg)
-    cfg = recipes.fill_schedule(cfg, preset, counts["train"])
+    cfg = recipes.fill_schedule(cfg, counts["train"])
     return finetuning_plan(cfg, init, sizes, preset, size, counts, names, Segmenter.tap_blocks(sizes.depth))
 
 
@@ -538,15 +536,15 @@ def main(argv=None):
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
     cfg.out = default_out(cfg)
 
-    def how_to_resume() -> str:
-        kept = sorted(os.path.join(d, "last.pt") for d, _, files in os.walk(cfg.out) if "last.pt" in files)
+    def how_to_resume() -> str:  # the last.pt this run wrote, or those it continues
+        kept = runs.resumable(sorted(glob.glob(os.path.join(glob.escape(cfg.out), "lr_*", "last.pt"))), cfg.resume)
         return runs.resume_hint(kept, "the same command with --resume")
 
     with one_line_errors("finetune.py", NonFiniteLoss, interrupted=how_to_resume):
         if cfg.dry_run:  # what resolving the settings says goes to stderr: stdout is the JSON alone
             with contextlib.redirect_stdout(sys.stderr):
                 settings = plan(cfg)
-            print(json.dumps(settings))
+            print(json.dumps(settings, allow_nan=False))
             return
         run(cfg)
 

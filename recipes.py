@@ -51,19 +51,19 @@ CLASSIFY_BATCH = {"released": 96, "synthetic": 32}
 PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 # -----------------------------------------------------------------------------
-# Fine-tuning for segmentation (finetune.py --task segment), by encoder preset and label %.
+# Fine-tuning for segmentation (finetune.py --task segment), by records (the released SIIM recipe for any list
+# of films, the demo's for the synthetic records) and label %.
 # AdamW lr 2e-5, weight decay 0.05, layer decay 0.65, linear warm-up then poly (power 1) to 0, batch 8 (4 GPUs
 # x 2 images), as the released Siim_Segmentation configs: upernet_mrm-base_fp16_8x2_512x512_160k_siim.py
 # (100%: 160k iterations, warm-up 1,500, validation every 500) and its _10per.py (10%: the 5k schedule,
 # warm-up 100, validation every 50). No 1% config was released: 1% runs the 10% schedule. The paper gives
-# no step counts. The tiny preset's lines are the synthetic demo's, chosen on its validation Dice
-# (docs/finetuning.md).
+# no step counts. The synthetic lines are the demo's, chosen on its validation Dice (docs/finetuning.md).
 
 SEG_RECIPES = {
-    ("base", 100): dict(warmup_steps=1500, steps=160000, lr=2e-5, batch_size=8, eval_every=500),
-    ("base", 10): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
-    ("base", 1): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
-    **{("tiny", r): dict(warmup_steps=30, steps=300, lr=3e-3, batch_size=32, eval_every=50) for r in (1, 10, 100)},
+    ("released", 100): dict(warmup_steps=1500, steps=160000, lr=2e-5, batch_size=8, eval_every=500),
+    ("released", 10): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
+    ("released", 1): dict(warmup_steps=100, steps=5000, lr=2e-5, batch_size=8, eval_every=50),
+    **{("synthetic", r): dict(warmup_steps=30, steps=300, lr=3e-3, batch_size=32, eval_every=50) for r in (1, 10, 100)},
 }
 # The released head (upernet_mrm.py, widened in the configs above): UPerHead of 768 channels and an auxiliary
 # FCN head of 256 on the block-8 level, dropout 0.1 before each classifier, losses focal 2.0 + Dice 1.0 and
@@ -109,10 +109,15 @@ def fill_pretraining(cfg):
     return cfg
 
 
+def records_of(cfg) -> str:
+    """Whose recipe a fine-tuning run takes: the synthetic records' (without --train_list), else the released."""
+    return "synthetic" if cfg.dataset == "synthetic" and not cfg.train_list else "released"
+
+
 def fill_finetuning(cfg):
     """finetune.py: fill the recipe flags left at None or auto from FINETUNING: the released recipe, or on the
     synthetic records (without --train_list) the demo's."""
-    records = "synthetic" if cfg.dataset == "synthetic" and not cfg.train_list else "released"
+    records = records_of(cfg)
     for key, value in FINETUNING[(cfg.task, records)].items():
         if getattr(cfg, key) in (None, "auto"):
             setattr(cfg, key, value)
@@ -122,11 +127,11 @@ def fill_finetuning(cfg):
     return cfg
 
 
-def fill_schedule(cfg, preset: str, n_train: int | None):
+def fill_schedule(cfg, n_train: int | None):
     """finetune.py: fill steps, warm-up, lr, batch and validations from the schedule of (--dataset, --ratio),
     or for segmentation from SEG_RECIPES; --epochs turns into steps, the warm-up keeping its share."""
     if cfg.task == "segment":
-        r = SEG_RECIPES[(preset, cfg.ratio)]
+        r = SEG_RECIPES[(records_of(cfg), cfg.ratio)]
         warmup, steps, lr, batch = r["warmup_steps"], r["steps"], r["lr"], r["batch_size"]
     else:
         schedule = SCHEDULES.get((cfg.dataset, cfg.ratio))
@@ -147,7 +152,7 @@ def fill_schedule(cfg, preset: str, n_train: int | None):
         cfg.warmup_steps = warmup if cfg.steps == steps else round(warmup / steps * cfg.steps)
     if cfg.eval_every is None:  # as released: classification once an epoch, segmentation by its config
         if cfg.task == "segment":
-            every = SEG_RECIPES[(preset, cfg.ratio)]["eval_every"]
+            every = SEG_RECIPES[(records_of(cfg), cfg.ratio)]["eval_every"]
         else:  # unknown (None) only in a --dry_run without the lists
             every = math.ceil(n_train / cfg.batch_size) if n_train else None
         cfg.eval_every = max(1, min(every, cfg.steps)) if every else None
@@ -160,9 +165,11 @@ def learning_rates(cfg) -> list[float]:
 
 
 def pretraining_help_default(f):
-    """What train.py --help shows as a flag's default: a field left at None takes the preset's recipe."""
-    return f.default if f.default is not None else "from --preset: " + ", ".join(
-        f"{p} {r[f.name]}" for p, r in PRETRAINING.items())
+    """What train.py --help shows as a flag's default: a field left at None takes the preset's recipe (or,
+    outside it, what the flag's own help says)."""
+    if f.default is not None or f.name not in PRETRAINING["base"]:
+        return f.default
+    return "from --preset: " + ", ".join(f"{p} {r[f.name]}" for p, r in PRETRAINING.items())
 
 
 def finetuning_help_default(f) -> str:
@@ -177,8 +184,8 @@ def finetuning_help_default(f) -> str:
         return ", ".join(parts)
     return {"lr": "from --dataset and --ratio, their schedule (--dry_run shows it)",
             "steps": "from --dataset and --ratio", "warmup_steps": "from --dataset and --ratio",
-            "batch_size": "from --dataset: 96, synthetic 32, segmentation 8 (tiny 32)",
-            "eval_every": "once an epoch; segmentation 500 at 100%, 50 at 10% and 1%, 50 for the tiny demo",
+            "batch_size": "from --dataset: 96, synthetic 32, segmentation 8 (synthetic 32)",
+            "eval_every": "once an epoch; segmentation 500 at 100%, 50 at 10% and 1%, 50 for the synthetic demo",
             "epochs": "none: --steps", "image_root": "the list's folder",
             "out": "out/finetune, or out/segment with --task segment"}.get(f.name, f.default if f.default != ""
                                                                             else "none")

@@ -31,9 +31,10 @@ from machinery import pictures, runs
 from machinery.checkpoints import load_checkpoint, load_pretrained, pretraining_state, save_checkpoint
 from machinery.console import one_line_errors
 from machinery.errors import ConfigError, NonFiniteLoss
+from machinery.files import TRAIN_RUN, release
 from machinery.flags import bounded, config_parser
 from machinery.records import csv_rows
-from machinery.settings import check_pretraining
+from machinery.settings import check_pretraining, check_steps
 from machinery.tokenizer import load_tokenizer, train_tokenizer
 from mrm import MRM, MRMConfig
 
@@ -71,11 +72,12 @@ class TrainConfig:
     # run
     out: str = "out"                 # folder for ckpt.pt, log.jsonl, recon.png, curves.png, tokenizer.json
     resume: str = ""                 # a ckpt.pt of this script: continue that run exactly
+    overwrite: bool = False          # replace an earlier run found in --out (without it, such an --out is refused)
     init: str = ""                   # MAE or MRM weights for the encoder (e.g. mae_pretrain_vit_base.pth)
     trust_checkpoint: bool = False   # load --init/--resume even if it pickles objects beyond weights (runs their code)
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     compile: bool = False            # torch.compile the model
-    num_workers: int = 2             # data loading processes per training process
+    num_workers: int | None = None   # loader processes a training process (none: 2 on a CPU; a GPU: its CPUs - 1, 2-8)
     save_every: int = 1              # epochs between checkpoints (and recon.png, curves.png)
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
@@ -156,17 +158,11 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     if cfg.resume and ckpt is None:
         ckpt = load_checkpoint(cfg.resume, cfg.trust_checkpoint)
     sizes = model_sizes(cfg, ckpt)  # what the data needs; the model also needs the vocabulary's size
-    check_pretraining(cfg, sizes)
+    check_pretraining(cfg, sizes, ckpt)
     rank, world, device = setup_distributed()
     main_process = rank == 0
     torch.manual_seed(cfg.seed)
-    if main_process:  # says where it writes, and what a resumed run changes
-        saved = ckpt["config"] if ckpt is not None else {}
-        runs.start(cfg.out, ckpt and cfg.resume, runs.changed_settings(
-            saved, {k: getattr(cfg, k) for k in saved if k in RESUME_MAY_CHANGE - {"resume", "out"}}))
-    barrier()
-
-    # data and model (a resumed run rebuilds both from its checkpoint)
+    # data and model (a resumed run rebuilds both from its checkpoint); nothing is written before they are checked
     dataset, tok = build_data(cfg, sizes, ckpt, rank)
     mcfg = sizes if ckpt is not None else model_config(cfg, tok)
     model = MRM(mcfg).to(device)
@@ -185,8 +181,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
 
     sampler, loader = build_loader(dataset, cfg, world, rank, device)
     steps_per_epoch = len(loader) // cfg.accum_iter
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} records are too few for {world} x {cfg.batch_size} x {cfg.accum_iter}")
+    check_steps(steps_per_epoch, len(dataset), world, cfg.batch_size, cfg.accum_iter)
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     lr = cfg.blr * eff_batch / 256
     # the schedule runs in epochs; a resumed run on another batch size or GPU count picks it up there
@@ -194,7 +189,9 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     log_path, ckpt_path = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "ckpt.pt")
     stop_note = lambda: runs.kept_and_cause(runs.existing(ckpt_path), "--blr", dtype == torch.float16)  # noqa: E731
-    if main_process:
+    if main_process:  # every check has passed: the run takes its folder, and says what it continues or changes
+        runs.start(cfg.out, ckpt and cfg.resume, runs.resume_changes(ckpt, asdict(cfg), world, RESUME_MAY_CHANGE),
+                   cfg.overwrite, TRAIN_RUN, {"tokenizer.json": tok.to_str(pretty=True)})
         print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} records, vocabulary {mcfg.vocab_size}, device {device}"
               f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}, {world} process(es)")
@@ -202,6 +199,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
               f"{steps_per_epoch} steps/epoch, epochs {start_epoch}..{cfg.epochs}")
         if ckpt is not None:  # what the stopped run logged after its checkpoint goes, the end's fusion check too
             runs.truncate_log(log_path, "epoch", start_epoch)
+    barrier()
 
     last = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -256,6 +254,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
         last["fusion_check"] = checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path,
                                                           cfg.epochs, step, at_end=True)
+    release(cfg.out)
     if dist.is_initialized():
         dist.destroy_process_group()
     return last
@@ -292,6 +291,15 @@ def barrier():
         dist.barrier()
 
 
+def broadcast(value):
+    """Rank 0's `value` (any picklable object), on every rank."""
+    if not dist.is_initialized():
+        return value
+    sent = [value]
+    dist.broadcast_object_list(sent, src=0)
+    return sent[0]
+
+
 # -----------------------------------------------------------------------------
 # Data and model
 
@@ -310,19 +318,14 @@ def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
     hr = 2 * mcfg.img_size
     images, reports = data.run_records(cfg.data, cfg.image_root, cfg.num_records, hr, cfg.seed, cfg.skip_bad,
                                        verbose=rank == 0)
-    tok_path = os.path.join(cfg.out, "tokenizer.json")
     if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
-    else:  # built once (rank 0), the other ranks read it
+    else:  # built once (rank 0) and sent to the other ranks, in memory: train() writes it once all is checked
         if rank == 0:
             print(f"building a WordPiece vocabulary from {len(reports)} reports")
-            train_tokenizer(reports, cfg.vocab_size).save(tok_path)
-        barrier()
-        tok = load_tokenizer(tok_path)
-    if rank == 0 and (cfg.tokenizer or ckpt is not None):
-        tok.save(tok_path)
+        tok = Tokenizer.from_str(broadcast(train_tokenizer(reports, cfg.vocab_size).to_str() if rank == 0 else None))
     dataset = data.PretrainDataset(images, data.encode_reports(tok, reports, mcfg.max_text_len), hr,
                                    (mcfg.img_size // mcfg.patch_size) ** 2, mcfg.text_mask_ratio,
                                    tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"), seed=cfg.seed,
@@ -346,8 +349,9 @@ def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch
     of (seed, epoch) only. Workers live across epochs (the dataset reads each new epoch from shared
     memory), and pinned batches copy to the GPU asynchronously."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg.num_workers > 0)
+    workers = runs.loader_workers(cfg.num_workers, device)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
     return sampler, loader
 
 
@@ -416,7 +420,7 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     """--dry_run: the settings train() would run with, resolved the same way, without reading an image. A
     CSV is counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
     cfg = recipes.fill_pretraining(TrainConfig(**asdict(cfg)))
-    check_pretraining(cfg, model_sizes(cfg, ckpt))
+    check_pretraining(cfg, model_sizes(cfg, ckpt), ckpt)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.data == "synthetic":
         records = cfg.num_records
@@ -430,6 +434,7 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
         mcfg = model_config(cfg, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
         vocab = cfg.tokenizer or f"built from the training reports (up to {cfg.vocab_size})"
     steps_per_epoch = records // world // cfg.batch_size // cfg.accum_iter  # every sampler and loader drops the rest
+    check_steps(steps_per_epoch, records, world, cfg.batch_size, cfg.accum_iter)
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(cfg, device)
@@ -441,6 +446,7 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "crop": 2 * mcfg.img_size,
             "input": mcfg.img_size, "vocabulary": vocab, "init": cfg.init or "random",
             "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "device": str(device),
+            "loader_workers": runs.loader_workers(cfg.num_workers, device),
             "model": {k: v for k, v in mcfg.to_dict().items()
                       if cfg.tokenizer or ckpt or k not in ("vocab_size", "pad_token_id", "mask_token_id")},
             "config": asdict(cfg)}
@@ -449,16 +455,16 @@ def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
 def main(argv=None):
     run = {}  # where the run writes, once known: what an interrupt's message tells
 
-    def how_to_resume() -> str:
-        kept = runs.existing(os.path.join(run["cfg"].out, "ckpt.pt")) if "cfg" in run else []
-        return runs.resume_hint(kept, f"python train.py --resume {kept[0]}" if kept else "")
+    def how_to_resume() -> str:  # a checkpoint this run wrote, or the one it continues
+        kept = runs.resumable([os.path.join(run["cfg"].out, "ckpt.pt")], bool(run["cfg"].resume)) if run else []
+        return runs.resume_hint(kept, f"{runs.launcher()} train.py --resume {kept[0]}" if kept else "")
 
     with one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
         try:
             cfg, ckpt = parse_config(argv)
             run["cfg"] = cfg
             if cfg.dry_run:
-                print(json.dumps(plan(cfg, ckpt)))
+                print(json.dumps(plan(cfg, ckpt), allow_nan=False))
                 return
             train(cfg, ckpt)
         finally:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import recipes
 from machinery.errors import CheckpointError, ConfigError
+from machinery.files import atomic
 from mrm import MRM, Block, MRMConfig
 
 
@@ -22,20 +23,41 @@ from mrm import MRM, Block, MRMConfig
 # Checkpoints: written atomically, read with a clear refusal
 
 
+class _Writes:
+    """A file's write() as torch.save calls it, keeping the OS's error: torch reports a failed write as
+    'unexpected pos 704 vs 598', the OS as 'No space left on device'."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+WRITTEN = set()  # the checkpoints this process wrote (absolute paths): what a stopped run may advise resuming
+
+
 def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, flush it to disk, then rename over the old one: a crash at any moment
-    leaves either the old checkpoint or the new one, never a half-written file."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write to a temporary file, flush it to disk, then rename over the old one (files.atomic): a crash or
+    a full disk at any moment leaves either the old checkpoint or the new one, never a half-written file."""
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(state, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    WRITTEN.add(os.path.abspath(path))
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
@@ -162,9 +184,10 @@ MAX_PARAMETERS = 2_000_000_000
 def pretraining_state(model, optimizer, scaler, epoch: int, step: int, cfg, mcfg: MRMConfig, tok) -> dict:
     """train.py's ckpt.pt: what --resume needs to continue exactly, settings as plain dicts (no pickled objects)."""
     device = next(model.parameters()).device
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-            "tokenizer": tok.to_str(),
+            "tokenizer": tok.to_str(), "world_size": world,  # processes: a resume on another count says so
             "rng": {"torch": torch.get_rng_state(),  # the data's randomness is seeded per sample: not here
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 

@@ -15,8 +15,9 @@ from machinery.errors import BadRecord, CheckpointError, ConfigError
 @contextmanager
 def one_line_errors(script: str, *expected: type, interrupted=None):
     """Run a script's main: an expected error (a bad record or setting, a refused checkpoint, a missing
-    file, or one of `expected`) is printed as `SCRIPT: error: MESSAGE` on stderr, exit status 2, as
-    argparse does for a bad flag, also when a DataLoader worker raised it; anything else is a bug and
+    file or another OS error such as a full disk, or one of `expected`) is printed as `SCRIPT: error:
+    MESSAGE` on stderr, exit status 2, as argparse does for a bad flag, also when a DataLoader worker raised
+    it; anything else is a bug and
     keeps its traceback. Ctrl-C, and SIGTERM (what a scheduler sends before it kills a job), stop the
     script the same way: whatever was being saved is dropped (checkpoints.save_checkpoint), and one line
     says so, then `interrupted()`, e.g. how to resume; exit status 130 (Ctrl-C) or 143 (SIGTERM)."""
@@ -30,7 +31,7 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         yield
-    except (BadRecord, ConfigError, CheckpointError, FileNotFoundError, *expected) as e:
+    except (BadRecord, ConfigError, CheckpointError, OSError, *expected) as e:
         print(f"{script}: error: {original_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -44,8 +45,12 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
 
 
 def original_message(e: BaseException) -> str:
-    """An error raised in a DataLoader worker reaches the main process as the same type with the message
-    'Caught X in DataLoader worker process N. Original Traceback (...)': its last line holds the original."""
+    """What to print of an expected error. An OS error names its file and the cause ('out/ckpt.pt: cannot
+    write: No space left on device'). An error raised in a DataLoader worker reaches the main process as the
+    same type with the message 'Caught X in DataLoader worker process N. Original Traceback (...)': its
+    last line holds the original."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
     text = str(e)
     if "in DataLoader worker process" not in text:
         return text

@@ -35,6 +35,11 @@ def to_gray8(img: Image.Image) -> Image.Image:
 
 
 def _stretch(a: np.ndarray) -> np.ndarray:
+    """Min-max to 0..255. A pixel that is not finite would turn the whole film black (a NaN) or flat (an
+    infinity): refused, and named_errors names the file."""
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise ValueError(f"{bad} pixels are not finite (NaN or infinite)")
     lo, hi = float(a.min()), float(a.max())
     return np.round((a - lo) * (255 / max(hi - lo, 1e-12))).astype(np.uint8)
 

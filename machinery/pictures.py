@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import recipes
+from machinery.files import atomic
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -109,8 +112,8 @@ def save_curves(path: str, title: str, panels: list[Panel], panel_size=(380, 260
     draw.text((8, 6), title, fill="black", font=ImageFont.load_default(size=14))
     for k, panel in enumerate(panels):
         draw_panel(draw, (k * w, 26, (k + 1) * w, 26 + h), panel, font)
-    sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    with atomic(path, ".png") as tmp:
+        sheet.save(tmp)
 
 
 def read_log(path: str) -> list[dict]:
@@ -132,6 +135,14 @@ def pretraining_curves(log_path: str, path: str, title: str = "MRM pre-training"
         Panel("image loss L_I (masked patches at 2x)", [Series("L_I", steps, column("loss_mim"))], log_y=True),
         Panel("learning rate", [Series("learning rate", steps, column("lr"))]),
     ])
+
+
+def finetuning_run_curves(cfg):
+    """finetune.py's --out/curves.png for its run (a finetune.FinetuneConfig), a line per lr of the grid."""
+    lrs = recipes.learning_rates(cfg)
+    finetuning_curves({f"{lr:g}": os.path.join(cfg.out, f"lr_{lr:g}", "log.jsonl") for lr in lrs},
+                      os.path.join(cfg.out, "curves.png"), "val_auc_mean" if cfg.task == "classify" else "val_dice",
+                      f"fine-tuning on {cfg.dataset} ({cfg.task}, {cfg.ratio}% labels)")
 
 
 def finetuning_curves(run_logs: dict, path: str, metric: str, title: str):
@@ -206,5 +217,5 @@ def save_recon(r: dict, tok, path: str, panel: int = 256, text_w: int = 720):
     for row in rows:
         sheet.paste(row, (0, y))
         y += row.height
-    sheet.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    with atomic(path, ".png") as tmp:
+        sheet.save(tmp)

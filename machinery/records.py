@@ -69,9 +69,10 @@ def training_csv_rows(csv_path, image_root, skip_bad: bool = False):
             paths.append(path)
             reports.append(report)
             lines.append(row_start)
-    if problems and not skip_bad:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-        raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them):\n  {shown}")
+    if problems and not skip_bad:  # the first line says it all (the count, the first); the rest follow it
+        more = "\n  ".join(problems[1:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise BadRecord(f"{len(problems)} bad rows (use --skip_bad to skip them), the first: {problems[0]}"
+                        + (f"; the others:\n  {more}" if more else ""))
     if not paths:
         raise BadRecord(f"{csv_path}: no usable rows")
     return paths, reports, lines, len(problems)

@@ -6,16 +6,47 @@ import os
 
 import torch
 
-from machinery.checkpoints import FINETUNE_CHECKPOINT, non_finite, read_checkpoint
+from machinery.checkpoints import FINETUNE_CHECKPOINT, WRITTEN, non_finite, read_checkpoint
 from machinery.errors import ConfigError, NonFiniteLoss
+from machinery import files
+from machinery.files import atomic
 
 
-def start(out: str, resumed: str, changed: dict):
-    """A run's first lines: where it writes, what it continues and what it changes; its folder made."""
-    print(f"writing to {os.path.abspath(out)}" + (f", continuing {resumed}" if resumed else ""))
+def start(out: str, resumed: str, changed: dict, overwrite: bool, run_files, write: dict | None = None):
+    """A run takes its folder once every check has passed: makes and holds it (files.hold), with --overwrite
+    removes the earlier run in it (files.replace_earlier_run, its files named by run_files), writes the
+    texts of `write` ({name: text}) into it, and says where it writes, what it continues and what it changes."""
+    take(out, overwrite, run_files)
+    for name, text in (write or {}).items():
+        files.write_text(os.path.join(out, name), text)
+    print(f"writing to {os.path.abspath(out)}" + (f", continuing {resumed}" if resumed else "")
+          + (", replacing the run there" if overwrite else ""))
     if changed:
         print("resuming with changed settings: " + describe(changed))
-    os.makedirs(out, exist_ok=True)
+
+
+def take(out: str, overwrite: bool, run_files):
+    """Make and hold the folder (files.hold); with --overwrite, remove the earlier run in it first."""
+    files.hold(out)
+    if overwrite:
+        files.replace_earlier_run(out, run_files)
+
+
+def resume_changes(ckpt: dict | None, now: dict, world: int, may_change) -> dict:
+    """What a resumed train.py run changes of the run it continues: the settings it may change (but where it
+    writes), and where the processes or the batch changed, the effective batch and the lr with them (lr =
+    blr x effective batch / 256: the schedule goes on at another scale). Nothing for a fresh run."""
+    if ckpt is None:
+        return {}
+    saved, before = ckpt["config"], ckpt.get("world_size", world)  # older checkpoints did not record it
+    changed = changed_settings(saved, {k: now[k] for k in saved if k in may_change - {"resume", "out"}})
+    batch = (saved["batch_size"] * saved["accum_iter"] * before, now["batch_size"] * now["accum_iter"] * world)
+    if before != world:
+        changed["processes"] = (before, world)
+    if batch[0] != batch[1]:
+        changed["effective batch"] = batch
+        changed["lr"] = (f"{saved['blr'] * batch[0] / 256:.3g}", f"{now['blr'] * batch[1] / 256:.3g}")
+    return changed
 
 
 def changed_settings(before: dict, after: dict) -> dict:
@@ -72,10 +103,21 @@ def truncate_log(path: str, key: str, last):
 
 
 def write_json(path: str, value):
-    """A results file, written whole or not at all (a temporary file renamed over it)."""
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(f"{path}.tmp", path)
+    """A results file, written whole or not at all (files.atomic). JSON has no NaN or infinity: a score
+    that is not finite (an AUC of a label with one class) is written as null."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(finite(value), f, indent=1, allow_nan=False)
+
+
+def finite(value):
+    """`value` with every float that is not finite, at any depth of its dicts and lists, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def append_log(path: str, record: dict):
@@ -119,6 +161,35 @@ def refuse_non_finite(model: torch.nn.Module, where: str, stop_note):
 
 def existing(*paths: str) -> list[str]:
     return [p for p in paths if os.path.exists(p)]
+
+
+def resumable(paths, resumed: bool) -> list[str]:
+    """The checkpoints a stopped run may be continued from: those this process wrote, and, in a run that
+    continues one (--resume), those it continues. Never an earlier run's that this one did not touch."""
+    return [p for p in paths if os.path.abspath(p) in WRITTEN or (resumed and os.path.exists(p))]
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """--num_workers, or by default what keeps the device fed: 2 on a CPU, which trains on the same cores
+    (today's demo speed); on a GPU the CPUs of this process's share less one (the training process's own),
+    from 2 to 8. One worker prepares about 250 base-size records a second from a 1,024-px film (bench.py
+    loader), and an H200's compiled step takes 1,500: 6 workers; docs/performance.md."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+def launcher() -> str:
+    """How this process was started, for the command that continues it: python, or torchrun and its sizes
+    (a resumed run of another world size changes the effective batch and the lr)."""
+    if "WORLD_SIZE" not in os.environ:
+        return "python"
+    local, world = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+    nodes = world // max(1, int(local))
+    return f"torchrun{f' --nnodes {nodes}' if nodes > 1 else ''} --nproc_per_node {local}"
 
 
 def resume_hint(kept: list[str], command: str) -> str:

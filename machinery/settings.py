@@ -6,6 +6,7 @@ import os
 from dataclasses import fields
 
 from machinery.errors import ConfigError
+from machinery.files import FINETUNE_RUN, TRAIN_RUN, refuse_earlier_run
 
 
 def check_model_config(cfg):
@@ -72,18 +73,36 @@ def refuse_file_out(out: str):
         raise ConfigError(f"--out {out} is a file, not a folder")
 
 
-def check_pretraining(cfg, sizes):
-    """train.py's flags against the model sizes `sizes` (an mrm.MRMConfig) they will train."""
+def check_pretraining(cfg, sizes, ckpt: dict | None = None):
+    """train.py's flags against the model sizes `sizes` (an mrm.MRMConfig) they will train and the checkpoint
+    a resumed run continues, and its --out: a folder that holds an earlier run is refused unless --resume or
+    --overwrite says what to do with it."""
     refuse_file_out(cfg.out)
+    if ckpt is not None and cfg.epochs <= ckpt["epoch"]:
+        raise ConfigError(f"--epochs {cfg.epochs}: {cfg.resume} has done {ckpt['epoch']} epochs already; to go on, "
+                          f"give --epochs above {ckpt['epoch']}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
+    if not cfg.resume and not cfg.overwrite:
+        refuse_earlier_run(cfg.out, TRAIN_RUN, f"--resume {os.path.join(cfg.out, 'ckpt.pt')}")
     patches = (sizes.img_size // sizes.patch_size) ** 2
     if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
+        most = math.floor((1 - 1 / patches) * 1e4) / 1e4  # 4 decimals, rounded down: a ratio that is accepted
         raise ConfigError(f"--mask_ratio {cfg.mask_ratio} leaves none of the {patches} patches visible: "
-                          f"the encoder would see nothing (at most {1 - 1 / patches:.4f})")
+                          f"the encoder would see nothing (at most {most})")
+
+
+def check_steps(steps_per_epoch: int, records: int, world: int, batch_size: int, accum_iter: int):
+    """An epoch of at least one optimizer step: every process's loader drops its last, incomplete batch."""
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{records} records are too few for {world} x {batch_size} x {accum_iter}")
 
 
 def check_finetuning(cfg):
-    """finetune.py's flags: a bad lr grid, an --out that is a file, and an --out that holds an earlier run
-    (never emptied without --resume or --overwrite)."""
+    """finetune.py's flags, as a run and a --dry_run check them: a bad lr grid (not a positive number, or an
+    lr twice), an --out that is a file, and an --out that holds an earlier run (never emptied without
+    --resume or --overwrite)."""
+    seen = {}
     for v in cfg.lr_grid.split(",") if cfg.lr_grid else []:
         try:
             ok = math.isfinite(float(v)) and float(v) > 0
@@ -91,12 +110,11 @@ def check_finetuning(cfg):
             ok = False
         if not ok:
             raise ConfigError(f"--lr_grid {cfg.lr_grid}: {v!r} is not a positive number")
+        if float(v) in seen:  # one folder an lr: the second run would overwrite the first
+            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {seen[float(v)]!r} and {v!r} are the same lr")
+        seen[float(v)] = v
     refuse_file_out(cfg.out)
-    if cfg.resume or cfg.overwrite or not os.path.isdir(cfg.out):
-        return
-    earlier = sorted(os.path.relpath(os.path.join(d, f), cfg.out) for d, _, files in os.walk(cfg.out) for f in files
-                     if f in ("results.json", "log.jsonl", "best.pt", "last.pt"))
-    if earlier:
-        raise ConfigError(f"--out {cfg.out} holds an earlier run ({', '.join(earlier[:3])}"
-                          f"{', ...' if len(earlier) > 3 else ''}): pass --resume to continue it, --overwrite to "
-                          "replace it, or another --out")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
+    if not cfg.resume and not cfg.overwrite:
+        refuse_earlier_run(cfg.out, FINETUNE_RUN, "--resume")
