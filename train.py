@@ -29,7 +29,7 @@ import data
 import recipes
 from machinery import pictures, runs
 from machinery.checkpoints import load_checkpoint, load_pretrained, pretraining_state, save_checkpoint
-from machinery.console import one_line_errors
+from machinery.console import one_line_errors, stop_at_step_boundaries, stop_requested
 from machinery.errors import ConfigError, NonFiniteLoss
 from machinery.files import TRAIN_RUN, release
 from machinery.flags import bounded, config_parser
@@ -109,8 +109,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int,
                compiled: bool = False) -> torch.Tensor:
-    """One optimizer step over accumulation micro-batches. Returns a (4,) tensor on the device: loss,
-    loss_mim, loss_mlm as means over the step and every process, and the images skipped. Nothing here
+    """One optimizer step over accumulation micro-batches. Returns a (5,) tensor on the device: loss,
+    loss_mim, loss_mlm as means over the step and every process, the images skipped, and the processes
+    that were sent a Ctrl-C or SIGTERM (console.stop_requested). Nothing here
     waits for the device (no .item()), so the host queues the next step while the GPU runs this one;
     the caller reads the values every --log_every steps. compiled: net is torch.compile's."""
     accum = len(micro)
@@ -122,7 +123,9 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     # process and micro-step. Then 1 x 256, 4 x 64 and 4 x 32 x 2 take the same gradient.
     n_masked = torch.full((), float(sum(len(w) for w in where)), device=device)  # a fill, not a copy
     denominator = all_reduce_sum(n_masked) / (world * accum)
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(5, device=device)  # a fill on the device: torch.tensor([...]) would wait for it
+    if stop_requested():  # a Ctrl-C or SIGTERM, summed with the losses: every process stops after this step
+        sums[4] = 1
     for k, (b, w) in enumerate(zip(micro, where)):
         w = w.pin_memory() if device.type == "cuda" else w  # pinned: the copy to the GPU does not block
         w = w.to(device, non_blocking=True)
@@ -202,6 +205,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     barrier()
 
     last = {}
+    stop_at_step_boundaries()  # from here a Ctrl-C or SIGTERM stops the run after a step (console.py)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)  # the loader's workers start below, with this epoch's seed
@@ -211,7 +215,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
                    disable=None if main_process else True, leave=False, dynamic_ncols=True)
         epoch_start = tick = time.perf_counter()
         seen = skipped = speed = 0
-        pending = []  # each step's (4,) values, still on the device
+        pending = []  # each step's (5,) values, still on the device
         for n in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, lr, cfg.min_lr)
@@ -221,7 +225,7 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             logs = step % cfg.log_every == 0 or step == total
             if not (logs or n == steps_per_epoch - 1):
                 continue
-            # the steps since the last read, in one host-device sync (not one per step); NaN stops the run
+            # the steps since the last read, in one host-device sync (not one per step); NaN or a signal stops it
             (loss, loss_mim, loss_mlm), n_skipped = runs.read_steps(pending, step, epoch + 1, stop_note)
             skipped, pending = skipped + n_skipped, []
             if logs:
@@ -250,7 +254,8 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
             if (cfg.data == "synthetic" and cfg.fusion_check > 0 and cfg.fusion_every > 0
                     and (epoch + 1) % cfg.fusion_every == 0 and epoch + 1 < cfg.epochs):  # the end's check is below
                 checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path, epoch + 1, step)
-        barrier()  # no rank runs ahead of the checkpoint
+        stop_point(device)  # no rank runs ahead of the checkpoint; a Ctrl-C or SIGTERM during the epoch stops all here
+    stop_at_step_boundaries(False)
     if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
         last["fusion_check"] = checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path,
                                                           cfg.epochs, step, at_end=True)
@@ -289,6 +294,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def stop_point(device: torch.device):
+    """An epoch's end: every process waits here for the checkpoint (a barrier), and all of them stop here if
+    any was sent a Ctrl-C or SIGTERM meanwhile (its save finished first)."""
+    if all_reduce_sum(torch.full((), float(stop_requested()), device=device)).item() > 0:
+        raise KeyboardInterrupt
 
 
 def broadcast(value):

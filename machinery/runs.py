@@ -139,14 +139,17 @@ def kept_and_cause(kept: list[str], lr_flag: str, fp16: bool) -> str:
 
 
 def read_steps(pending: list, step: int, epoch: int, stop_note) -> tuple:
-    """The (4,) tensors train.train_step left on the device since the last read (loss, loss_mim, loss_mlm,
-    images skipped), read in one host-device sync; a loss that is not finite stops the run, naming its step
-    and ending with stop_note(). Returns the last step's three losses and the images skipped in all."""
+    """The (5,) tensors train.train_step left on the device since the last read (loss, loss_mim, loss_mlm,
+    images skipped, processes signalled), read in one host-device sync. A loss that is not finite stops the
+    run, naming its step and ending with stop_note(); a Ctrl-C or SIGTERM that any process got stops every
+    process here, after the same step. Returns the last step's three losses and the images skipped in all."""
     values = torch.stack(pending).tolist()
-    for k, (loss, loss_mim, loss_mlm, _) in enumerate(values):
+    for k, (loss, loss_mim, loss_mlm, *_) in enumerate(values):
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"the loss is {loss} at step {step - len(values) + 1 + k} (epoch {epoch}): image "
                                 f"loss {loss_mim}, report loss {loss_mlm}; stopping. {stop_note()}")
+    if any(len(v) > 4 and v[4] > 0 for v in values):
+        raise KeyboardInterrupt  # at a step boundary: console.one_line_errors says how to go on
     return values[-1][:3], int(sum(v[3] for v in values))
 
 

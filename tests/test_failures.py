@@ -3,6 +3,7 @@ the interrupt's line) and nothing a run wrote earlier is lost or changed. Bad in
 worker processes (the default), non-finite training, flags out of range, where a resumed or repeated run
 writes, line ends and over-long fields in CSV files, labels that are not 0 or 1, SIGTERM."""
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -242,26 +243,27 @@ def test_split_list_labels_must_be_0_or_1(tmp_path, label):
 # ----------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_during_a_save_leaves_no_temporary_file_and_the_last_checkpoint(tmp_path, monkeypatch, capsys):
-    """A scheduler's SIGTERM arriving while epoch 2's checkpoint is half written: the half is dropped,
-    epoch 1's stays, and one line says how to continue."""
+def test_sigterm_during_a_save_lets_it_finish_and_stops_at_the_epoch_s_end(tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM arriving while epoch 2's checkpoint is written: inside the loop a signal waits
+    for a step boundary, so the save finishes, the run stops at the end of that epoch (not after epoch 3's
+    steps), leaves no temporary file, and one line says how to continue."""
     out, real_save, saves = tmp_path / "run", torch.save, []
 
     def signalled_midway(obj, f):
         saves.append(1)
         if len(saves) == 2:
-            f.write(b"half a checkpoint")
             os.kill(os.getpid(), signal.SIGTERM)
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", signalled_midway)
     with pytest.raises(SystemExit) as e:
-        train.main([*SMALL, "--epochs", "3", "--out", str(out)])
+        train.main([*SMALL, "--epochs", "3", "--log_every", "1", "--out", str(out)])
     err = capsys.readouterr().err
     assert e.value.code == 143 and err.count("\n") == 1
     assert err == (f"train.py: stopped by SIGTERM; the last checkpoint {out / 'ckpt.pt'} is intact; continue with: "
                    f"python train.py --resume {out / 'ckpt.pt'}\n")
-    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 1 and not list(out.glob("*.tmp"))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2 and not list(out.glob("*.tmp*"))
+    assert max(json.loads(line).get("epoch", 0) for line in open(out / "log.jsonl")) == 2  # no step of epoch 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only as long as the run
 
 

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import finetune
 import train
 from machinery import images, runs
 
@@ -147,19 +149,24 @@ def test_ctrl_c_before_anything_is_written_advises_no_older_run(finished, tmp_pa
 
 
 def test_sigterm_while_a_picture_is_written_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    # finetune.py stops at once (train.py's loop would let the picture finish, then stop): the half-written
+    # curves.png is removed, and one line names the checkpoint the run wrote
     real_save = Image.Image.save
 
     def stopped_midway(self, fp, *a, **k):
-        if str(fp).endswith(".tmp.png") and "recon" in str(fp):
+        if str(fp).endswith(".tmp.png") and "curves" in str(fp):
             Path(fp).write_bytes(b"half a picture")
             os.kill(os.getpid(), signal.SIGTERM)
         return real_save(self, fp, *a, **k)
 
     monkeypatch.setattr(Image.Image, "save", stopped_midway)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        train.main([*SMALL, "--num_workers", "0", "--out", str(tmp_path / "run")])
-    assert e.value.code == 143 and "stopped by SIGTERM" in capsys.readouterr().err
-    assert not [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
+        finetune.main([*FINETUNE, "--num_workers", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 143 and err.startswith("finetune.py: stopped by SIGTERM; the last checkpoint ft/lr_")
+    assert err.endswith("last.pt is intact; continue with: the same command with --resume\n")
+    assert not [p.name for p in (tmp_path / "ft").rglob("*") if ".tmp" in p.name]
 
 
 # ----------------------------------------------------------------------------- records and resumes
@@ -238,3 +245,59 @@ def test_the_dry_run_says_how_many_loader_workers(tmp_path):
     assert done.returncode == 0 and json.loads(done.stdout)["loader_workers"] == 2  # this CPU: as before
     done = cli("train.py", "--dry_run", "--num_workers", "5", cwd=tmp_path)
     assert json.loads(done.stdout)["loader_workers"] == 5
+
+
+# ----------------------------------------------------------------------------- under torchrun (2 gloo processes)
+
+
+def torchrun(*argv, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *map(str, argv)], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def ours(stderr: str) -> list[str]:
+    """Our lines of a torchrun's stderr (torchrun adds its own: docs/errors.md)."""
+    return [line for line in stderr.splitlines() if line.startswith("train.py")]
+
+
+def test_under_torchrun_a_setting_error_is_one_line_and_every_process_exits_2(tmp_path):
+    err = torchrun(*SMALL, "--mask_ratio", "0.999", cwd=tmp_path).communicate(timeout=120)[1]
+    assert ours(err) == ["train.py: error: --mask_ratio 0.999 leaves none of the 64 patches visible: the encoder "
+                         "would see nothing (at most 0.9843)"], err
+    assert err.count("exitcode  : 2 ") == 2 and "[rank" not in err, err
+
+
+def test_under_torchrun_a_bad_film_is_one_line_naming_its_rank(tmp_path):
+    (tmp_path / "films").mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (160, 160), dtype=np.uint8)).save(
+            tmp_path / "films" / f"f{i}.png")
+    cut = tmp_path / "films" / "f2.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (tmp_path / "training.csv").write_text("image_path,report_content\n" + "".join(
+        f"f{i}.png,Small left effusion.\n" for i in range(4)))
+    err = torchrun("--data", "training.csv", "--image_root", "films", "--batch_size", "1", "--epochs", "1",
+                   "--fusion_check", "0", cwd=tmp_path).communicate(timeout=180)[1]
+    lines = ours(err)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: rank ") and "f2.png" in lines[0], err
+    assert err.count("exitcode  : 2 ") == 2 and "[rank" not in err, err
+
+
+def test_sigterm_to_torchrun_stops_every_process_and_says_how_to_continue_there(tmp_path):
+    run = torchrun(*SMALL, "--epochs", "200", "--out", "run", cwd=tmp_path)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    for _ in range(600):
+        if ckpt.exists() or run.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert ckpt.exists(), run.communicate()[1]
+    run.send_signal(signal.SIGTERM)
+    err = run.communicate(timeout=120)[1]
+    assert ours(err) == ["train.py: stopped by SIGTERM; the last checkpoint run/ckpt.pt is intact; continue with: "
+                         "torchrun --nproc_per_node 2 train.py --resume run/ckpt.pt"], err
+    assert "[rank" not in err and not list((tmp_path / "run").glob("*.tmp*"))
+    # continued in one process instead: the line says what that changes
+    done = cli("train.py", "--resume", "run/ckpt.pt", "--epochs", str(torch.load(ckpt)["epoch"] + 1), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "processes 2 -> 1, effective batch 8 -> 4, lr 0.000469 -> 0.000234" in done.stdout.splitlines()[1]
