@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from machinery.console import one_line_errors, progress
 from machinery.errors import BadRecord, ConfigError
+from machinery.files import atomic
 from machinery.flags import OneLineParser, bounded
 from machinery.images import IMAGE_SUFFIXES, load_image
 from machinery.records import csv_rows
@@ -74,9 +75,8 @@ def _resize_one(job):
         if scale < 1:  # only ever shrink
             img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
         fmt = "JPEG" if dst.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-        tmp = dst.with_name(dst.name + ".tmp")
-        img.save(tmp, format=fmt, quality=95)
-        os.replace(tmp, dst)  # never leaves a half-written file that a rerun would take as done
+        with atomic(str(dst)) as tmp:  # never a half-written file that a rerun would take as done
+            img.save(tmp, format=fmt, quality=95)
         return None
     except Exception as e:
         return f"{src}: {e}"
@@ -240,8 +240,8 @@ def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
                 raise BadRecord(f"{rle_csv}, line {line}: {e}") from None
         positive += bool(mask.any())
         path = os.path.join(out, f"{image_id}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(f"{path}.tmp.png")
-        os.replace(f"{path}.tmp.png", path)  # a stopped run never leaves a half-written mask
+        with atomic(path, ".png") as tmp:  # a stopped run never leaves a half-written mask
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp)
     print(f"wrote {len(runs)} masks to {out} ({positive} with pneumothorax)")
     return len(runs)
 
@@ -333,12 +333,10 @@ def command(sub, name: str, summary: str, reads: str, writes: str, example: str)
 
 def _write_atomic_csv(path, header, rows):
     """Write to a temporary file and rename it over `path`: a stopped run never leaves half a CSV."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic(str(path)) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

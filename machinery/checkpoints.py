@@ -263,6 +263,9 @@ def validate_train_checkpoint(path, ckpt: dict, trust: bool = False):
     for key in ("epoch", "step"):
         if ckpt[key] < 0:
             raise CheckpointError(f"{path}: {key}: expected an integer >= 0, found {ckpt[key]}")
+    world = ckpt.get("world_size", 1)  # the processes that wrote it (checkpoints before it lack the key)
+    if not _is(world, int) or world < 1:
+        raise CheckpointError(f"{path}: world_size: expected an integer >= 1, found {world!r}")
     cfg = checked_model_config(path, ckpt["model_config"], trust)
     try:
         tok = Tokenizer.from_str(ckpt["tokenizer"])

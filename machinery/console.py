@@ -65,6 +65,7 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
             code = 143 if terminated else 130
     finally:
         _at_boundaries[0] = False
+        _stops.clear()  # a signal is this run's: a run that follows in the same process starts without it
         for s, handler in previous.items():
             if torchrun and code is not None:  # torchrun sends SIGTERM to the others once one process has
                 handler = signal.SIG_IGN        # stopped: this one is stopping already, with its own status
@@ -77,6 +78,8 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
 def stop_at_step_boundaries(on: bool = True):
     """train.py's loop: from here (on) a Ctrl-C or SIGTERM does not interrupt a step; stop_requested() says
     one came, train_step all-reduces that with its losses, and every process stops after the same step."""
+    if on:  # a signal before the loop stopped the run at once: none is pending here
+        _stops.clear()
     _at_boundaries[0] = on
     if not on and _stops:  # one came while the loop ended: stop now
         raise KeyboardInterrupt

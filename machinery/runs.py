@@ -6,10 +6,9 @@ import os
 
 import torch
 
+from machinery import files
 from machinery.checkpoints import FINETUNE_CHECKPOINT, WRITTEN, non_finite, read_checkpoint
 from machinery.errors import ConfigError, NonFiniteLoss
-from machinery import files
-from machinery.files import atomic
 
 
 def start(out: str, resumed: str, changed: dict, overwrite: bool, run_files, write: dict | None = None):
@@ -105,7 +104,7 @@ def truncate_log(path: str, key: str, last):
 def write_json(path: str, value):
     """A results file, written whole or not at all (files.atomic). JSON has no NaN or infinity: a score
     that is not finite (an AUC of a label with one class) is written as null."""
-    with atomic(path) as tmp, open(tmp, "w") as f:
+    with files.atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(finite(value), f, indent=1, allow_nan=False)
 
 

@@ -74,6 +74,8 @@ BAD_FIELDS = {
     "epoch negative": (_set("epoch", -1), "epoch: expected an integer >= 0, found -1"),
     "step a float": (_set("step", 4.0), "step: expected int, found float"),
     "step a bool": (_set("step", True), "step: expected int, found bool"),
+    "world_size 0": (_set("world_size", 0), "world_size: expected an integer >= 1, found 0"),
+    "world_size a string": (_set("world_size", "2"), "world_size: expected an integer >= 1, found '2'"),
     "no rng": (lambda c: c.pop("rng"), r"not a train.py checkpoint \(lacks \['rng'\]\)"),
     "model_config a list": (_set("model_config", [1]), "model_config: expected dict, found list"),
     "num_heads 0": (_set_in("model_config", "num_heads", 0), "model_config: num_heads must be positive, got 0"),

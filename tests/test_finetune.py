@@ -542,14 +542,20 @@ def test_dry_run_of_the_demo_and_of_segmentation(capsys, tmp_path):
     demo = dry_run(capsys, "--init", "none", "--out", str(tmp_path))
     assert demo["schedule"]["steps"] == 300 and demo["schedule"]["eval_every"] == 63  # 2,000 / 32, once an epoch
     assert demo["records"] == {"train": 2000, "val": 500, "test": 1000} and demo["encoder"]["input_size"] == 64
-    seg = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20")
+    seg = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--dataset", "siim")
     assert seg["encoder"]["input_size"] == 512 and seg["optimizer"].startswith("AdamW")
     assert seg["schedule"]["steps"] == 160000 and seg["schedule"]["warmup_steps"] == 1500  # released, 100%
     assert seg["schedule"]["batch_size"] == 8 and seg["schedule"]["eval_every"] == 500
-    seg10 = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20",
+    seg10 = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--dataset", "siim",
                     "--ratio", "10")
     assert (seg10["schedule"]["steps"], seg10["schedule"]["warmup_steps"], seg10["schedule"]["eval_every"]) == \
         (5000, 100, 50)
+    # the recipe follows the records, not the encoder's size: the synthetic ones take the demo's with a base
+    # encoder, a tiny encoder on SIIM's lists the released one
+    synth = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "base", "--num_records", "20")
+    assert (synth["schedule"]["steps"], synth["schedule"]["batch_size"], synth["schedule"]["lr"]) == (300, 32, [3e-3])
+    tiny = dry_run(capsys, "--task", "segment", "--init", "none", "--preset", "tiny", "--dataset", "siim")
+    assert (tiny["schedule"]["steps"], tiny["schedule"]["batch_size"], tiny["schedule"]["lr"]) == (160000, 8, [2e-5])
 
 
 @pytest.mark.parametrize("argv, schedule", [

@@ -131,6 +131,20 @@ def test_an_out_that_cannot_be_made_is_one_line(tmp_path):
     assert err == "train.py: error: notes.txt/run: Not a directory\n"
 
 
+def test_a_replacing_run_gone_non_finite_names_no_checkpoint_of_the_old_one(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    done = cli("train.py", *SMALL, "--overwrite", "--blr", "1e30", "--log_every", "1", "--out", "run", cwd=tmp_path)
+    err = one_line(done, "train.py")
+    assert "No checkpoint was written. Likely cause: an lr too high" in err
+    assert not (run / "ckpt.pt").exists() and '"step": 1,' in (run / "log.jsonl").read_text().splitlines()[0]
+
+
+def test_the_largest_mask_ratio_the_refusal_names_is_accepted(tmp_path):
+    err = one_line(cli("train.py", "--mask_ratio", "0.99", "--dry_run", cwd=tmp_path), "train.py")
+    assert err.endswith("(at most 0.9843)\n")
+    assert cli("train.py", "--mask_ratio", "0.9843", "--dry_run", cwd=tmp_path).returncode == 0
+
+
 # ----------------------------------------------------------------------------- what a stop says
 
 
@@ -215,6 +229,25 @@ def test_a_bad_lr_grid_is_refused_by_the_dry_run_too(tmp_path, grid, says):
     for dry in ([], ["--dry_run"]):
         err = one_line(cli("finetune.py", *FINETUNE, "--lr_grid", grid, *dry, cwd=tmp_path), "finetune.py")
         assert says in err
+
+
+def test_finetune_overwrite_with_an_unreadable_film_leaves_no_half_of_the_earlier_run(tmp_path):
+    (tmp_path / "films").mkdir()
+    for i in range(8):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (96, 96), dtype=np.uint8)).save(
+            tmp_path / "films" / f"f{i}.png")
+    for split in ("train", "val", "test"):
+        (tmp_path / f"{split}.txt").write_text("".join(f"f{i}.png {i % 2}\n" for i in range(8)))
+    flags = ["--dataset", "custom", "--train_list", "train.txt", "--val_list", "val.txt", "--test_list", "test.txt",
+             "--image_root", "films", "--init", "none", "--preset", "tiny", "--steps", "2", "--lr", "0.1",
+             "--batch_size", "2", "--out", "ft"]
+    assert cli("finetune.py", *flags, cwd=tmp_path).returncode == 0
+    cut = tmp_path / "films" / "f3.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    err = one_line(cli("finetune.py", *flags, "--overwrite", cwd=tmp_path), "finetune.py")  # default workers
+    assert "f3.png" in err
+    left = sorted(str(p.relative_to(tmp_path / "ft")) for p in (tmp_path / "ft").rglob("*") if p.is_file())
+    assert "results.json" not in left and not any(p.endswith(("best.pt", "last.pt")) for p in left), left
 
 
 def test_finetune_overwrite_leaves_no_half_of_the_earlier_run(tmp_path):
