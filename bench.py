@@ -350,7 +350,7 @@ def bench_resize(args) -> dict:
 
 def bench_loader(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as out:  # where build_data writes the vocabulary it builds
+    with tempfile.TemporaryDirectory() as out:  # an --out of its own (build_data writes nothing into it)
         cfg = recipes.fill_pretraining(train.TrainConfig(preset=args.preset, data=args.data, image_root=args.image_root,
                                               tokenizer=args.tokenizer, num_records=args.num_records,
                                               batch_size=args.batch_size, num_workers=args.num_workers, out=out))

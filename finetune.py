@@ -436,7 +436,7 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
           f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
           f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
           f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}")
-    runs.take(cfg.out, cfg.overwrite, FINETUNE_RUN)  # every check has passed: the run takes its folder
+    runs.take(cfg.out, cfg.overwrite, cfg.resume, FINETUNE_RUN, "--resume")  # checks passed: the run takes its folder
     fits = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
             for lr in lrs]
     chosen = max(fits, key=lambda r: r["val"])  # selected on validation only
@@ -529,7 +529,7 @@ LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
            "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"],
            "head_init": ["auto", "zero", "probe"], "optimizer": ["auto", "sgd", "adamw"]}
-RESUME_MAY_CHANGE = {"resume", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from machinery.console import one_line_errors, progress
 from machinery.errors import BadRecord, ConfigError
-from machinery.files import atomic
+from machinery.files import atomic, write_text
 from machinery.flags import OneLineParser, bounded
 from machinery.images import IMAGE_SUFFIXES, load_image
 from machinery.records import csv_rows
@@ -57,9 +57,9 @@ def write_synthetic(out, n: int, size: int = 512, seed: int = 0):
               "test_list": lines[n_train + n_val:], "train_1": lines[:max(1, n_train // 100)],
               "train_10": lines[:max(1, n_train // 10)]}
     for name, rows in splits.items():
-        (out / f"{name}.txt").write_text("".join(r + "\n" for r in rows))
+        write_text(str(out / f"{name}.txt"), "".join(r + "\n" for r in rows))
     _write_atomic_csv(out / "training.csv", ("image_path", "report_content"), reports[:n_train])
-    (out / "findings.txt").write_text("\n".join(FINDINGS) + "\n")
+    write_text(str(out / "findings.txt"), "\n".join(FINDINGS) + "\n")
     print(f"wrote {n} records to {out} ({n_train} in training.csv); labels in the order of findings.txt")
 
 

@@ -34,7 +34,7 @@ from machinery.errors import ConfigError, NonFiniteLoss
 from machinery.files import TRAIN_RUN, release
 from machinery.flags import bounded, config_parser
 from machinery.records import csv_rows
-from machinery.settings import check_pretraining, check_steps
+from machinery.settings import check_pretraining, check_steps, continues_in
 from machinery.tokenizer import load_tokenizer, train_tokenizer
 from mrm import MRM, MRMConfig
 
@@ -77,7 +77,7 @@ class TrainConfig:
     trust_checkpoint: bool = False   # load --init/--resume even if it pickles objects beyond weights (runs their code)
     amp: str = "auto"                # auto (bf16 where the GPU has it, else fp16; off on CPU), bf16, fp16, off
     compile: bool = False            # torch.compile the model
-    num_workers: int | None = None   # loader processes a training process (none: 2 on a CPU; a GPU: its CPUs - 1, 2-8)
+    num_workers: int | None = None   # loader processes a process (none: 2 on a CPU; a GPU: its CPU share - 1, 2-8)
     save_every: int = 1              # epochs between checkpoints (and recon.png, curves.png)
     log_every: int = 10              # optimizer steps between log.jsonl lines
     seed: int = 0                    # model init, data order, crops and masks all follow from it
@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
     stop_note = lambda: runs.kept_and_cause(runs.existing(ckpt_path), "--blr", dtype == torch.float16)  # noqa: E731
     if main_process:  # every check has passed: the run takes its folder, and says what it continues or changes
         runs.start(cfg.out, ckpt and cfg.resume, runs.resume_changes(ckpt, asdict(cfg), world, RESUME_MAY_CHANGE),
-                   cfg.overwrite, TRAIN_RUN, {"tokenizer.json": tok.to_str(pretty=True)})
+                   cfg.overwrite, continues_in(cfg.out, cfg.resume), TRAIN_RUN, f"--resume {ckpt_path}",
+                   {"tokenizer.json": tok.to_str(pretty=True)})
         print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(dataset)} records, vocabulary {mcfg.vocab_size}, device {device}"
               f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}, {world} process(es)")
@@ -408,9 +409,9 @@ CHOICES = {"preset": sorted(recipes.PRETRAINING), "amp": ["auto", "bf16", "fp16"
            "fusion_tokens": ["visible", "all"]}
 # what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
 # the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
-RESUME_MAY_CHANGE = {"resume", "out", "epochs", "batch_size", "accum_iter", "num_workers", "amp", "compile",
-                     "save_every", "log_every", "skip_bad", "fusion_check", "fusion_every", "trust_checkpoint",
-                     "dry_run"}
+RESUME_MAY_CHANGE = {"resume", "out", "overwrite", "epochs", "batch_size", "accum_iter", "num_workers", "amp",
+                     "compile", "save_every", "log_every", "skip_bad", "fusion_check", "fusion_every",
+                     "trust_checkpoint", "dry_run"}
 
 
 def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
@@ -418,7 +419,7 @@ def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
     if not given.get("resume"):
         return TrainConfig(**given), None
     ckpt = load_checkpoint(given["resume"], bool(given.get("trust_checkpoint")))
-    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)} - {"overwrite"}}
     refused = sorted(runs.changed_settings(saved, given).keys() - RESUME_MAY_CHANGE)
     if refused:
         raise ConfigError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
@@ -469,7 +470,8 @@ def main(argv=None):
 
     def how_to_resume() -> str:  # a checkpoint this run wrote, or the one it continues
         kept = runs.resumable([os.path.join(run["cfg"].out, "ckpt.pt")], bool(run["cfg"].resume)) if run else []
-        return runs.resume_hint(kept, f"{runs.launcher()} train.py --resume {kept[0]}" if kept else "")
+        return runs.resume_hint(kept, f"{runs.launcher()} train.py --resume {kept[0]} --epochs {run['cfg'].epochs}"
+                                if kept else "")
 
     with one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
         try:

@@ -6,6 +6,8 @@
 #   REF=path/ref_mrm_bench.py bash experiments/gpu.sh OUTDIR   # also time the released architecture
 #   SMALL=1 CUDA_VISIBLE_DEVICES= bash experiments/gpu.sh /tmp/gpu   # a rehearsal on a CPU: tiny sizes
 #
+# Give a new OUTDIR each time: train.py refuses an --out that holds an earlier run (docs/errors.md).
+#
 # REF is a rebuild of the released model on timm + Hugging Face transformers (neither is a package of
 # this project), timed beside bench.py in the same run so that the two are compared as a ratio.
 #

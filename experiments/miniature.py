@@ -100,6 +100,8 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
             return path
         tc.resume = path
         print(f"{variant}: resuming pre-training at epoch {ckpt['epoch']}")
+    else:  # stopped before its first checkpoint (or never run): start again, replacing what it left
+        tc.overwrite = True
     print(f"\n== pre-training {variant} ==")
     train.train(tc)
     return path

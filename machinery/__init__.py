@@ -9,6 +9,7 @@ reader or a piece of bookkeeping. Nothing in this folder is MRM; every module is
   settings.py     settings that cannot work (model sizes, flag combinations), refused before anything runs
   checkpoints.py  checkpoints written atomically and read safely; MAE's and the released MRM's weights
   runs.py         a run's bookkeeping: resume, its log.jsonl, what a stop keeps and says
+  files.py        a run's folder: files written whole, one run a folder (a lock), an earlier run kept
   records.py      UTF-8 text and CSV readers, training.csv checked row by row
   images.py       any radiograph file to 8-bit gray; the fast crop path (JPEG draft decode, a 4-line resize)
   tokenizer.py    WordPiece vocabularies: the released file or one built from the reports, deterministically
@@ -16,6 +17,7 @@ reader or a piece of bookkeeping. Nothing in this folder is MRM; every module is
   pictures.py     curves.png and recon.png, drawn with PIL
   plans.py        what finetune.py --dry_run prints: a run's whole recipe, resolved
 
-The imports run one way: this folder's modules import each other, mrm.py (checkpoints.py builds the model
-to check a file against it) and recipes.py (a table of numbers), never the scripts (tests/test_layout.py).
+Imports never cycle (tests/test_layout.py): this folder's modules import each other, recipes.py (tables),
+and, in checkpoints.py alone, mrm.py (to check a file against the model); mrm.py imports errors.py and
+settings.py, which import no module that imports mrm.py. Nothing here imports a script.
 """

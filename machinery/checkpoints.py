@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import recipes
 from machinery.errors import CheckpointError, ConfigError
 from machinery.files import atomic
-from mrm import MRM, Block, MRMConfig
+from mrm import MRM, Block, MRMConfig, ViT
 
 
 # -----------------------------------------------------------------------------
@@ -475,6 +475,9 @@ def finetuning_encoder(cfg) -> tuple[str, MRMConfig, str, int]:
                               else sizes.img_size)
     if size % sizes.patch_size:
         raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    if init != "none":  # its weights must fit the encoder before a run replaces anything (--overwrite)
+        load_pretrained(ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
+                            sizes.mlp_ratio), init, verbose=False, trust=cfg.trust_checkpoint)
     return init, sizes, preset, size
 
 

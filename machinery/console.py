@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from tqdm import tqdm
 
 from machinery.errors import BadRecord, CheckpointError, ConfigError
+from machinery.files import release_all
 
 
 _stops = []  # the signals (SIGINT, SIGTERM) this run was sent
@@ -39,7 +40,8 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
 
     rank, torchrun = int(os.environ.get("RANK", "0")), "RANK" in os.environ
     main_thread = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)  # an ignored one stays so
+                if main_thread and signal.getsignal(s) is not signal.SIG_IGN}
     code = None
     try:
         yield
@@ -64,6 +66,7 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
                 print(f"{script}: {'stopped by SIGTERM' if terminated else 'interrupted'}{how}", file=sys.stderr)
             code = 143 if terminated else 130
     finally:
+        release_all()  # the folder a run held (machinery/files.py)
         _at_boundaries[0] = False
         _stops.clear()  # a signal is this run's: a run that follows in the same process starts without it
         for s, handler in previous.items():

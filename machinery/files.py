@@ -34,7 +34,7 @@ def atomic(path: str, suffix: str = ""):
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and not e.filename:
+        if isinstance(e, OSError) and e.filename in (None, tmp):  # the file the user knows, not ours
             raise OSError(e.errno, f"cannot write: {e.strerror}", path) from None
         raise
 
@@ -49,6 +49,13 @@ def earlier_run(out: str, patterns) -> list[str]:
     """The files of an earlier run in `out` that match `patterns` (TRAIN_RUN, FINETUNE_RUN), relative to it."""
     found = {p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out), pattern))}
     return sorted(os.path.relpath(p, out) for p in found if os.path.isfile(p))
+
+
+def refuse_init_in_earlier_run(out: str, patterns, init: str):
+    """--overwrite would remove the earlier run's files before --init is read from one of them."""
+    if init and os.path.abspath(init) in {os.path.abspath(os.path.join(out, p)) for p in earlier_run(out, patterns)}:
+        raise ConfigError(f"--init {init} is a file of the run in --out {out}, which --overwrite replaces: copy it "
+                          "elsewhere first, or pick another --out")
 
 
 def refuse_earlier_run(out: str, patterns, resume_hint: str):
@@ -89,6 +96,13 @@ def release(out: str):
     fd = _held.pop(os.path.realpath(out), None)
     if fd is not None:
         os.close(fd)
+
+
+def release_all():
+    """Let every folder go: a script's end, however it ends (console.one_line_errors), so that a process that
+    goes on (a notebook) holds none of a run that stopped."""
+    for out in list(_held):
+        release(out)
 
 
 def replace_earlier_run(out: str, patterns):

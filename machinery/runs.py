@@ -11,11 +11,11 @@ from machinery.checkpoints import FINETUNE_CHECKPOINT, WRITTEN, non_finite, read
 from machinery.errors import ConfigError, NonFiniteLoss
 
 
-def start(out: str, resumed: str, changed: dict, overwrite: bool, run_files, write: dict | None = None):
-    """A run takes its folder once every check has passed: makes and holds it (files.hold), with --overwrite
-    removes the earlier run in it (files.replace_earlier_run, its files named by run_files), writes the
-    texts of `write` ({name: text}) into it, and says where it writes, what it continues and what it changes."""
-    take(out, overwrite, run_files)
+def start(out: str, resumed: str, changed: dict, overwrite: bool, continues: bool, run_files, resume_hint: str,
+          write: dict | None = None):
+    """A run takes its folder once every check has passed (take), writes the texts of `write` ({name: text})
+    into it, and says where it writes, what it continues and what it changes."""
+    take(out, overwrite, continues, run_files, resume_hint)
     for name, text in (write or {}).items():
         files.write_text(os.path.join(out, name), text)
     print(f"writing to {os.path.abspath(out)}" + (f", continuing {resumed}" if resumed else "")
@@ -24,11 +24,16 @@ def start(out: str, resumed: str, changed: dict, overwrite: bool, run_files, wri
         print("resuming with changed settings: " + describe(changed))
 
 
-def take(out: str, overwrite: bool, run_files):
-    """Make and hold the folder (files.hold); with --overwrite, remove the earlier run in it first."""
+def take(out: str, overwrite: bool, continues: bool, run_files, resume_hint: str):
+    """Make and hold the folder (files.hold), then, holding it: with --overwrite remove the earlier run in
+    it; without, unless this run continues the one there, refuse a run that another process finished in
+    the meantime (the check before, settings.check_out, ran without the folder held)."""
     files.hold(out)
+    WRITTEN.clear()  # a checkpoint an earlier run in this process wrote is not this run's to advise
     if overwrite:
         files.replace_earlier_run(out, run_files)
+    elif not continues:
+        files.refuse_earlier_run(out, run_files, resume_hint)
 
 
 def resume_changes(ckpt: dict | None, now: dict, world: int, may_change) -> dict:
@@ -37,8 +42,9 @@ def resume_changes(ckpt: dict | None, now: dict, world: int, may_change) -> dict
     blr x effective batch / 256: the schedule goes on at another scale). Nothing for a fresh run."""
     if ckpt is None:
         return {}
-    saved, before = ckpt["config"], ckpt.get("world_size", world)  # older checkpoints did not record it
-    changed = changed_settings(saved, {k: now[k] for k in saved if k in may_change - {"resume", "out"}})
+    before = ckpt.get("world_size", world)  # older checkpoints did not record it
+    saved = {**now, **ckpt["config"]}  # a setting the checkpoint lacks: taken as unchanged
+    changed = changed_settings(saved, {k: now[k] for k in ckpt["config"] if k in may_change - {"resume", "out"}})
     batch = (saved["batch_size"] * saved["accum_iter"] * before, now["batch_size"] * now["accum_iter"] * world)
     if before != world:
         changed["processes"] = (before, world)
@@ -97,8 +103,7 @@ def truncate_log(path: str, key: str, last):
     if os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if json.loads(line).get(key, math.inf) <= last]
-        with open(path, "w") as f:
-            f.writelines(kept)
+        files.write_text(path, "".join(kept))  # whole or not at all: a Ctrl-C here loses no line
 
 
 def write_json(path: str, value):
@@ -168,7 +173,7 @@ def existing(*paths: str) -> list[str]:
 def resumable(paths, resumed: bool) -> list[str]:
     """The checkpoints a stopped run may be continued from: those this process wrote, and, in a run that
     continues one (--resume), those it continues. Never an earlier run's that this one did not touch."""
-    return [p for p in paths if os.path.abspath(p) in WRITTEN or (resumed and os.path.exists(p))]
+    return [p for p in paths if os.path.exists(p) and (os.path.abspath(p) in WRITTEN or resumed)]
 
 
 def loader_workers(requested: int | None, device: torch.device) -> int:

@@ -6,7 +6,7 @@ import os
 from dataclasses import fields
 
 from machinery.errors import ConfigError
-from machinery.files import FINETUNE_RUN, TRAIN_RUN, refuse_earlier_run
+from machinery.files import FINETUNE_RUN, TRAIN_RUN, refuse_earlier_run, refuse_init_in_earlier_run
 
 
 def check_model_config(cfg):
@@ -77,14 +77,11 @@ def check_pretraining(cfg, sizes, ckpt: dict | None = None):
     """train.py's flags against the model sizes `sizes` (an mrm.MRMConfig) they will train and the checkpoint
     a resumed run continues, and its --out: a folder that holds an earlier run is refused unless --resume or
     --overwrite says what to do with it."""
-    refuse_file_out(cfg.out)
     if ckpt is not None and cfg.epochs <= ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: {cfg.resume} has done {ckpt['epoch']} epochs already; to go on, "
                           f"give --epochs above {ckpt['epoch']}")
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
-    if not cfg.resume and not cfg.overwrite:
-        refuse_earlier_run(cfg.out, TRAIN_RUN, f"--resume {os.path.join(cfg.out, 'ckpt.pt')}")
+    check_out(cfg.out, TRAIN_RUN, cfg.resume, cfg.overwrite, continues_in(cfg.out, cfg.resume),
+              f"--resume {os.path.join(cfg.out, 'ckpt.pt')}", cfg.init)
     patches = (sizes.img_size // sizes.patch_size) ** 2
     if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
         most = math.floor((1 - 1 / patches) * 1e4) / 1e4  # 4 decimals, rounded down: a ratio that is accepted
@@ -110,11 +107,27 @@ def check_finetuning(cfg):
             ok = False
         if not ok:
             raise ConfigError(f"--lr_grid {cfg.lr_grid}: {v!r} is not a positive number")
-        if float(v) in seen:  # one folder an lr: the second run would overwrite the first
-            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {seen[float(v)]!r} and {v!r} are the same lr")
-        seen[float(v)] = v
-    refuse_file_out(cfg.out)
-    if cfg.resume and cfg.overwrite:
+        folder = f"lr_{float(v):g}"  # one folder an lr: a second run there would overwrite the first
+        if folder in seen:
+            raise ConfigError(f"--lr_grid {cfg.lr_grid}: {seen[folder]!r} and {v!r} are the same lr ({folder})")
+        seen[folder] = v
+    check_out(cfg.out, FINETUNE_RUN, cfg.resume, cfg.overwrite, cfg.resume, "--resume",
+              cfg.init if cfg.init not in ("auto", "none") else "")
+
+
+def continues_in(out: str, resume: str) -> bool:
+    """Does train.py's --resume continue the run in --out (its checkpoint's folder), not elsewhere?"""
+    return bool(resume) and os.path.abspath(out) == os.path.dirname(os.path.abspath(resume))
+
+
+def check_out(out: str, patterns, resume, overwrite: bool, continues: bool, resume_hint: str, init: str = ""):
+    """--out must be a folder (or not exist yet), and one that holds an earlier run (files.TRAIN_RUN,
+    FINETUNE_RUN) only if this run continues that run (--resume, `continues`) or --overwrite replaces it
+    (and --init is not one of its files)."""
+    refuse_file_out(out)
+    if resume and overwrite:
         raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
-    if not cfg.resume and not cfg.overwrite:
-        refuse_earlier_run(cfg.out, FINETUNE_RUN, "--resume")
+    if overwrite:
+        refuse_init_in_earlier_run(out, patterns, init)
+    elif not continues:  # a fresh run, or a resumed one writing into another folder
+        refuse_earlier_run(out, patterns, resume_hint)

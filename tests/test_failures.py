@@ -261,7 +261,7 @@ def test_sigterm_during_a_save_lets_it_finish_and_stops_at_the_epoch_s_end(tmp_p
     err = capsys.readouterr().err
     assert e.value.code == 143 and err.count("\n") == 1
     assert err == (f"train.py: stopped by SIGTERM; the last checkpoint {out / 'ckpt.pt'} is intact; continue with: "
-                   f"python train.py --resume {out / 'ckpt.pt'}\n")
+                   f"python train.py --resume {out / 'ckpt.pt'} --epochs 3\n")
     assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 2 and not list(out.glob("*.tmp*"))
     assert max(json.loads(line).get("epoch", 0) for line in open(out / "log.jsonl")) == 2  # no step of epoch 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only as long as the run

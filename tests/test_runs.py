@@ -145,6 +145,35 @@ def test_the_largest_mask_ratio_the_refusal_names_is_accepted(tmp_path):
     assert cli("train.py", "--mask_ratio", "0.9843", "--dry_run", cwd=tmp_path).returncode == 0
 
 
+def test_a_run_started_with_overwrite_resumes(finished, tmp_path):
+    copy_of(finished, tmp_path)
+    assert cli("train.py", *SMALL, "--overwrite", "--out", "run", cwd=tmp_path).returncode == 0
+    done = cli("train.py", "--resume", "run/ckpt.pt", "--epochs", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    err = one_line(cli("train.py", "--resume", "run/ckpt.pt", "--epochs", "3", "--overwrite", cwd=tmp_path), "train.py")
+    assert "--resume continues the run in its folder and --overwrite replaces it: give one" in err
+
+
+def test_a_resume_into_another_run_s_folder_is_refused(finished, tmp_path):
+    copy_of(finished, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.jsonl").write_text('{"step": 1, "epoch": 1}\n')
+    err = one_line(cli("train.py", "--resume", "run/ckpt.pt", "--epochs", "2", "--out", "other", cwd=tmp_path),
+                   "train.py")
+    assert "--out other holds an earlier run (log.jsonl)" in err
+    assert (other / "log.jsonl").read_text() == '{"step": 1, "epoch": 1}\n'
+
+
+def test_a_failed_run_lets_its_folder_go(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.tensor([float("nan"), 0.1, float("nan"), 0, 0]))
+    with pytest.raises(SystemExit):
+        train.main([*SMALL, "--num_workers", "0", "--out", str(tmp_path / "run")])
+    assert "the loss is nan at step 1" in capsys.readouterr().err
+    done = cli("train.py", *SMALL, "--overwrite", "--out", "run", cwd=tmp_path)  # this process still runs
+    assert done.returncode == 0, done.stderr
+
+
 # ----------------------------------------------------------------------------- what a stop says
 
 
@@ -250,6 +279,18 @@ def test_finetune_overwrite_with_an_unreadable_film_leaves_no_half_of_the_earlie
     assert "results.json" not in left and not any(p.endswith(("best.pt", "last.pt")) for p in left), left
 
 
+def test_finetune_overwrite_checks_the_init_first_and_its_run_resumes(tmp_path):
+    assert cli("finetune.py", *FINETUNE, cwd=tmp_path).returncode == 0
+    before = digests(tmp_path / "ft")
+    torch.save({"model": {"foo": torch.zeros(3)}}, tmp_path / "bad.pth")
+    err = one_line(cli("finetune.py", *FINETUNE[:-4], "--init", "bad.pth", "--out", "ft", "--overwrite",
+                       cwd=tmp_path), "finetune.py")
+    assert "bad.pth: none of its 1 tensors matches a parameter of ViT" in err and digests(tmp_path / "ft") == before
+    assert cli("finetune.py", *FINETUNE, "--overwrite", "--steps", "3", cwd=tmp_path).returncode == 0
+    done = cli("finetune.py", *FINETUNE, "--steps", "3", "--resume", cwd=tmp_path)  # finished: nothing to do
+    assert done.returncode == 0, done.stderr
+
+
 def test_finetune_overwrite_leaves_no_half_of_the_earlier_run(tmp_path):
     assert cli("finetune.py", *FINETUNE, cwd=tmp_path).returncode == 0
     assert "holds an earlier run" in one_line(cli("finetune.py", *FINETUNE, "--dry_run", cwd=tmp_path), "finetune.py")
@@ -328,7 +369,7 @@ def test_sigterm_to_torchrun_stops_every_process_and_says_how_to_continue_there(
     run.send_signal(signal.SIGTERM)
     err = run.communicate(timeout=120)[1]
     assert ours(err) == ["train.py: stopped by SIGTERM; the last checkpoint run/ckpt.pt is intact; continue with: "
-                         "torchrun --nproc_per_node 2 train.py --resume run/ckpt.pt"], err
+                         "torchrun --nproc_per_node 2 train.py --resume run/ckpt.pt --epochs 200"], err
     assert "[rank" not in err and not list((tmp_path / "run").glob("*.tmp*"))
     # continued in one process instead: the line says what that changes
     done = cli("train.py", "--resume", "run/ckpt.pt", "--epochs", str(torch.load(ckpt)["epoch"] + 1), cwd=tmp_path)
