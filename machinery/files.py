@@ -4,6 +4,7 @@ holds an earlier run never replaced without --resume or --overwrite."""
 import errno
 import glob
 import os
+import re
 from contextlib import contextmanager
 
 from machinery.errors import ConfigError
@@ -89,6 +90,11 @@ def hold(out: str):
                 from None
         raise
     _held[key] = fd
+    # held: no other process writes here, so a temporary file here is a killed run's (SIGKILL, a power cut)
+    for pattern in ("*.tmp*", os.path.join("*", "*.tmp*")):  # the folder and its lr_* folders
+        for stale in glob.glob(os.path.join(glob.escape(key), pattern)):
+            if re.search(r"\.\d+\.tmp(\.\w+)?$", stale):
+                os.remove(stale)
 
 
 def release(out: str):
