@@ -239,13 +239,21 @@ def test_many_missing_images_say_so_in_the_first_line(tmp_path):
                           " the others:")
 
 
-def test_dry_runs_refuse_what_the_runs_refuse(finished, tmp_path):
+def test_dry_runs_refuse_what_the_runs_refuse(finished, tmp_path, monkeypatch, capsys):
     copy_of(finished, tmp_path)
-    err = one_line(cli("train.py", "--resume", "run/ckpt.pt", "--epochs", "1", "--dry_run", cwd=tmp_path), "train.py")
-    assert "--epochs 1: run/ckpt.pt has done 1 epochs already; to go on, give --epochs above 1" in err
-    err = one_line(cli("train.py", "--num_records", "8", "--batch_size", "16", "--dry_run", cwd=tmp_path), "train.py")
-    assert "8 records are too few for 1 x 16 x 1" in err
-    assert "holds an earlier run" in one_line(cli("train.py", "--out", "run", "--dry_run", cwd=tmp_path), "train.py")
+    monkeypatch.chdir(tmp_path)  # main() as the command line runs it, in this process
+
+    def refused(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, "--dry_run"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert "--epochs 1: run/ckpt.pt has done 1 epochs already; to go on, give --epochs above 1" in refused(
+        "--resume", "run/ckpt.pt", "--epochs", "1")
+    assert "8 records are too few for 1 x 16 x 1" in refused("--num_records", "8", "--batch_size", "16")
+    assert "holds an earlier run" in refused("--out", "run")
 
 
 # ----------------------------------------------------------------------------- finetune.py
@@ -254,10 +262,13 @@ def test_dry_runs_refuse_what_the_runs_refuse(finished, tmp_path):
 @pytest.mark.parametrize("grid, says", [("3e-2,abc", "'abc' is not a positive number"),
                                         ("3e-2,nan", "'nan' is not a positive number"),
                                         ("1e-3,0.001", "'1e-3' and '0.001' are the same lr")])
-def test_a_bad_lr_grid_is_refused_by_the_dry_run_too(tmp_path, grid, says):
+def test_a_bad_lr_grid_is_refused_by_the_dry_run_too(tmp_path, grid, says, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main() as the command line runs it, in this process (a process costs 3 s)
     for dry in ([], ["--dry_run"]):
-        err = one_line(cli("finetune.py", *FINETUNE, "--lr_grid", grid, *dry, cwd=tmp_path), "finetune.py")
-        assert says in err
+        with pytest.raises(SystemExit) as e:
+            finetune.main([*FINETUNE, "--lr_grid", grid, *dry])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
 
 
 def test_finetune_overwrite_with_an_unreadable_film_leaves_no_half_of_the_earlier_run(tmp_path):
@@ -279,16 +290,20 @@ def test_finetune_overwrite_with_an_unreadable_film_leaves_no_half_of_the_earlie
     assert "results.json" not in left and not any(p.endswith(("best.pt", "last.pt")) for p in left), left
 
 
-def test_finetune_overwrite_checks_the_init_first_and_its_run_resumes(tmp_path):
-    assert cli("finetune.py", *FINETUNE, cwd=tmp_path).returncode == 0
+def test_finetune_overwrite_checks_the_init_first_and_its_run_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main() as the command line runs it, in this process (a process costs 3 s)
+    flags = [*FINETUNE, "--num_workers", "0"]
+    finetune.main(flags)
     before = digests(tmp_path / "ft")
     torch.save({"model": {"foo": torch.zeros(3)}}, tmp_path / "bad.pth")
-    err = one_line(cli("finetune.py", *FINETUNE[:-4], "--init", "bad.pth", "--out", "ft", "--overwrite",
-                       cwd=tmp_path), "finetune.py")
-    assert "bad.pth: none of its 1 tensors matches a parameter of ViT" in err and digests(tmp_path / "ft") == before
-    assert cli("finetune.py", *FINETUNE, "--overwrite", "--steps", "3", cwd=tmp_path).returncode == 0
-    done = cli("finetune.py", *FINETUNE, "--steps", "3", "--resume", cwd=tmp_path)  # finished: nothing to do
-    assert done.returncode == 0, done.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*flags[:-6], "--init", "bad.pth", "--out", "ft", "--num_workers", "0", "--overwrite"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "bad.pth: none of its 1 tensors matches a parameter of ViT" in err, err
+    assert digests(tmp_path / "ft") == before
+    finetune.main([*flags, "--overwrite", "--steps", "3"])
+    finetune.main([*flags, "--steps", "3", "--resume"])  # a run started with --overwrite resumes (finished: done)
 
 
 def test_finetune_overwrite_leaves_no_half_of_the_earlier_run(tmp_path):
