@@ -96,7 +96,6 @@ class FinetuneConfig:
     seed: int = 0                    # init of the new layers, data order, crops, label subset
 
 
-
 # -----------------------------------------------------------------------------
 # Models: the encoder plus a classification head or a segmentation head
 

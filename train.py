@@ -86,7 +86,6 @@ class TrainConfig:
     dry_run: bool = False            # print the resolved settings as one JSON object and stop, before reading an image
 
 
-
 # -----------------------------------------------------------------------------
 # The schedule and the step (Sec. 4.6)
 
@@ -148,7 +147,6 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     sums = all_reduce_sum(sums)
     sums[:3] /= world
     return sums
-
 
 
 # -----------------------------------------------------------------------------

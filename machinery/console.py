@@ -92,7 +92,6 @@ def stop_requested() -> bool:
     return bool(_stops)
 
 
-
 def original_message(e: BaseException) -> str:
     """What to print of an expected error. An OS error names its file and the cause ('out/ckpt.pt: cannot
     write: No space left on device'). An error raised in a DataLoader worker reaches the main process as the
