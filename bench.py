@@ -4,19 +4,13 @@
     python bench.py step --preset tiny --batch_size 32                  # runs on a CPU in seconds
     python bench.py step --preset base --batch_size 64 --dtype bf16 --steps 0   # FLOPs and memory only
     python bench.py data --image cxr.jpg                                # one core: ours and the released pipeline
-    python bench.py resize --image cxr.jpg                              # a candidate: the resize on the GPU
     python bench.py loader --data training.csv --image_root DIR --num_workers 8
     python bench.py loader --num_workers 2                              # the built-in synthetic records
 
 `step` times train.train_step (forward, backward, optimizer) on synthetic batches, after warm-up.
-`data` times one record's image on one core, in one process, the same file over and over: ours
-(data.load_crop, what PretrainDataset runs) and, in the same run, the bare gray decode of the file
-(`bare_decode`, the floor), ours without its decode (`resize_only`: the crop's resize alone) and the
-released recipe re-done with PIL and numpy (`released_pipeline`), so their ratios hold on a busy machine
-too; `overhead_ms` is what ours adds to the decode per image, `resize_ms` how much of it is the resize.
-`resize` measures a candidate for that resize: done on the training device instead, from crops the
-loader would ship as decoded (what the loader would save, what it would ship, what the device spends).
-`loader` runs train.py's DataLoader end to end (images + tokenized, masked reports).
+`data` times one image on one core, the same file over and over: ours (data.load_crop) beside, in the same run, the
+bare decode, ours without its decode and the released recipe, so their ratios hold on a busy machine too; what its
+fields mean: docs/performance.md. `loader` runs train.py's DataLoader end to end (images + tokenized, masked reports).
 """
 import argparse
 import json
@@ -29,16 +23,15 @@ import time
 import numpy as np
 import PIL
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import recipes
 import train
-from machinery import images, synthetic
+from machinery import images
 from machinery.console import one_line_errors
-from machinery.flags import OneLineParser, bounded
+from machinery.settings import OneLineParser, bounded
 from mrm import MRM, MRMConfig
 
 
@@ -56,11 +49,6 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def report(result: dict):
-    print(json.dumps(result))
-    return result
-
-
 # -----------------------------------------------------------------------------
 # step: the training step on synthetic batches
 
@@ -71,7 +59,7 @@ def synthetic_batch(cfg: MRMConfig, batch_size: int, rng) -> dict:
     hr, T = 2 * cfg.img_size, cfg.max_text_len
     ids = rng.integers(4, cfg.vocab_size, (batch_size, T))
     ids[:, 0] = 2  # [CLS]
-    masked = [data.mask_report(r, cfg.text_mask_ratio, rng, cfg.mask_token_id, cfg.pad_token_id) for r in ids]
+    masked = [data.mask_report(r, 0.5, rng, cfg.mask_token_id, cfg.pad_token_id) for r in ids]
     return {"image": torch.from_numpy(rng.integers(0, 256, (batch_size, 1, hr, hr), dtype=np.uint8)),
             "tokens": torch.from_numpy(np.stack([t for t, _ in masked])),
             "labels": torch.from_numpy(np.stack([l for _, l in masked])),
@@ -84,10 +72,8 @@ VOCAB = {"base": 30000, "tiny": 153}
 
 
 def saved_for_backward(model, batch: dict, device, dtype) -> int:
-    """Bytes autograd keeps from one eager forward until the backward: activations and autocast's
-    low-precision copies of the weights, not the weights themselves; a storage saved twice counts once.
-    Nearly the same on any device for the same dtype (CPU autocast keeps softmax and layer norm in
-    bf16, CUDA's runs them in fp32), so a CPU can size what a batch will hold on a GPU."""
+    """Bytes autograd keeps from one eager forward for the backward (activations, autocast's weight copies; a storage
+    once): nearly the same on any device for one dtype, so a CPU sizes a GPU's batch (docs/performance.md)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
@@ -111,7 +97,7 @@ def bench_step(args) -> dict:
     torch.manual_seed(0)
     cfg = MRMConfig.from_preset(args.preset, vocab_size=args.vocab_size or VOCAB[args.preset])
     model = MRM(cfg).to(device)
-    optimizer = train.build_optimizer(model, 0.05, device)
+    optimizer = recipes.pretraining_optimizer(model, 0.05, device)
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -123,17 +109,14 @@ def bench_step(args) -> dict:
     if device.type == "cuda":  # the loader pins its batches
         batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
 
-    # FLOPs of one forward + backward, counted on the eager model (the same arithmetic compiled or not),
-    # on up to 8 records (the count is per record)
-    b = {k: v[:8] for k, v in batches[0].items()}
+    # FLOPs per record of one forward + backward on up to 8 records, on the eager model (the same arithmetic compiled)
+    b = {k: v[:8].to(device) for k, v in batches[0].items()}
     with FlopCounterMode(display=False) as counter:
-        model(b["image"].to(device), b["tokens"].to(device), b["labels"].to(device), noise=b["noise"])["loss"].backward()
+        model(b["image"], b["tokens"], b["labels"], noise=b["noise"])["loss"].backward()
     model.zero_grad(set_to_none=True)
     gflop_per_img = counter.get_total_flops() / len(b["image"]) / 1e9
-    # Memory, counted rather than timed: what the eager model saves for its backward (with --compile
-    # too), on 2 and 4 records, taken on to the batch (a part per forward, autocast's weight copies, and
-    # a part per record); and fp32 weights + AdamW's two moments (12 bytes a parameter), held all along.
-    # An eager step's GPU peak is at least their sum (--compile recomputes cheap activations instead).
+    # Memory, counted: what the eager model saves for its backward (--compile too) on 2 and 4 records, extrapolated
+    # to the batch, and fp32 weights + AdamW's moments (12 bytes a parameter); an eager peak is at least their sum.
     probe = synthetic_batch(cfg, 4, np.random.default_rng(1))
     two, four = (saved_for_backward(model, {k: v[:n] for k, v in probe.items()}, device, dtype) for n in (2, 4))
     saved = two + (args.batch_size - 2) * (four - two) / 2
@@ -141,16 +124,17 @@ def bench_step(args) -> dict:
 
     result = {"bench": "step", "preset": args.preset, "batch_size": args.batch_size, "dtype": args.dtype,
               "vocab_size": cfg.vocab_size, "compile": args.compile, "gflop_per_img": round(gflop_per_img, 2),
-              "saved_for_backward_eager_gb": round(saved / 2**30, 3), "weights_and_adam_gb": round(weights_and_adam / 2**30, 3)}
+              "saved_for_backward_eager_gb": round(saved / 2**30, 3),
+              "weights_and_adam_gb": round(weights_and_adam / 2**30, 3)}
     if args.steps == 0:  # the counts only: sizing a GPU's batch from a CPU takes seconds, not a base step
-        return report({**result, **environment(device)})
+        return {**result, **environment(device)}
 
     def steps(n):
-        values = torch.zeros(4)
+        loss = torch.zeros(())
         for i in range(n):
-            values = train.train_step(net, None, [batches[i % len(batches)]], optimizer, scaler, dtype, device, 1,
-                                      args.compile)
-        return values.tolist()  # waits for the device
+            loss = train.train_step(net, None, [batches[i % len(batches)]], optimizer, scaler, dtype, device, 1,
+                                    args.compile)["loss"]
+        return loss.item()  # waits for the device
 
     warm = time.perf_counter()
     steps(args.warmup)
@@ -158,7 +142,7 @@ def bench_step(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    loss = steps(args.steps)[0]
+    loss = steps(args.steps)
     step_s = (time.perf_counter() - start) / args.steps
     if device.type == "cuda":
         peak, peak_of = torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
@@ -167,10 +151,10 @@ def bench_step(args) -> dict:
     img_per_s = args.batch_size / step_s
     if args.profile:  # where the time goes: the top kernels (or CPU ops) of a few more steps
         print(profile_table(lambda: steps(args.profile), device), flush=True)
-    return report({**result, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
-                   "peak_mem_gb": round(peak / 2**30, 3), "peak_mem_of": peak_of,
-                   "mfu": round(gflop_per_img * img_per_s / (1e3 * args.peak_tflops), 4) if args.peak_tflops else None,
-                   "warmup_s": round(warmup_s, 1), "loss": round(loss, 4), **environment(device)})
+    return {**result, "img_per_s": round(img_per_s, 2), "step_ms": round(1e3 * step_s, 2),
+            "peak_mem_gb": round(peak / 2**30, 3), "peak_mem_of": peak_of,
+            "mfu": round(gflop_per_img * img_per_s / (1e3 * args.peak_tflops), 4) if args.peak_tflops else None,
+            "warmup_s": round(warmup_s, 1), "loss": round(loss, 4), **environment(device)}
 
 
 def profile_table(run, device: torch.device, rows: int = 15) -> str:
@@ -190,10 +174,7 @@ PIXEL_MEAN, PIXEL_STD = 0.4978, 0.2449
 
 
 def released_pipeline(path, size: int, rng) -> torch.Tensor:
-    """The released loader's transforms, step for step as torchvision runs them on a PIL image, in PIL
-    and numpy: decode to RGB; RandomResizedCrop(size, scale 0.2-1, bicubic) = crop, then resize;
-    RandomHorizontalFlip; Grayscale(3) = to 'L', stacked 3 times, back to RGB; ToTensor; Normalize.
-    Returns (3, size, size) float32."""
+    """The released torchvision transforms step for step in PIL and numpy (docs/performance.md): (3, S, S) float32."""
     with Image.open(path) as f:
         img = f.convert("RGB")
     img = img.crop(data.random_resized_crop_box(*img.size, rng)).resize((size, size), Image.BICUBIC)
@@ -206,18 +187,14 @@ def released_pipeline(path, size: int, rng) -> torch.Tensor:
 
 
 def bare_decode(path):
-    """The floor under any loader of this film with PIL: the file decoded to gray at full size
-    (libjpeg's own conversion, `draft('L', size)`), nothing after. A crop decoded at 1/2 scale
-    (images.draft_scale) costs less than this."""
+    """The floor of any loader with PIL: the bare gray decode at full size (`draft('L', size)`), nothing after."""
     with Image.open(path) as img:
         img.draft("L", img.size)
         img.load()
 
 
 def resize_only(path, size: int):
-    """load_crop without its decode: the film decoded once beforehand at each scale load_crop decodes a crop
-    at (images.draft_scale), then per call the same draws (box, mirror) and images.resize_box. The floor of
-    what load_crop adds to the decode with torch's resize kernel. Returns a function of rng."""
+    """load_crop without its decode (the film decoded beforehand at each draft_scale), as a function of rng."""
     def run(rng):
         box = data.random_resized_crop_box(width, height, rng)
         img, scale = decoded[images.draft_scale(box, size)]
@@ -255,93 +232,13 @@ def bench_data(args) -> dict:
     best = {name: max(r) for name, r in rates.items()}  # a busy machine only ever slows a round down
     with Image.open(args.image) as img:
         size = img.size
-    return report({"bench": "data", "image": args.image, "image_size": size, "crop": args.size,
-                   "img_per_s_per_core": round(best["ours"], 1),
-                   "released_img_per_s_per_core": round(best["released"], 1),
-                   "speedup": round(best["ours"] / best["released"], 2),
-                   "decode_img_per_s_per_core": round(best["decode"], 1),
-                   # what load_crop adds to the decode: crop box, resize, mirror, arrays (can be < 0: 1/2-scale decodes)
-                   "overhead_ms": round(1e3 / best["ours"] - 1e3 / best["decode"], 2),
-                   "share_of_decode": round(best["ours"] / best["decode"], 2),
-                   # the resize alone (resize_only); above overhead_ms where crops decode at 1/2 scale
-                   "resize_ms": round(1e3 / best["resize"], 2),
-                   "rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()}, "n": args.n,
-                   "core": core, **environment(torch.device("cpu"))})
-
-
-# -----------------------------------------------------------------------------
-# resize: a candidate, the crop's resize on the training device instead of in the loader
-
-
-def resize_on_device(crop: torch.Tensor, size: int, flip: bool) -> torch.Tensor:
-    """A (h, w) uint8 crop, on any device, to (size, size) uint8: images.resize_box's two passes (along the rows,
-    then the columns, rounded to uint8 in between) in float, the only dtype CUDA's antialiased bicubic
-    takes. Each call leaves the other axis as it is (bicubic at scale 1 is the identity). Within 2 gray
-    levels of resize_box, about 0.005 on average (tested)."""
-    x = crop.float()[None, None]
-    x = F.interpolate(x, (crop.shape[0], size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
-    x = F.interpolate(x, (size, size), mode="bicubic", antialias=True).round_().clamp_(0, 255)
-    return (x.flip(-1) if flip else x)[0, 0].to(torch.uint8)
-
-
-def bench_resize(args) -> dict:
-    """If the loader shipped each crop as decoded (decode_crop's box, cut out) and the training device
-    resized it: the loader's cost per record on one core (the cut) beside resize_box's, the bytes it would
-    ship, and the device's time for a batch of such crops, one resize_on_device each, copies included."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.set_num_threads(1)  # the loader's side: one core's work (on a CPU device, the resizes too)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.image
-        if not path:  # a synthetic 1,024-px film, JPEG as the recommended MIMIC-CXR copy
-            path = os.path.join(tmp, "film.jpg")
-            Image.fromarray(synthetic.synth_record(0, 1024)["image"]).save(path, quality=95)
-        rng = np.random.default_rng(0)
-        records = []
-        for _ in range(args.batch_size):  # the draws of data.load_crop: box, then mirror
-            img, box = images.decode_crop(path, args.size, lambda w, h: data.random_resized_crop_box(w, h, rng))
-            records.append((img, box, data.coin_flip(rng, True)))
-        with Image.open(path) as img:
-            image_size = img.size
-
-    def cut(img, box):  # what the loader would ship: the box of the decoded film, as a tensor
-        left, top, right, bottom = box
-        return torch.from_numpy(np.array(images.pixels(img)[top:bottom, left:right]))
-
-    loader_ms = {"cut": [], "resize_box": []}
-    for _ in range(args.rounds):  # one core, as bench.py data; alternating
-        for name, run in (("cut", lambda r: cut(*r[:2])),
-                          ("resize_box", lambda r: images.resize_box(*r[:2], args.size, r[2]))):
-            start = time.perf_counter()
-            for r in records:
-                run(r)
-            loader_ms[name].append((time.perf_counter() - start) * 1e3 / len(records))
-    crops = [cut(img, box) for img, box, _ in records]
-    if device.type == "cuda":
-        crops = [c.pin_memory() for c in crops]
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = torch.stack([resize_on_device(c.to(device, non_blocking=True), args.size, flip)
-                           for c, (_, _, flip) in zip(crops, records)])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    expected = torch.from_numpy(np.stack([images.resize_box(img, box, args.size, flip) for img, box, flip in records]))
-    diff = (out.cpu().int() - expected.int()).abs()
-    batch_ms = sorted(times)[len(times) // 2]
-    return report({"bench": "resize", "image": args.image or "synthetic 1,024-px film", "image_size": image_size,
-                   "crop": args.size, "batch_size": args.batch_size,
-                   "loader_cut_ms": round(min(loader_ms["cut"]), 3),  # per record, one core (best round)
-                   "loader_resize_box_ms": round(min(loader_ms["resize_box"]), 3),
-                   "shipped_kb_per_record": round(sum(c.numel() for c in crops) / len(crops) / 1024, 1),
-                   "resized_kb_per_record": round(args.size ** 2 / 1024, 1),
-                   "device_ms_per_batch": round(batch_ms, 2),  # median of the timed steps
-                   "device_ms_per_record": round(batch_ms / args.batch_size, 3),
-                   "max_diff": int(diff.max()), "mean_diff": round(float(diff.float().mean()), 4),
-                   **environment(device)})
+    return {"bench": "data", "image": args.image, "image_size": size, "crop": args.size,
+            "img_per_s_per_core": round(best["ours"], 1), "released_img_per_s_per_core": round(best["released"], 1),
+            "speedup": round(best["ours"] / best["released"], 2), "decode_img_per_s_per_core": round(best["decode"], 1),
+            "overhead_ms": round(1e3 / best["ours"] - 1e3 / best["decode"], 2),
+            "share_of_decode": round(best["ours"] / best["decode"], 2), "resize_ms": round(1e3 / best["resize"], 2),
+            "rounds": {name: [round(v, 1) for v in r] for name, r in rates.items()}, "n": args.n,
+            "core": core, **environment(torch.device("cpu"))}
 
 
 # -----------------------------------------------------------------------------
@@ -354,12 +251,10 @@ def bench_loader(args) -> dict:
         cfg = recipes.fill_pretraining(train.TrainConfig(preset=args.preset, data=args.data, image_root=args.image_root,
                                               tokenizer=args.tokenizer, num_records=args.num_records,
                                               batch_size=args.batch_size, num_workers=args.num_workers, out=out))
-        sizes = MRMConfig.from_preset(cfg.preset)
-        dataset, _ = train.build_data(cfg, sizes, None, rank=0)
+        dataset, _, sizes = train.build_data(cfg, None, rank=0)
     sampler, loader = train.build_loader(dataset, cfg, 1, 0, device)
     start = time.perf_counter()
-    first = None
-    records, epoch = 0, 0
+    first, records, epoch = None, 0, 0
     while records < args.records:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -373,10 +268,9 @@ def bench_loader(args) -> dict:
                 break
         epoch += 1
     seconds = time.perf_counter() - start
-    return report({"bench": "loader", "data": args.data, "preset": args.preset, "crop": 2 * sizes.img_size,
-                   "num_workers": args.num_workers, "batch_size": cfg.batch_size, "records": records,
-                   "records_per_s": round(records / seconds, 1), "first_batch_s": round(first, 2),
-                   **environment(device)})
+    return {"bench": "loader", "data": args.data, "preset": args.preset, "crop": 2 * sizes.img_size,
+            "num_workers": args.num_workers, "batch_size": cfg.batch_size, "records": records,
+            "records_per_s": round(records / seconds, 1), "first_batch_s": round(first, 2), **environment(device)}
 
 
 def main(argv=None) -> dict:
@@ -386,15 +280,20 @@ def main(argv=None) -> dict:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="base", choices=["base", "tiny"])
     p.add_argument("--batch_size", type=bounded(int, 1), default=64)
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on a GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--vocab_size", type=bounded(int, 1), default=None, help="default: base 30000 (the released WordPiece), "
-                   "tiny 153 (what python train.py builds from the synthetic reports)")
+    p.add_argument("--vocab_size", type=bounded(int, 1), default=None,
+                   help="default: base 30000 (the released WordPiece), tiny 153 (what python train.py builds from the "
+                   "synthetic reports)")
     p.add_argument("--warmup", type=bounded(int, 0), default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--steps", type=bounded(int, 0), default=20, help="timed steps (0: only count FLOPs and memory)")
-    p.add_argument("--peak_tflops", type=bounded(float, 0, low_open=True), default=None, help="the device's peak, for mfu (H100 SXM bf16: 989)")
-    p.add_argument("--threads", type=bounded(int, 1), default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--profile", type=bounded(int, 0), default=0, help="then profile this many steps and print the top kernels")
+    p.add_argument("--peak_tflops", type=bounded(float, 0, low_open=True), default=None,
+                   help="the device's peak, for mfu (H100 SXM bf16: 989)")
+    p.add_argument("--threads", type=bounded(int, 1), default=None,
+                   help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--profile", type=bounded(int, 0), default=0,
+                   help="then profile this many steps and print the top kernels")
     p = sub.add_parser("data", help="one record's image pipeline on one core: ours, the bare decode, the released one",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image", required=True)
@@ -402,21 +301,14 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=bounded(int, 1), default=3)
     p.add_argument("--size", type=bounded(int, 1), default=448, help="crop size")
     p.add_argument("--core", type=bounded(int, 0), default=None, help="CPU core to run on (default: the last one)")
-    p = sub.add_parser("resize", help="a candidate: the crops' resize on the training device instead of in the loader",
+    p = sub.add_parser("loader", help="train.py's DataLoader end to end",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image", default="", help="a film (default: a synthetic 1,024-px JPEG)")
-    p.add_argument("--batch_size", type=bounded(int, 1), default=64)
-    p.add_argument("--size", type=bounded(int, 1), default=448, help="crop size")
-    p.add_argument("--rounds", type=bounded(int, 1), default=3, help="rounds of the loader's side, one core")
-    p.add_argument("--warmup", type=bounded(int, 0), default=3)
-    p.add_argument("--steps", type=bounded(int, 0), default=10, help="timed batches on the device")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p = sub.add_parser("loader", help="train.py's DataLoader end to end", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic", help="training.csv, or 'synthetic'")
     p.add_argument("--image_root", default="", help="default: the CSV's folder")
     p.add_argument("--tokenizer", default="", help="default: build one from the reports")
     p.add_argument("--preset", default="base", choices=["base", "tiny"], help="sets the crop: 448 or 128")
-    p.add_argument("--num_records", type=bounded(int, 1), default=None, help="synthetic records (default: the preset's)")
+    p.add_argument("--num_records", type=bounded(int, 1), default=None,
+                   help="synthetic records (default: the preset's)")
     p.add_argument("--batch_size", type=bounded(int, 1), default=64)
     p.add_argument("--num_workers", type=bounded(int, 0), default=2)
     p.add_argument("--records", type=bounded(int, 1), default=2000, help="records to time, after the first batch")
@@ -424,8 +316,9 @@ def main(argv=None) -> dict:
     with one_line_errors("bench.py"):
         if args.command == "step":
             args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-            return bench_step(args)
-        return {"data": bench_data, "resize": bench_resize, "loader": bench_loader}[args.command](args)
+        result = {"step": bench_step, "data": bench_data, "loader": bench_loader}[args.command](args)
+        print(json.dumps(result))
+        return result
 
 
 if __name__ == "__main__":

@@ -1,16 +1,11 @@
-"""Records for MRM pre-training: what MRM does to a radiograph and its report before the model sees them.
-
-Read top to bottom:
+"""Records for MRM pre-training: what MRM does to a radiograph and its report before the model sees them. In order:
   1. the report: 100 WordPiece ids, [CLS] first, about half the words masked (Sec. 3.1);
   2. the film: a random resized crop to 448, bicubic, then a coin-flip mirror (released main_pretrain.py);
-  3. the Dataset train.py reads, each sample drawn from (seed, epoch, index) alone, and the records of a
-     run it reads from (the built-in synthetic ones, or the released training.csv).
-What stands behind them lives in machinery/: the WordPiece vocabularies (tokenizer.py), every image format
-and the fast crop path (images.py), the CSV checks (records.py), the synthetic records (synthetic.py). The
-tools that prepare real data are in prepare.py, the fine-tuning data in finetune_data.py.
-
-A training sample is a uint8 image; float conversion, normalisation and 3 channels happen on the
-training device (mrm.MRM.prepare_images), so the loader moves a quarter of the bytes.
+  3. the Dataset train.py reads, each sample drawn from (seed, epoch, index) alone, and the records of a run
+     (the built-in synthetic ones, or the released training.csv).
+Behind them, in machinery/: tokenizer.py (WordPiece), images.py (image formats, the fast crop), records.py (CSV
+checks), synthetic.py. prepare.py prepares real data, finetune_data.py is fine-tuning's. Images stay uint8 until the
+training device (mrm.MRM.prepare_images: floats, normalised, 3 channels): the loader moves a quarter of the bytes.
 """
 import math
 import os
@@ -21,10 +16,10 @@ import torch
 from PIL import Image
 
 from machinery import synthetic
-from machinery.console import progress
 from machinery.errors import BadRecord
 from machinery.images import decode_crop, load_image, named_errors, resize_box
-from machinery.records import training_csv_rows
+from machinery.records import csv_rows, training_csv_rows
+from machinery.tokenizer import load_tokenizer, train_tokenizer
 
 
 # -----------------------------------------------------------------------------
@@ -42,9 +37,15 @@ def encode_reports(tok, reports, max_len: int = 100) -> np.ndarray:
     return out
 
 
+def vocabulary(path: str = "", reports=(), size: int = 30000):
+    """The reports' WordPiece vocabulary: the file at `path` (a tokenizers JSON such as the released
+    mimic_wordpiece.json, or a BERT vocab.txt), or without one, built from the reports, the same every time."""
+    return load_tokenizer(path) if path else train_tokenizer(reports, size)
+
+
 def mask_report(ids: np.ndarray, ratio: float, rng, mask_id: int, pad_id: int):
-    """Sec. 3.1: each real token (not [CLS] at 0, not [PAD]) becomes [MASK] with probability `ratio`,
-    at least one per report (no BERT 80/10/10 split). Returns tokens and labels (-100 = not scored)."""
+    """Sec. 3.1: each real token (not [CLS] at 0, not [PAD]) becomes [MASK] with probability `ratio`, at least one
+    per report (no BERT 80/10/10 split). Returns tokens and labels (-100 = not scored)."""
     real = ids != pad_id
     real[0] = False
     if not real.any():
@@ -60,8 +61,8 @@ def mask_report(ids: np.ndarray, ratio: float, rng, mask_id: int, pad_id: int):
 
 
 def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
-    """A crop box (left, top, right, bottom) covering `scale` of the area with aspect in `ratio`;
-    ten tries, then the centre crop of the clamped aspect (the usual RandomResizedCrop recipe)."""
+    """A crop box (left, top, right, bottom) covering `scale` of the area with aspect in `ratio`; ten tries, then the
+    centre crop of the clamped aspect (the usual RandomResizedCrop recipe)."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -77,23 +78,22 @@ def random_resized_crop_box(width: int, height: int, rng, scale=(0.2, 1.0), rati
 
 
 def augment(img: Image.Image, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
-    """Random resized crop to size x size (bicubic, antialiased when shrinking), then a coin-flip
-    mirror. Returns (size, size) uint8. min_crop: the smallest share of the area a crop keeps (released: 0.2).
-    Note: mirroring swaps the heart's side while the report still says 'left' (the released recipe;
-    train.py --no-hflip keeps laterality)."""
+    """Random resized crop to (size, size) uint8 (bicubic, antialiased when shrinking; min_crop: the smallest share
+    of the area kept, released 0.2), then a coin-flip mirror. Mirroring swaps the heart's side while the report
+    still says 'left' (the released recipe; train.py --no-hflip keeps laterality)."""
     box = random_resized_crop_box(*img.size, rng, (min_crop, 1.0))
     return resize_box(img, box, size, coin_flip(rng, hflip))
 
 
 def coin_flip(rng, hflip: bool) -> bool:
-    """Mirror this crop? Half the time with hflip; drawn after the crop box, as the released transforms
-    run (RandomResizedCrop, then RandomHorizontalFlip; main_pretrain.py)."""
+    """Mirror this crop? Half the time with hflip; drawn after the crop box, as the released transforms run
+    (RandomResizedCrop, then RandomHorizontalFlip; main_pretrain.py)."""
     return hflip and rng.random() < 0.5
 
 
 def load_crop(path, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
-    """augment(load_image(path), size, rng, hflip, min_crop), with the same draws from rng, but a JPEG is
-    decoded only as finely as its crop needs (machinery/images.py). Returns (size, size) uint8."""
+    """augment(load_image(path), size, rng, hflip, min_crop), the same draws, but a JPEG is decoded only as finely
+    as its crop needs (machinery/images.py)."""
     path = str(path)
     with named_errors(path):
         img, box = decode_crop(path, size, lambda w, h: random_resized_crop_box(w, h, rng, (min_crop, 1.0)))
@@ -110,22 +110,20 @@ def full_view(img: Image.Image, size: int) -> np.ndarray:
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Sample i of an epoch: the augmented image (1, S, S) uint8, the masked report (tokens, labels),
-    and the noise (L,) that decides its image mask.
+    """Sample i of an epoch: the augmented image (1, S, S) uint8, the masked report (tokens, labels), and the
+    noise (L,) that decides its image mask.
 
-    Every random choice comes from a generator seeded with (seed, epoch, i), so a sample does not
-    depend on which process or worker draws it, nor on the batch it lands in: runs resume exactly, and
-    1 process x 256 and 4 processes x 64 see the same samples. Call set_epoch before each epoch's loader.
-    With skip_bad, an unreadable image is replaced by the next record and counted in 'skipped'.
-    """
+    Every random choice comes from a generator seeded with (seed, epoch, i), so a sample does not depend on the
+    process, worker or batch that draws it: runs resume exactly, and 1 process x 256 and 4 processes x 64 see the
+    same samples. Call set_epoch before each epoch's loader. With skip_bad, an unreadable image is replaced by the
+    next record's and counted in 'skipped'."""
 
     def __init__(self, images, tokens: np.ndarray, crop_size: int, num_patches: int, text_mask_ratio: float,
                  mask_id: int, pad_id: int, seed: int = 0, hflip: bool = True, skip_bad: bool = False,
                  min_crop: float = 0.2):
-        self.images, self.tokens = images, tokens
-        self.crop_size, self.num_patches, self.text_mask_ratio = crop_size, num_patches, text_mask_ratio
-        self.mask_id, self.pad_id, self.seed, self.hflip, self.skip_bad = mask_id, pad_id, seed, hflip, skip_bad
-        self.min_crop = min_crop
+        self.images, self.tokens, self.seed, self.skip_bad = images, tokens, seed, skip_bad
+        self.crop_size, self.min_crop, self.hflip, self.num_patches = crop_size, min_crop, hflip, num_patches
+        self.text_mask_ratio, self.mask_id, self.pad_id = text_mask_ratio, mask_id, pad_id
         # in shared memory: DataLoader workers that persist across epochs (train.py) read the new epoch
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         empty = np.flatnonzero(tokens[:, 1] == pad_id)  # nothing after [CLS]: nothing to mask
@@ -143,8 +141,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def load(self, i: int, rng=None):
-        """Record i's image, or with skip_bad the next readable one's: (image, its index, records skipped).
-        The image is the whole PIL image, or with rng the training view: augmented, (S, S) uint8."""
+        """(image, its index, records skipped): record i's, or with skip_bad the next readable one's. The whole PIL
+        image, or with rng the training view, (S, S) uint8."""
         for skipped in range(len(self)):
             j = (i + skipped) % len(self)
             try:
@@ -172,8 +170,8 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 
 def run_records(source: str, image_root: str, n: int, hr: int, seed: int, skip_bad: bool, verbose: bool = True):
-    """A run's images and reports: `source` 'synthetic' (records 0..n-1, rendered at twice the crop, up to
-    512 px) or a training.csv path (images under image_root, by default the CSV's folder)."""
+    """A run's images and reports: `source` 'synthetic' (records 0..n-1, rendered at twice the crop, up to 512 px)
+    or a training.csv path (images under image_root, by default the CSV's folder)."""
     if source == "synthetic":
         return SyntheticImages(n, size=min(2 * hr, 512), seed=seed), [synthetic.synth_report(i, seed) for i in range(n)]
     images, reports, n_bad = read_training_csv(source, image_root or os.path.dirname(os.path.abspath(source)), skip_bad)
@@ -182,31 +180,19 @@ def run_records(source: str, image_root: str, n: int, hr: int, seed: int, skip_b
     return images, reports
 
 
-class SyntheticImages:
-    """Synthetic records 0..n-1, rendered on demand. A set of up to `cache_mb` is rendered once up front
-    and kept in memory (DataLoader workers share it), so each epoch only crops."""
+def count_records(source: str, n: int | None) -> int:
+    """What train.py --dry_run counts: the synthetic records asked for, or a training.csv's rows (not its images)."""
+    return n if source == "synthetic" else sum(1 for _, row in csv_rows(source) if row) - 1  # less the header
+
+
+class SyntheticImages(synthetic.SyntheticFilms):
+    """Synthetic records 0..n-1 as pre-training reads them: kept in memory up to cache_mb, each epoch only crops."""
 
     def __init__(self, n: int, size: int, seed: int = 0, cache_mb: int = 512):
-        self.n, self.size, self.seed = n, size, seed
-        self.cache = None
-        if n * size * size <= cache_mb * 2**20:
-            self.cache = np.stack([self.render(i) for i in progress(range(n), desc="rendering synthetic records",
-                                                                     unit=" records")])
-
-    def __len__(self):
-        return self.n
-
-    def render(self, i: int) -> np.ndarray:
-        return synthetic.synth_record(i, self.size, self.seed)["image"]
-
-    def load(self, i: int) -> Image.Image:
-        return Image.fromarray(self.cache[i] if self.cache is not None else self.render(i))
+        super().__init__(0, n, size, seed=seed, cache_mb=cache_mb)
 
     def load_crop(self, i: int, size: int, rng, hflip: bool = True, min_crop: float = 0.2) -> np.ndarray:
         return augment(self.load(i), size, rng, hflip, min_crop)
-
-    def where(self, i: int) -> str:
-        return f"synthetic record {i}"
 
 
 class ImageFiles:
@@ -240,8 +226,8 @@ class ImageFiles:
 
 
 def read_training_csv(csv_path, image_root, skip_bad: bool = False):
-    """The released training.csv (columns image_path,report_content, one row per image), every row checked
-    before a run starts (machinery/records.py). Returns (ImageFiles, reports, number of rows skipped)."""
+    """The released training.csv (columns image_path,report_content, one row an image), every row checked before a
+    run starts (machinery/records.py). Returns (ImageFiles, reports, number of rows skipped)."""
     paths, reports, lines, skipped = training_csv_rows(csv_path, image_root, skip_bad)
     return ImageFiles(paths, image_root, str(csv_path), lines), reports, skipped
 

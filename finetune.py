@@ -10,13 +10,10 @@ pneumothorax segmentation scored by Dice (SIIM-ACR).
 
 Every flag is a field of FinetuneConfig (`python finetune.py --help`). Writes to --out: results.json
 (test scores of the model selected on validation), curves.png (training loss and validation score against
-the step), and per learning rate lr_<lr>/log.jsonl, lr_<lr>/best.pt (the selected weights) and
-lr_<lr>/last.pt (to continue with --resume). One process, as the paper's
-classification runs (one GPU); mixed precision on a GPU.
+the step), and per learning rate lr_<lr>/log.jsonl, lr_<lr>/best.pt (the selected weights) and lr_<lr>/last.pt
+(to continue with --resume). One process, as the paper's classification runs (one GPU); AMP on a GPU.
 """
-import argparse
 import contextlib
-import glob
 import json
 import math
 import os
@@ -30,22 +27,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import checks
 import recipes
-from checks import auc_table, dice_per_image, mean_auc, roc_auc
 from finetune_data import (LABEL_NAMES, FinetuneDataset, StepSampler, build_splits, count_splits, resolve_lists,
-                          to_input)
-from machinery import pictures, runs
-from machinery.checkpoints import (finetuning_encoder, finetuning_state, load_pretrained, load_summary,
-                                   read_checkpoint, save_checkpoint)
-from machinery.plans import finetuning_plan
-from machinery.console import one_line_errors, progress
-from machinery.errors import NonFiniteLoss
-from machinery.files import FINETUNE_RUN, release
-from machinery.flags import bounded, config_parser
-from machinery.settings import check_finetuning
+                           to_input)
+from machinery import settings
+from machinery.run import Run
+from metrics import auc_table, dice_per_image, linear_probe, mean_auc, roc_auc
 from mrm import MRMConfig, ViT
-from train import amp_dtype, lr_at
 
 LOG_EVERY = 10  # steps between training-loss lines of log.jsonl (validations add their own)
 
@@ -179,7 +167,7 @@ class Segmenter(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Losses, layer-wise lr decay and the segmentation schedule
+# Losses
 
 
 def focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.5):
@@ -198,46 +186,17 @@ def dice_loss(logits, target, smooth: float = 1.0):
     return (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> list[dict]:
-    """AdamW groups with layer-wise lr decay: the head at the full lr, block i of the encoder at
-    decay^(depth - i), the patch embedding at decay^(depth + 1); no weight decay on 1-D parameters."""
-    depth = len(model.encoder.blocks)
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = depth + 1  # head
-        if name.startswith("encoder.blocks."):
-            layer = int(name.split(".")[2]) + 1
-        elif name.startswith("encoder."):
-            layer = 0  # patch embedding, [CLS]
-        wd = 0.0 if p.ndim == 1 or name == "encoder.cls_token" else weight_decay  # as MAE, BEiT, mmseg
-        scale = decay ** (depth + 1 - layer)
-        group = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": scale})
-        group["params"].append(p)
-    return list(groups.values())
-
-
-def poly_lr_at(step: int, total: int, warmup: int, lr: float, power: float = 1.0) -> float:
-    """Linear warm-up, then polynomial decay to 0 (mmseg's schedule for the segmentation runs)."""
-    if step < warmup:
-        return lr * step / warmup
-    return lr * (1 - min(step - warmup, total - warmup) / max(1, total - warmup)) ** power
-
-
 # -----------------------------------------------------------------------------
 # Evaluation, and LP-FT's probe
 
 
-def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: int, size: int, verbose=True):
-    """The encoder at input `size` (its position table interpolated from the checkpoint's if the size
-    differs), loaded from `init`, under a new classification or segmentation head."""
+def build_model(cfg: FinetuneConfig, sizes: MRMConfig, size: int, weights: dict | None, num_labels: int):
+    """The encoder at input `size` with --init's `weights` (settings.finetuning_encoder; None: as initialised),
+    under a new classification or segmentation head."""
     encoder = ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
                   sizes.mlp_ratio, drop_path_rate=cfg.drop_path)
-    if init != "none":
-        report = load_pretrained(encoder, init, verbose=False, trust=cfg.trust_checkpoint)
-        if verbose:
-            print(load_summary(report, len(encoder.state_dict()), init))
+    if weights is not None:
+        encoder.load_state_dict(weights, strict=False)
     model = Classifier(encoder, num_labels) if cfg.task == "classify" else \
         Segmenter(encoder, **recipes.SEG_HEADS["base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"])
     if cfg.linear_probe:
@@ -247,9 +206,9 @@ def build_model(cfg: FinetuneConfig, sizes: MRMConfig, init: str, num_labels: in
 
 def outputs(forward, dataset: FinetuneDataset, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype, desc: str):
     """forward(x) on every record's test view, a batch at a time: (outputs as floats on the CPU, targets)."""
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=runs.loader_workers(cfg.num_workers, device),
-                        pin_memory=device.type == "cuda")
-    for batch in progress(loader, desc=desc):
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, pin_memory=device.type == "cuda",
+                        num_workers=settings.loader_workers(cfg.num_workers, device))
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None):
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             yield forward(to_input(batch["image"], device, sizes)).float().cpu(), batch["target"].numpy()
 
@@ -279,70 +238,50 @@ def head_inputs(model: Classifier, dataset: FinetuneDataset, cfg: FinetuneConfig
     return torch.cat([f for f, _ in features])
 
 
-def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype,
-                      weight_decays=None) -> dict:
+def fit_head_to_probe(model: Classifier, datasets: dict, cfg: FinetuneConfig, sizes: MRMConfig, device, dtype) -> dict:
     """LP-FT (Kumar et al., 2022, "Fine-tuning can distort pretrained features"): before any step, set the
     head to a logistic regression fitted to convergence on the frozen encoder's features of the training
     records' test views, without augmentation (weight decay chosen on validation mean AUC), so fine-tuning
     starts where a linear probe ends instead of from a head near 0 that a short schedule never finishes
-    training. The features are standardised for the fit (checks.linear_probe) and the standardisation
+    training. The features are standardised for the fit (metrics.linear_probe) and the standardisation
     folded into the head, which stays one Linear."""
-    splits = ("train", "val")
-    probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
-                                {k: datasets[k].labels for k in splits}, weight_decays or recipes.PROBE_WEIGHT_DECAYS)
-    w, mean, std = probe["w"], probe["mean"], probe["std"]
+    fitted = linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in ("train", "val")},
+                          {k: datasets[k].labels for k in ("train", "val")}, recipes.PROBE_WEIGHT_DECAYS)
+    w, mean, std = fitted["w"], fitted["mean"], fitted["std"]
     with torch.no_grad():  # head(f) = ((f - mean) / std) @ w + b
         model.head.weight.copy_((w / std[:, None]).T)
-        model.head.bias.copy_(probe["b"] - (mean / std) @ w)
-    print(f"head fitted to a probe of the frozen features (weight decay {probe['weight_decay']:g}): "
-          f"validation mean AUC {probe['val_auc_mean']:.4f} before fine-tuning")
-    return {"val": probe["val_auc_mean"], "weight_decay": probe["weight_decay"]}
+        model.head.bias.copy_(fitted["b"] - (mean / std) @ w)
+    print(f"head fitted to a probe of the frozen features (weight decay {fitted['weight_decay']:g}): "
+          f"validation mean AUC {fitted['val_auc_mean']:.4f} before fine-tuning")
+    return {"val": fitted["val_auc_mean"], "weight_decay": fitted["weight_decay"]}
 
 
 # -----------------------------------------------------------------------------
 # Fine-tuning at one lr, then a whole run
 
 
-def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, sizes: MRMConfig, init: str,
-        device, dtype) -> dict:
-    """Fine-tune at one learning rate; keep the weights with the best validation score in run_dir/best.pt.
-    Returns {'lr', 'val', 'step', 'checkpoint'}."""
-    os.makedirs(run_dir, exist_ok=True)
-    best_path, last_path, log_path = (os.path.join(run_dir, f) for f in ("best.pt", "last.pt", "log.jsonl"))
+def fit(cfg: FinetuneConfig, lr: float, datasets: dict, names, encoder: tuple, device, dtype, run: Run) -> dict:
+    """Fine-tune at one learning rate; keep the weights with the best validation score in lr_<lr>/best.pt.
+    encoder: settings.finetuning_encoder's. Returns {'lr', 'val', 'step', 'checkpoint'}."""
+    _, sizes, _, size, weights = encoder
     classify = cfg.task == "classify"
     torch.manual_seed(cfg.seed)  # the new head's init, drop-path
-    model = build_model(cfg, sizes, init, len(names), datasets["train"].size).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":  # the released NIH_ChestX-ray/train.py: SGD, momentum 0.9, no weight decay
-        optimizer = torch.optim.SGD([{"params": params, "lr_scale": 1.0}], lr=lr, momentum=0.9, weight_decay=0.0)
-    else:  # AdamW, weight decay 0.05, layer-wise lr decay (the released segmentation's 0.65)
-        optimizer = torch.optim.AdamW(layer_decay_groups(model, 0.05, cfg.layer_decay), lr=lr, betas=(0.9, 0.999))
+    model = build_model(cfg, sizes, size, weights, len(names)).to(device)
+    optimizer = recipes.finetuning_optimizer(model, cfg.optimizer, lr, cfg.layer_decay)  # SGD or AdamW, as released
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     config = {**asdict(cfg), "lr": lr}
-    step, best = 0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": best_path}
-    # --resume: the stopped run's last.pt, refused if it ran other settings (a flag newer than it: at its default)
-    state = runs.resumed_state(last_path, config, asdict(FinetuneConfig()), RESUME_MAY_CHANGE) if cfg.resume else None
-    if state is not None:
-        runs.load_state(state, model, optimizer, scaler)
-        step, best = state["step"], state["best"]
-        print(f"{last_path}: resuming at step {step}/{cfg.steps}")
-        runs.truncate_log(log_path, "step", step)  # what the stopped run logged after this checkpoint goes
-    elif os.path.exists(log_path):
-        os.remove(log_path)
+    state = run.resumable(f"lr_{lr:g}", config)  # --resume: what this lr's stopped run left (its last.pt)
+    step, best = (state["step"], state["best"]) if state is not None else \
+        (0, {"lr": lr, "val": -math.inf, "step": 0, "checkpoint": run.path("best.pt")})
     if step >= cfg.steps:
         return best
-
-    def stop_note():  # what a run that goes non-finite keeps
-        return runs.kept_and_cause(runs.existing(best_path, last_path), "--lr", dtype == torch.float16)
-
-    train_set = datasets["train"]
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, num_workers=runs.loader_workers(cfg.num_workers, device),
-                        sampler=StepSampler(len(train_set), cfg.batch_size, cfg.steps, cfg.seed, start_step=step),
-                        pin_memory=device.type == "cuda")
+    sampler = StepSampler(len(datasets["train"]), cfg.batch_size, cfg.steps, cfg.seed, start_step=step)
+    loader = DataLoader(datasets["train"], batch_size=cfg.batch_size, sampler=sampler, pin_memory=device.type == "cuda",
+                        num_workers=settings.loader_workers(cfg.num_workers, device))
     batches = iter(loader)  # draws a seed from torch's generator: before the saved state is put back
-    if state is not None:  # drop-path continues where the stopped run left it
-        runs.set_rng(state["rng"], state.get("cuda_rng"), device)
-    schedule = lr_at if classify else poly_lr_at  # cosine (classification), polynomial (segmentation)
+    if state is not None:  # the weights, the moments, and the generator drop-path continues from
+        run.restore(state, model, optimizer, scaler)
+    schedule = recipes.lr_at if classify else recipes.poly_lr_at  # cosine (classification), polynomial (segmentation)
 
     def train_mode():
         model.train()
@@ -350,19 +289,20 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
             model.encoder.eval()  # frozen: no drop-path either
 
     def validate(train_loss):
-        """Score the validation split, keep the best weights and the state to resume from, log one line."""
-        runs.refuse_non_finite(model, f"step {step} at lr {lr:g}", stop_note)
+        """Score the validation split; save the state to resume from and the best weights; log one line."""
         values, _ = evaluate(model, datasets["val"], cfg, sizes, device, dtype, "validation")
         train_mode()
         val = summary(values, names, cfg, "validation")
-        if val > best["val"]:
+        better = val > best["val"]
+        if better:
             best.update(val=val, step=step)
-            save_checkpoint(best_path, {"model": model.state_dict(), "step": step, "val": val, "config": config,
-                                        "model_config": sizes.to_dict(), "labels": list(names)})
-        save_checkpoint(last_path, finetuning_state(model, optimizer, scaler, step, best, config))
-        runs.append_log(log_path, {"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
-                                   ("val_auc_mean" if classify else "val_dice"): val})
-        pictures.finetuning_run_curves(cfg)
+        weights = model.state_dict()
+        run.save({"model": weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                  "best": best, "config": config},
+                 best={"model": weights, "step": step, "val": val, "config": config, "model_config": sizes.to_dict(),
+                       "labels": list(names)} if better else None,
+                 line={"step": step, "lr": optimizer.param_groups[-1]["lr"], "train_loss": train_loss,
+                       ("val_auc_mean" if classify else "val_dice"): val})
         return val
 
     if state is None and classify and cfg.head_init == "probe":
@@ -389,28 +329,22 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
         scaler.scale(loss).backward()
         if classify:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipes.CLIP_GRAD_NORM)  # the frozen have no grad
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum += loss.detach()
-        loss_steps += 1
+        loss_sum, loss_steps = loss_sum + loss.detach(), loss_steps + 1
         recent.append(loss.detach())
         bar.update()
         if step % LOG_EVERY == 0:  # the curve's points: the mean loss since the last point or validation
-            runs.append_log(log_path, {"step": step, "lr": optimizer.param_groups[-1]["lr"],
-                                       "train_loss": torch.stack(recent).mean().item()})
+            run.log_step(step, {"train_loss": torch.stack(recent).mean()}, lr=optimizer.param_groups[-1]["lr"])
             recent = []
         if step % cfg.eval_every and step != cfg.steps:
             continue
         # a validation (with the loss lines above, the loop's only host syncs); a resumed run starts here
-        recent = []
-        train_loss = loss_sum.item() / loss_steps
-        loss_sum.zero_()
-        loss_steps = 0
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"the loss is {train_loss} before step {step} at lr {lr:g}; stopping. {stop_note()}")
+        train_loss = run.read(step, {"train_loss": loss_sum / loss_steps})["train_loss"]  # a NaN stops the run
+        loss_sum, loss_steps, recent = torch.zeros((), device=device), 0, []
         val = validate(train_loss)
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val:.4f}", best=f"{best['val']:.4f}")
     bar.close()
@@ -418,16 +352,15 @@ def fit(cfg: FinetuneConfig, lr: float, run_dir: str, datasets: dict, names, siz
     return best
 
 
-def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, rendered: dict | None = None, run: Run | None = None) -> dict:
     """Fine-tune at each lr of the grid, select on validation, score the test split once. Returns results.
-    rendered: see build_splits."""
-    cfg.out = default_out(cfg)
-    check_finetuning(cfg)
-    cfg = recipes.fill_finetuning(resolve_lists(cfg))
+    rendered: see build_splits. run: main's (its one-line framing); a call from Python makes its own."""
+    run = run or Run("finetune.py")
+    cfg, encoder = resolve(cfg, run)
+    init, sizes, preset, size, _ = encoder
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = amp_dtype(cfg, device)
-    init, sizes, preset, size = finetuning_encoder(cfg)
+    dtype = settings.amp_dtype(cfg.amp, device)
     datasets, names = build_splits(cfg, size, rendered)
     cfg = recipes.fill_schedule(cfg, len(datasets["train"]))
     lrs = recipes.learning_rates(cfg)
@@ -435,14 +368,13 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
           f"{len(datasets['train'])} train / {len(datasets['val'])} val / {len(datasets['test'])} test, "
           f"{cfg.steps} steps of {cfg.batch_size} (warm-up {cfg.warmup_steps}), lr {lrs}, device {device}"
           f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}")
-    runs.take(cfg.out, cfg.overwrite, cfg.resume, FINETUNE_RUN, "--resume")  # checks passed: the run takes its folder
-    fits = [fit(cfg, lr, os.path.join(cfg.out, f"lr_{lr:g}"), datasets, names, sizes, init, device, dtype)
-            for lr in lrs]
+    run.open(device=device, fp16=dtype == torch.float16)  # every check passed: the run takes its folder
+    fits = [fit(cfg, lr, datasets, names, encoder, device, dtype, run) for lr in lrs]
     chosen = max(fits, key=lambda r: r["val"])  # selected on validation only
 
     # the test split, scored once, with the selected weights
-    model = build_model(cfg, sizes, "none", len(names), size).to(device)
-    model.load_state_dict(read_checkpoint(chosen["checkpoint"])["model"])
+    model = build_model(cfg, sizes, size, None, len(names)).to(device)
+    model.load_state_dict(torch.load(chosen["checkpoint"], map_location="cpu", weights_only=True)["model"])
     values, extra = evaluate(model, datasets["test"], cfg, sizes, device, dtype, "test")
     test = summary(values, names, cfg, "test")
     results = {"task": cfg.task, "dataset": cfg.dataset, "init": init, "selected_lr": chosen["lr"],
@@ -470,10 +402,9 @@ def run(cfg: FinetuneConfig, rendered: dict | None = None) -> dict:
         print(f"test Dice {shown(with_finding)} on the {int(extra.sum())} images with the finding, "
               f"{shown(results['test_dice_without_finding'])} on the {int((~extra).sum())} without; "
               f"the SIIM-rule mean over all {len(values)}: {test:.4f}")
-    path = os.path.join(cfg.out, "results.json")
-    runs.write_json(path, results)
-    print(f"selected lr {chosen['lr']:g} (step {chosen['step']}); results in {path}")
-    release(cfg.out)
+    run.write("results.json", results)
+    print(f"selected lr {chosen['lr']:g} (step {chosen['step']}); results in {os.path.join(cfg.out, 'results.json')}")
+    run.close()
     return results
 
 
@@ -481,11 +412,10 @@ def random_encoder_probe(cfg: FinetuneConfig, datasets: dict, sizes: MRMConfig, 
     """Test mean AUC of a linear probe of a randomly initialised encoder (the seed's), fitted as LP-FT fits
     the head: the score a scratch run starts from, printed beside the synthetic demo's result."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, sizes, "none", datasets["train"].labels.shape[1], size).to(device)
+    model = build_model(cfg, sizes, size, None, datasets["train"].labels.shape[1]).to(device)
     splits = ("train", "val", "test")
-    probe = checks.linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
-                                {k: datasets[k].labels for k in splits}, recipes.PROBE_WEIGHT_DECAYS)
-    return probe["test_auc_mean"]
+    return linear_probe({k: head_inputs(model, datasets[k], cfg, sizes, device, dtype) for k in splits},
+                        {k: datasets[k].labels for k in splits}, recipes.PROBE_WEIGHT_DECAYS)["test_auc_mean"]
 
 
 def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float:
@@ -497,29 +427,34 @@ def summary(values: np.ndarray, names, cfg: FinetuneConfig, split: str) -> float
 # Command line: the flags are FinetuneConfig's fields
 
 
-def default_out(cfg: FinetuneConfig) -> str:
-    """--out, or where the task's demo writes: the two demos write apart, so that `python finetune.py --task
-    segment` after `python finetune.py` does not find the first one's run in its folder."""
-    return cfg.out or os.path.join("out", "finetune" if cfg.task == "classify" else "segment")
+def resolve(cfg: FinetuneConfig, run: Run) -> tuple[FinetuneConfig, tuple]:
+    """The settings of a run and of its --dry_run, resolved the one way: --out, the lists of --splits, the
+    recipe of the records (the released one, or the demo's), the folder, and the encoder with its --init
+    weights (settings.finetuning_encoder); each refused in one line, before anything is read or written."""
+    # by default the two demos write apart: `python finetune.py --task segment` after `python finetune.py`
+    cfg = replace(cfg, out=cfg.out or os.path.join("out", "finetune" if cfg.task == "classify" else "segment"))
+    settings.check_finetuning(cfg)
+    cfg = recipes.fill_finetuning(resolve_lists(cfg))
+    run.check(cfg)
+    return cfg, settings.finetuning_encoder(cfg, say="nothing" if cfg.dry_run else "summary")
 
 
-def plan(cfg: FinetuneConfig) -> dict:
-    """--dry_run: every setting run() would use, resolved the same way, without reading an image. The split
-    lists are counted (lines and labels), not checked against the images; the flags are checked as a run
-    checks them."""
-    check_finetuning(cfg)
-    cfg = recipes.fill_finetuning(resolve_lists(replace(cfg)))
-    init, sizes, preset, size = finetuning_encoder(cfg)
+def plan(cfg: FinetuneConfig, encoder: tuple) -> dict:
+    """--dry_run: every setting finetune() would use, from resolve()'s, without reading an image. The split
+    lists are read (lines and labels), not checked against the images."""
+    init, sizes, preset, size, _ = encoder
     counts, names = count_splits(cfg)
     cfg = recipes.fill_schedule(cfg, counts["train"])
-    return finetuning_plan(cfg, init, sizes, preset, size, counts, names, Segmenter.tap_blocks(sizes.depth))
+    return recipes.finetuning_plan(cfg, init, sizes, preset, size, counts, names, Segmenter.tap_blocks(sizes.depth))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return config_parser(FinetuneConfig, "finetune.py", __doc__, CHOICES, LIMITS, recipes.finetuning_help_default)
+def build_parser():
+    return settings.config_parser(FinetuneConfig, "finetune.py", __doc__, CHOICES, LIMITS,
+                                  recipes.finetuning_help_default)
 
 
-# what each number may be (flags.bounded): counts at least 1, shares within (0, 1], rates positive
+# what each number may be (settings.bounded): counts at least 1, shares within (0, 1], rates positive
+bounded = settings.bounded
 LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch_size", "eval_every"], bounded(int, 1)),
           **dict.fromkeys(["num_workers", "seed", "input_size", "warmup_steps"], bounded(int, 0)),
           **dict.fromkeys(["label_fraction", "min_crop"], bounded(float, 0, 1, low_open=True)),
@@ -528,24 +463,17 @@ LIMITS = {**dict.fromkeys(["num_records", "num_val", "num_test", "steps", "batch
 CHOICES = {"task": ["classify", "segment"], "dataset": sorted(LABEL_NAMES) + ["custom"], "ratio": [1, 10, 100],
            "preset": ["auto", "tiny", "base"], "amp": ["auto", "bf16", "fp16", "off"],
            "head_init": ["auto", "zero", "probe"], "optimizer": ["auto", "sgd", "adamw"]}
-RESUME_MAY_CHANGE = {"resume", "overwrite", "num_workers", "amp", "eval_every", "trust_checkpoint", "dry_run"}
 
 
 def main(argv=None):
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
-    cfg.out = default_out(cfg)
-
-    def how_to_resume() -> str:  # the last.pt this run wrote, or those it continues
-        kept = runs.resumable(sorted(glob.glob(os.path.join(glob.escape(cfg.out), "lr_*", "last.pt"))), cfg.resume)
-        return runs.resume_hint(kept, "the same command with --resume")
-
-    with one_line_errors("finetune.py", NonFiniteLoss, interrupted=how_to_resume):
-        if cfg.dry_run:  # what resolving the settings says goes to stderr: stdout is the JSON alone
-            with contextlib.redirect_stdout(sys.stderr):
-                settings = plan(cfg)
-            print(json.dumps(settings, allow_nan=False))
+    with Run("finetune.py") as run:  # however it ends: one line for an expected error or a stop, the folder let go
+        if not cfg.dry_run:
+            finetune(cfg, run=run)
             return
-        run(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # what resolving says goes to stderr: stdout is the JSON alone
+            settings_ = plan(*resolve(cfg, run))
+        print(json.dumps(settings_, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
-"""The data of fine-tuning: what finetune.py reads, from split lists or from synthetic records.
-
-finetune.py calls build_splits(cfg, size) and gets {'train', 'val', 'test'} FinetuneDatasets and the
-label names. Read top to bottom:
-  1. the released training and test views (crop, flip, resize), a step-seeded sampler that makes a run
-     resumable exactly, and the Dataset finetune.py reads;
-  2. the splits: train / val / test from split lists, or from synthetic records (machinery/synthetic.py) rendered
-     into memory, with an optional seeded label fraction;
-  3. the split-list files: the released DatasetsSplits/ format ('relative/path l1 ... lK') of NIH
-     ChestX-ray14, CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks.
-The files these lists and masks come from are made by prepare.py (`python prepare.py -h`).
+"""The data of fine-tuning: build_splits(cfg, size) gives finetune.py {'train', 'val', 'test'} FinetuneDatasets and
+the label names. Read top to bottom:
+  1. the released training and test views (crop, flip, resize), a step-seeded sampler that makes a run resumable
+     exactly, and the Dataset finetune.py reads;
+  2. the splits, from split lists or from synthetic records (machinery/synthetic.py) rendered into memory, with an
+     optional seeded label fraction;
+  3. the split-list files: the released DatasetsSplits/ format ('relative/path l1 ... lK') of NIH ChestX-ray14,
+     CheXpert, RSNA and COVID, and SIIM's image-id lists with their masks (prepare.py makes them: prepare.py -h).
 """
 import math
 import os
@@ -20,11 +17,10 @@ from torch.utils.data import Dataset, Sampler
 
 import data
 from data import random_resized_crop_box
-from machinery.console import progress
 from machinery.errors import BadRecord, ConfigError
 from machinery.images import IMAGE_SUFFIXES, load_image
 from machinery.records import text_lines
-from machinery.synthetic import FINDINGS, synth_record
+from machinery.synthetic import FINDINGS, SyntheticFilms
 
 
 # Label columns of the released split lists (DatasetsSplits/), so tables print names, not indices.
@@ -47,24 +43,20 @@ LABEL_NAMES = {
 def train_view(img: Image.Image, size: int, rng, scale=(0.08, 1.0), mask: Image.Image | None = None,
                hflip: bool = True):
     """RandomResizedCrop(size) + horizontal flip, bilinear, as the released fine-tuning's transforms
-    (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike with
-    nearest-neighbour. Returns uint8 (size, size) arrays: image, and mask or None."""
+    (NIH_ChestX-ray/utils/data_utils.py, torchvision's default), the mask (if any) cropped alike, nearest-neighbour.
+    Returns uint8 (size, size) arrays: image, and mask or None."""
     box = random_resized_crop_box(*img.size, rng, scale=scale)
     flip = rng.random() < 0.5 and hflip  # drawn either way: the same crops with and without flips
-    out = []
-    for picture, resample in ((img, Image.BILINEAR), (mask, Image.NEAREST)):
-        if picture is None:
-            out.append(None)
-            continue
+
+    def view(picture, resample):
         picture = picture.resize((size, size), resample, box=box)
-        out.append(np.asarray(picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture))
-    return out
+        return np.asarray(picture.transpose(Image.FLIP_LEFT_RIGHT) if flip else picture)
+    return view(img, Image.BILINEAR), None if mask is None else view(mask, Image.NEAREST)
 
 
 def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, center_crop: bool = True):
-    """Resize(size) + CenterCrop(size) in one resampling, bilinear as the released test transform: the
-    centred square of the shorter side, resized (segmentation, center_crop=False: the whole image, so
-    every pixel is scored)."""
+    """Resize(size) + CenterCrop(size) in one resampling, bilinear as the released test transform: the centred
+    square of the shorter side, resized (segmentation, center_crop=False: the whole image, so every pixel is scored)."""
     w, h = img.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s) if center_crop else (0, 0, w, h)
@@ -73,9 +65,9 @@ def eval_view(img: Image.Image, size: int, mask: Image.Image | None = None, cent
 
 
 class StepSampler(Sampler):
-    """Training positions from start_step * batch to steps * batch. Position p is record perm_e[p % n] of
-    epoch e = p // n, and p also seeds that sample's crop: so the run is a function of the seed alone,
-    and a run resumed at a step draws exactly what the stopped one would have."""
+    """Training positions from start_step * batch to steps * batch. Position p is record perm_e[p % n] of epoch
+    e = p // n, and p also seeds that sample's crop: the run is a function of the seed alone, and a run resumed at a
+    step draws exactly what the stopped one would have."""
 
     def __init__(self, n: int, batch_size: int, steps: int, seed: int, start_step: int = 0):
         self.n, self.batch_size, self.steps, self.seed, self.start_step = n, batch_size, steps, seed, start_step
@@ -93,8 +85,8 @@ class StepSampler(Sampler):
 
 
 class FinetuneDataset(Dataset):
-    """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn
-    with generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
+    """Records of one split: index i gives the test view, (i, p) from StepSampler a training view drawn with
+    generator (seed, p). Items: image (1, S, S) uint8 and target: labels (K,) float or mask (S, S)."""
 
     def __init__(self, images, size: int, labels: np.ndarray | None = None, masks=None, seed: int = 0,
                  min_crop: float = 0.08, hflip: bool = True):
@@ -125,8 +117,8 @@ class FinetuneDataset(Dataset):
 
 
 def to_input(images: torch.Tensor, device, sizes) -> torch.Tensor:
-    """(B, 1, S, S) uint8 -> (B, 3, S, S) normalised floats (sizes: the encoder's mrm.MRMConfig), on the
-    device: the loader ships bytes, a quarter of the floats."""
+    """(B, 1, S, S) uint8 -> (B, 3, S, S) normalised floats on the device (sizes: the encoder's mrm.MRMConfig): the
+    loader ships bytes, a quarter of the floats."""
     x = images.to(device, non_blocking=True).float().div_(255)
     return ((x - sizes.pixel_mean) / sizes.pixel_std).expand(-1, sizes.in_chans, -1, -1)
 
@@ -139,10 +131,11 @@ SPLIT_FILES = {1: "train_1.txt", 10: "train_10.txt", 100: "train_list.txt"}
 
 
 def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tuple]:
-    """{'train', 'val', 'test'} FinetuneDatasets and the label names of a finetune.FinetuneConfig. `rendered`: a
-    dict that keeps the synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
+    """{'train', 'val', 'test'} FinetuneDatasets and the label names of a finetune.FinetuneConfig. `rendered` keeps
+    the synthetic films across calls (experiments/miniature.py renders them once for all its runs)."""
     cfg = resolve_lists(cfg)
     segment = cfg.task == "segment"
+    rendered = {} if rendered is None else rendered
     if cfg.dataset == "synthetic" and not cfg.train_list:
         findings = [f.strip() for f in cfg.seg_findings.split(",")] if segment else []
         unknown = [f for f in findings if f not in FINDINGS]
@@ -153,11 +146,9 @@ def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tu
         splits, first = {}, SYNTH_START
         for name, n in counts.items():
             key = (first, n, render, tuple(findings))
-            films = rendered.get(key) if rendered is not None else None
-            if films is None:
-                films = SyntheticFilms(first, n, render, findings)
-                if rendered is not None:
-                    rendered[key] = films
+            if key not in rendered:
+                rendered[key] = SyntheticFilms(first, n, render, findings)
+            films = rendered[key]
             splits[name] = (films, films.labels, films if segment else None)
             first += n
         names = ("+".join(findings),) if segment else FINDINGS
@@ -166,34 +157,21 @@ def build_splits(cfg, size: int, rendered: dict | None = None) -> tuple[dict, tu
         empty = [k for k, v in lists.items() if not v]
         if empty:
             raise ConfigError(f"give --{empty[0]}_list (or --splits DIR) for --dataset {cfg.dataset}")
-        splits = {}
-        expected = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else None
-        for name, path in lists.items():  # train first: val and test must have its label count
-            if segment:
-                if not cfg.mask_root:
-                    raise ConfigError("segmentation from split lists needs --mask_root (python prepare.py siim-masks)")
-                images, masks = read_id_list(path, cfg.image_root or os.path.dirname(os.path.abspath(path)),
-                                             cfg.mask_root)
+        if segment:
+            splits = {}
+            for name, path in lists.items():
+                root = cfg.image_root or os.path.dirname(os.path.abspath(path))
+                images, masks = read_id_list(path, root, cfg.mask_root)
                 splits[name] = (images, None, masks)
-            else:
-                images, labels = read_split_list(path, cfg.image_root, None if name == "train" else expected)
-                if name == "train" and expected not in (None, labels.shape[1]):
-                    raise ConfigError(label_count_hint(cfg.dataset, expected, labels.shape[1], path))
-                expected = labels.shape[1]
-                splits[name] = (images, labels, None)
-        val = splits["val"][1] > 0.5
-        if not (val.any(0) & ~val.all(0)).any():
-            raise BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can "
-                            "select a model: give a validation list with positives and negatives")
-        k = splits["train"][1].shape[1] if not segment else 1
-        names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(k)))
-    images, labels, masks = splits["train"]
+            names = LABEL_NAMES.get(cfg.dataset, ("l1",))
+        else:
+            splits = {name: (images, labels, None) for name, (images, labels) in read_labelled_lists(cfg).items()}
+            names = LABEL_NAMES.get(cfg.dataset, tuple(f"l{j + 1}" for j in range(splits["train"][1].shape[1])))
     if cfg.label_fraction < 1:
+        images, labels, masks = splits["train"]
         keep = label_subset(len(images), cfg.label_fraction, cfg.seed)
-        images = Subset(images, keep)
-        labels = labels[keep] if labels is not None else None
-        masks = Subset(masks, keep) if masks is not None else None
-        splits["train"] = (images, labels, masks)
+        splits["train"] = (Subset(images, keep), None if labels is None else labels[keep],
+                           None if masks is None else Subset(masks, keep))
     return {name: FinetuneDataset(img, size, None if segment else lab, msk, cfg.seed, cfg.min_crop, cfg.hflip)
             for name, (img, lab, msk) in splits.items()}, names
 
@@ -209,36 +187,34 @@ def resolve_lists(cfg):  # cfg: a finetune.FinetuneConfig
                             ("test_list", "test_list.txt")):
             if not getattr(cfg, field):
                 setattr(cfg, field, os.path.join(cfg.splits, name))
+    if cfg.task == "segment" and cfg.train_list and not cfg.mask_root:
+        raise ConfigError("segmentation from split lists needs --mask_root (python prepare.py siim-masks)")
     return cfg
 
 
 def count_splits(cfg) -> tuple[dict, list]:
-    """--dry_run's look at the splits, no image read: the records of each (None for a list not given; the
-    train split after --label_fraction) and the label names."""
+    """--dry_run's look at the splits, no image looked for: the records of each (None for a list not given: the
+    schedule still resolves; the train split after --label_fraction) and the label names. A classification list is
+    read and checked as a run reads it, a segmentation list's ids only counted."""
     segment = cfg.task == "segment"
+    columns = 0
     if cfg.dataset == "synthetic" and not cfg.train_list:
         counts = {"train": cfg.num_records, "val": cfg.num_val, "test": cfg.num_test}
-        columns = None if segment else len(FINDINGS)
+    elif segment:
+        lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list}
+        counts = {name: len(read_ids(path)) if path else None for name, path in lists.items()}
     else:
-        counts, columns = {}, None
-        for name in ("train", "val", "test"):
-            path = getattr(cfg, f"{name}_list")
-            if not path:  # a plan without the lists: the schedule still resolves, the counts stay unknown
-                counts[name] = None
-                continue
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such split list")
-            rows = [line.split() for line in text_lines(path) if line.strip()]
-            counts[name] = len(rows)
-            if name == "train" and not segment:
-                columns = len(rows[0]) - 1 if rows else 0
+        read = read_labelled_lists(cfg, images=False)
+        counts = {name: None if got is None else len(got[1]) for name, got in read.items()}
+        labels = [got[1] for got in read.values() if got is not None]
+        columns = labels[0].shape[1] if labels else 0
     if cfg.label_fraction < 1 and counts["train"]:
         counts["train"] = len(label_subset(counts["train"], cfg.label_fraction, cfg.seed))
     if segment:
         names = ["+".join(f.strip() for f in cfg.seg_findings.split(","))] if cfg.dataset == "synthetic" \
             else list(LABEL_NAMES.get(cfg.dataset, ["finding"]))
     else:
-        names = list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(columns or 0)]))
+        names = list(LABEL_NAMES.get(cfg.dataset, [f"l{j + 1}" for j in range(columns)]))
     return counts, names
 
 
@@ -249,35 +225,6 @@ def label_count_hint(dataset: str, expected: int, found: int, path: str) -> str:
     return (f"{path}: {found} label(s) a line, not the {expected} of --dataset {dataset}{default}: pass "
             + (f"--dataset {' or '.join(fits)} (its label names and released schedule), or " if fits else "")
             + "--dataset custom with --steps (or --epochs) and --lr")
-
-
-class SyntheticFilms:
-    """Synthetic records first..first+n-1 rendered once into memory, with their labels and masks."""
-
-    def __init__(self, first: int, n: int, size: int, findings=(), seed: int = 0):
-        self.first = first
-        keep = [FINDINGS.index(f) for f in findings]
-        images, masks, labels = [], [], []
-        for i in progress(range(first, first + n), desc="rendering synthetic records", unit=" records"):
-            rec = synth_record(i, size, seed)
-            images.append(rec["image"])
-            labels.append(rec["labels"])
-            if keep:
-                masks.append(rec["masks"][keep].any(0))
-        self.images, self.labels = np.stack(images), np.stack(labels).astype(np.float32)
-        self.masks = np.stack(masks) if keep else None
-
-    def __len__(self):
-        return len(self.images)
-
-    def load(self, i):
-        return Image.fromarray(self.images[i])
-
-    def load_mask(self, i):
-        return Image.fromarray(self.masks[i].astype(np.uint8) * 255)
-
-    def where(self, i):
-        return f"synthetic record {self.first + i}"
 
 
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -311,9 +258,32 @@ class Subset:
 # 3. Split-list files and masks
 
 
-def read_split_list(path: str, image_root: str, num_labels: int | None = None):
-    """A released split list: lines 'relative/path l1 ... lK'. Checks every line's label count and that
-    every image exists, naming the list and line. Returns (data.ImageFiles, labels (N, K) float32)."""
+def read_labelled_lists(cfg, images: bool = True) -> dict:
+    """A finetune.FinetuneConfig's classification lists, read and checked as a run reads them (images=False, for a
+    --dry_run: no image looked for): {'train', 'val', 'test'}: (data.ImageFiles, labels (N, K) float32), or None for a
+    list not given. Each has --dataset's label count; some validation label has both classes, or no AUC can select."""
+    read, k = {}, None
+    for name in ("train", "val", "test"):  # train first: val and test must have its label count
+        path = getattr(cfg, f"{name}_list")
+        if not path:
+            read[name] = None
+            continue
+        files, labels = read_split_list(path, cfg.image_root, k, images)
+        named = len(LABEL_NAMES[cfg.dataset]) if cfg.dataset in LABEL_NAMES else labels.shape[1]
+        if labels.shape[1] != named:
+            raise ConfigError(label_count_hint(cfg.dataset, named, labels.shape[1], path))
+        read[name], k = (files, labels), named
+    if read["val"] is not None:
+        val = read["val"][1] > 0.5
+        if not (val.any(0) & ~val.all(0)).any():
+            raise BadRecord(f"{cfg.val_list}: every label has one class only, so no validation AUC can select a "
+                            "model: give a validation list with positives and negatives")
+    return read
+
+
+def read_split_list(path: str, image_root: str, num_labels: int | None = None, images: bool = True):
+    """A released split list, lines 'relative/path l1 ... lK': (data.ImageFiles, labels (N, K) float32). Checks every
+    line's labels and, unless not `images` (a --dry_run), that every image exists, naming the list and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such split list")
     root = image_root or os.path.dirname(os.path.abspath(path))
@@ -339,7 +309,7 @@ def read_split_list(path: str, image_root: str, num_labels: int | None = None):
         lines.append(line_no)
     if not paths:
         raise BadRecord(f"{path}: the split list is empty")
-    missing = [(n, p) for n, p in zip(lines, paths) if not os.path.exists(os.path.join(root, p))]
+    missing = [(n, p) for n, p in zip(lines, paths) if images and not os.path.exists(os.path.join(root, p))]
     if missing:
         shown = "; ".join(f"line {n}: {os.path.join(root, p)}" for n, p in missing[:5])
         raise BadRecord(f"{path}: {len(missing)} of {len(paths)} images missing (is --image_root right?): {shown}")
@@ -368,12 +338,17 @@ def _stem(p: str) -> str:
     return stem if suffix.lower() in IMAGE_SUFFIXES else name
 
 
-def read_id_list(path: str, image_root: str, mask_root: str):
-    """A SIIM split list (one image id a line, or a path whose stem is the id). Finds each id's image under
-    image_root (any depth: Kaggle nests its DICOMs) and its mask. Returns (images, masks)."""
+def read_ids(path: str) -> list:
+    """The ids of a SIIM split list: one image id a line, or a path whose stem is the id."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such split list")
-    ids = [_stem(line.split()[0]) for line in text_lines(path) if line.strip()]
+    return [_stem(line.split()[0]) for line in text_lines(path) if line.strip()]
+
+
+def read_id_list(path: str, image_root: str, mask_root: str):
+    """A SIIM split list (read_ids), each id's image found under image_root (any depth: Kaggle nests its DICOMs)
+    and its mask. Returns (images, masks)."""
+    ids = read_ids(path)
     found = {}
     for folder, _, files in os.walk(image_root):
         for name in files:

@@ -20,17 +20,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from machinery.errors import ConfigError
-from machinery.settings import check_images, check_model_config
-from recipes import PRESETS
-
 
 # -----------------------------------------------------------------------------
 # Sizes and switches: every part below reads its sizes from here
 
 
 @dataclass
-class MRMConfig:
+class Switches:
+    """What the method does, the ablations of Tables 4 and 5; train.py's flags of the same names."""
+    mask_ratio: float = 0.75         # of the image patches removed (Table 5b)
+    mim_weight: float = 1.0          # lambda of Eq. 3 on L_I (Table 5c); 0 = report restoration only
+    mlm_weight: float = 1.0          # weight of L_R; 0 = self-supervision only (Table 4)
+    super_resolution: bool = True    # restore 2x patches (Sec. 3.2); off: restore the input patches
+    fusion: str = "gap"              # global average (gap) or max (gmp) pooling of the image feature (Table 5a)
+    fusion_tokens: str = "visible"   # tokens given the image feature: visible (paper) or all, [MASK] too (released)
+    norm_pix_loss: bool = False      # normalise each target patch (the released run script's choice)
+    multimodal_mim: bool = False     # add the report's mean embedding to the image decoder input (Table 4)
+
+
+@dataclass
+class MRMConfig(Switches):
     """Every size and switch of the model; MRMConfig() is the paper's base model (App. A.2)."""
 
     # image encoder: ViT-B/16 on the 224 low-res input (the high-res image is 2 * img_size)
@@ -53,41 +62,35 @@ class MRMConfig:
     max_text_len: int = 100
     pad_token_id: int = 0
     mask_token_id: int = 3
-    # masking and input normalisation
-    mask_ratio: float = 0.75       # of the image patches (Table 5b: 0.75 / 0.5 / 0)
-    text_mask_ratio: float = 0.5   # of the report tokens; applied by the data pipeline
-    pixel_mean: float = 0.4978
+    pixel_mean: float = 0.4978     # input normalisation, one value for the three equal channels of a radiograph
     pixel_std: float = 0.2449
-    # objective and ablation switches (Tables 4 and 5)
-    mlm_weight: float = 1.0        # weight of L_R; 0 = self-supervision only
-    mim_weight: float = 1.0        # lambda of Eq. 3; 0 = report restoration only
-    super_resolution: bool = True  # False: restore the low-res p x p patch instead of the 2p x 2p one
-    fusion: str = "gap"            # 'gap' (paper) or 'gmp' (Table 5a)
-    fusion_tokens: str = "visible" # tokens given the image feature: 'visible' (paper) or 'all' (released code)
-    norm_pix_loss: bool = False    # the released run script's choice; the paper scores plain [0, 1] pixels
-    multimodal_mim: bool = False   # add the mean visible report embedding to the image decoder's input
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MRMConfig":
-        """'base' (these defaults) or 'tiny', the CPU demo's sizes (recipes.PRESETS), with overrides."""
+        """'base' (these defaults) or 'tiny' (PRESETS), with overrides."""
         if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides}).validate()
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
     def from_dict(cls, d: dict) -> "MRMConfig":
         """Rebuild from a checkpoint's plain dict, ignoring (and naming) keys this version does not know."""
         known = {f.name for f in fields(cls)}
-        if d.keys() - known:
-            print(f"MRMConfig: ignoring unknown keys {sorted(str(k) for k in d.keys() - known)}")
-        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+        unknown = d.keys() - known - {"text_mask_ratio"}  # a data setting, kept here by older checkpoints
+        if unknown:
+            print(f"MRMConfig: ignoring unknown keys {sorted(str(k) for k in unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> "MRMConfig":
-        check_model_config(self)  # ConfigError naming the first setting no model can be built with
-        return self
+
+# --preset: base is the paper's model; tiny the CPU demos' and tests' (128-px high-res, 64-px input, 8-px patches)
+PRESETS = {
+    "base": {},
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=128,
+                 decoder_depth=2, decoder_num_heads=4, text_embed_dim=128, text_depth=2, text_num_heads=4),
+}
 
 
 # -----------------------------------------------------------------------------
@@ -129,8 +132,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
     """The fixed 2D table of MAE: (G*G, D), or (1 + G*G, D) with a zero row first for [CLS]. Patch
     i = r * G + c gets the 1D code of its column c in the first D/2 channels and of its row r in
     the last D/2 (MAE's meshgrid puts the column coordinate first). The released helper (model_mrm.py)
-    divides the exponent by 2*D instead of D/2; we use MAE's formula, which its weights were trained with.
-    """
+    divides the exponent by 2*D instead of D/2; we use MAE's formula, which its weights were trained with."""
     assert embed_dim % 4 == 0, "2D sin-cos needs a width divisible by 4"
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
     emb = np.concatenate([get_1d_sincos_pos_embed(embed_dim // 2, cols),
@@ -140,8 +142,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
     return emb.astype(np.float32)
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None,
-                   noise=None):
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device=None, generator=None, noise=None):
     """Per-sample random removal of mask_ratio of the patches (Sec. 3.2, following MAE): sorting uniform
     noise gives a random permutation per sample, and the first int(L * (1 - r)) are kept. `noise` (B, L)
     may be given (the data pipeline draws it per record, so a record's mask does not depend on its batch
@@ -249,9 +250,8 @@ def init_weights(m: nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT-B/16 by default. forward returns the post-norm tokens (B, 1 + L, D), [CLS] first. Parameter
-    names are those of MAE's and the released MRM checkpoints, so their state dicts load with strict=True
-    and no renaming (no head: fine-tuning adds its own)."""
+    """ViT-B/16 by default. forward returns the post-norm tokens (B, 1 + L, D), [CLS] first. Parameter names
+    are MAE's and the released MRM's: their state dicts load strictly, unrenamed (no head: fine-tuning's)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, drop_path_rate=0.0):
@@ -266,7 +266,6 @@ class ViT(nn.Module):
         rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # deeper blocks drop more
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-
         self.apply(init_weights)
         w = self.patch_embed.proj.weight  # xavier on the flattened (D, C*p*p) matrix, as a Linear
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -305,10 +304,9 @@ class ViT(nn.Module):
 
 
 class ImageDecoder(nn.Module):
-    """MAE-style decoder that restores every patch position at twice the resolution (Sec. 3.2). Visible
-    latents are projected, a shared learned mask token fills the removed positions, the fixed sin-cos table
-    is added, 4 blocks run, and one Linear predicts a (2p)^2 * C high-res patch per position. Attribute
-    names keep the official `decoder_*` / `mask_token` names behind an `image_decoder.` prefix."""
+    """MAE-style decoder that restores every patch position at twice the resolution (Sec. 3.2): visible latents
+    projected, a learned mask token in the removed positions, the fixed sin-cos table, 4 blocks, one Linear to
+    a (2p)^2 * C high-res patch per position. The official `decoder_*` / `mask_token` names, prefixed."""
 
     def __init__(self, cfg: MRMConfig):
         super().__init__()
@@ -348,7 +346,7 @@ def global_pool(patch_tokens: torch.Tensor, fusion: str = "gap") -> torch.Tensor
         return patch_tokens.mean(dim=1)
     if fusion == "gmp":
         return patch_tokens.amax(dim=1)
-    raise ConfigError(f"fusion must be 'gap' or 'gmp', got {fusion!r}")
+    raise ValueError(f"fusion must be 'gap' or 'gmp', got {fusion!r}")
 
 
 class ReportDecoder(nn.Module):
@@ -356,9 +354,9 @@ class ReportDecoder(nn.Module):
     embedding + learned position embedding (A.2 says learnable, Sec. 3.1 fixed; A.2 and the released code
     agree on learned), a LayerNorm, the image feature added to every visible real token, 6 pre-norm blocks,
     LayerNorm, one Linear to the vocabulary. Padding is hidden from attention, as BERT's mask does. The
-    embedding LayerNorm is BERT's (the released decoder added the image feature after it): it puts the
-    words at unit scale beside the image feature, which otherwise, at about 50x the size of a normal(0,
-    0.02) embedding, drowns which word is where until the embeddings grow."""
+    embedding LayerNorm is BERT's (the released decoder added the image feature after it): it puts the words
+    at unit scale beside the image feature, which otherwise, at about 50x the size of a normal(0, 0.02)
+    embedding, drowns which word is where until the embeddings grow."""
 
     def __init__(self, cfg: MRMConfig):
         super().__init__()
@@ -446,7 +444,12 @@ class MRM(nn.Module):
 
     def __init__(self, cfg: MRMConfig | None = None):
         super().__init__()
-        cfg = (cfg or MRMConfig()).validate()
+        cfg = cfg or MRMConfig()
+        # what no model can be built with (the scripts refuse it before, in one line: machinery/settings.py)
+        assert int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) >= 1, "mask_ratio leaves no patch"
+        assert cfg.mim_weight > 0 or cfg.mlm_weight > 0, "both losses are off: nothing to learn"
+        assert cfg.fusion_tokens in ("visible", "all"), f"unknown fusion_tokens {cfg.fusion_tokens!r}"
+        assert max(cfg.pad_token_id, cfg.mask_token_id) < cfg.vocab_size, "[PAD] or [MASK] is not in the vocabulary"
         self.cfg = cfg
         self.encoder = ViT(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.depth,
                            cfg.num_heads, cfg.mlp_ratio)
@@ -467,7 +470,10 @@ class MRM(nn.Module):
         cfg = self.cfg
         if images.dtype == torch.uint8:  # the data pipeline ships uint8 to save host-device bandwidth
             images = images.float() / 255
-        gray = check_images(images, cfg)  # a gray (B, 1, 2H, 2W) batch is repeated to 3 channels below
+        hr, gray = 2 * cfg.img_size, images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
+            raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans} or 1, {hr}, {hr}), "
+                             f"got {tuple(images.shape)}")
         # Sec. 3.2: sub-sample by 2. Bicubic with antialias on the [0, 1] image (the released code resized
         # the normalised tensor without antialias); clamp the small bicubic overshoot back into [0, 1].
         low = F.interpolate(images, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
@@ -481,8 +487,8 @@ class MRM(nn.Module):
         """images: (B, C, 2H, 2W) in [0, 1]; tokens: (B, T) with [MASK] in place; labels: (B, T), the
         original id where a token was masked, -100 elsewhere. Returns loss, loss_mim, loss_mlm, pred
         (B, L, (2p)^2 C), mask (B, L) and mlm_logits (M, V) at the M masked words, in labels' row-major order.
-        The keywords are optional; train.train_step passes them: the image mask's noise (random_masking),
-        mlm_denominator (mlm_loss) and mlm_index, the masked words' flat positions, counted on the host."""
+        train.train_step also passes the image mask's noise (random_masking), mlm_denominator (mlm_loss) and
+        mlm_index, the masked words' flat positions, counted on the host."""
         cfg = self.cfg
         high, low, x = self.prepare_images(images)
         B, L = x.shape[0], self.encoder.num_patches

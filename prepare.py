@@ -1,13 +1,5 @@
-"""Prepare records for train.py and finetune.py: one subcommand a tool, each with its own --help.
-
-  python prepare.py synth       the built-in synthetic records as files: images, masks, training.csv, split lists
-  python prepare.py resize      a shrunk copy of a folder of films (done once, so the loader decodes less)
-  python prepare.py mimic       MIMIC-CXR-JPG + the MIMIC-CXR reports -> the training.csv that train.py reads
-  python prepare.py siim-masks  SIIM-ACR's run-length train-rle.csv -> one PNG mask a film, for segmentation
-
-Nothing here is imported by training or fine-tuning: data.py reads what pre-training needs and
-finetune_data.py what fine-tuning needs; this script writes the files they read.
-"""
+"""Prepare records for train.py and finetune.py: synth, resize, mimic, siim-masks, each with its own --help.
+Nothing here is imported by training or fine-tuning: it writes the files data.py and finetune_data.py read."""
 import argparse
 import csv
 import gzip
@@ -25,9 +17,9 @@ from tqdm import tqdm
 from machinery.console import one_line_errors, progress
 from machinery.errors import BadRecord, ConfigError
 from machinery.files import atomic, write_text
-from machinery.flags import OneLineParser, bounded
 from machinery.images import IMAGE_SUFFIXES, load_image
 from machinery.records import csv_rows
+from machinery.settings import OneLineParser, bounded
 from machinery.synthetic import FINDINGS, synth_record
 
 
@@ -36,10 +28,7 @@ from machinery.synthetic import FINDINGS, synth_record
 
 
 def write_synthetic(out, n: int, size: int = 512, seed: int = 0):
-    """Records 0..n-1 as files in the real formats: images/NNNNN.png, masks/NNNNN.png (bit k set where
-    finding k is), training.csv (the train split, image_path,report_content), and split lists
-    train_list.txt / val_list.txt / test_list.txt (80/10/10) plus train_1.txt and train_10.txt, each line
-    `images/NNNNN.png l1 ... lK` in FINDINGS order, like the released fine-tuning lists."""
+    """Records 0..n-1 as files in the real formats (synth's --help); split-list lines `images/NNNNN.png l1 ... lK`."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
@@ -83,30 +72,25 @@ def _resize_one(job):
 
 
 def resize_dataset(src, dst, size: int = 512, workers: int | None = None):
-    """Copy every image under src to the same relative path under dst, shorter side shrunk to `size`,
-    8-bit gray (DICOM, TIFF and BMP files become PNG). Files already in dst are skipped."""
+    """Every image under src not yet at its path under dst copied there, 8-bit gray, shorter side shrunk to `size`."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
-    jobs, found = [], 0
-    for p in sorted(src.rglob("*")):
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        found += 1
+    found = [p for p in sorted(src.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise FileNotFoundError(f"{src}: no images under it ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    jobs = []
+    for p in found:
         target = dst / p.relative_to(src)
         if p.suffix.lower() not in (".jpg", ".jpeg", ".png"):
             target = target.with_suffix(".png")
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((p, target, size))
-    if not found:
-        raise FileNotFoundError(f"{src}: no images under it ({', '.join(sorted(IMAGE_SUFFIXES))})")
     print(f"{len(jobs)} images to shrink under {src} (others already done)")
-    errors = []
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
-        for err in tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs), unit=" images"):
-            if err:
-                errors.append(err)
+        done = tqdm(pool.map(_resize_one, jobs, chunksize=16), total=len(jobs), unit=" images")
+        errors = [err for err in done if err]
     if errors:
         print(f"{len(errors)} images failed:\n  " + "\n  ".join(errors[:20]), file=sys.stderr)
     return errors
@@ -114,7 +98,6 @@ def resize_dataset(src, dst, size: int = 512, workers: int | None = None):
 
 # -----------------------------------------------------------------------------
 # mimic: MIMIC-CXR-JPG and its reports -> training.csv
-
 
 SECTION_HEADER = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]*):", re.M)
 
@@ -127,10 +110,8 @@ def report_sections(text: str) -> dict:
 
 
 def mimic_report_text(text: str, sections=None) -> str:
-    """A report as pre-training reads it: the whole text, whitespace collapsed (sections=None: the paper's
-    Fig. 3 and the released reader use whole reports), or only the named sections ('findings',
-    'impression', ...), in that order, with their headers; 'findings' also takes a combined 'FINDINGS AND
-    IMPRESSION' section. '' when nothing is left."""
+    """The whole report, whitespace collapsed (sections=None: the paper's Fig. 3, the released reader), or the named
+    sections with their headers, in order ('findings' takes 'FINDINGS AND IMPRESSION' too); '' if none."""
     if sections is None:
         return " ".join(text.split())
     names = []
@@ -141,11 +122,8 @@ def mimic_report_text(text: str, sections=None) -> str:
 
 
 def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None, sections=None):
-    """MIMIC-CXR-JPG + the MIMIC-CXR reports -> training.csv (image_path relative to images_root).
-    reports_root holds files/pXX/pSUBJECT/sSTUDY.txt; images_root holds files/pXX/pSUBJECT/sSTUDY/*.jpg.
-    By default every image and the whole report, as the paper pre-trains (over 370,000 images, every
-    view). views (e.g. ('PA', 'AP')) keeps those views only and needs the metadata CSV
-    (mimic-cxr-2.0.0-metadata.csv[.gz]), which holds each image's view; sections: see mimic_report_text."""
+    """MIMIC-CXR-JPG + its reports -> training.csv (mimic's --help): every image and whole report by default, as the
+    paper; views (('PA', 'AP')) needs the metadata CSV, which holds each image's view; sections: mimic_report_text."""
     reports_root, images_root = Path(reports_root), Path(images_root)
     for folder, what in ((reports_root, "reports folder"), (images_root, "images folder")):
         if not folder.is_dir():
@@ -183,7 +161,8 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None,
         f"{no_text} with an empty report"
     skipped = f"skipped {missing_image} missing images, {no_report} without a report file, {left_out}"
     if not rows:  # an empty training.csv would only fail later, in train.py
-        raise BadRecord(f"no image with a report, so {out_csv} was not written: of {len(images)} images found, {skipped}")
+        raise BadRecord(f"no image with a report, so {out_csv} was not written: of {len(images)} images found, "
+                        f"{skipped}")
     _write_atomic_csv(out_csv, ("image_path", "report_content"), rows)
     print(f"wrote {len(rows)} rows to {out_csv}; {skipped}")
     return len(rows)
@@ -194,9 +173,8 @@ def convert_mimic(reports_root, images_root, out_csv, metadata=None, views=None,
 
 
 def decode_rle(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
-    """One SIIM-ACR run-length string -> (height, width) bool mask. Pairs 'offset length': each offset
-    counts from the end of the previous run (from pixel 0 for the first), pixels numbered down the
-    columns (column-major); '-1' means no pneumothorax."""
+    """One SIIM-ACR run-length string -> (height, width) bool mask. Pairs 'offset length': each offset counts from
+    the end of the previous run (the first from pixel 0), pixels numbered down the columns; '-1': no pneumothorax."""
     values = [int(v) for v in rle.split()]
     flat = np.zeros(height * width, dtype=bool)
     if values == [-1]:
@@ -214,8 +192,7 @@ def decode_rle(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
 
 
 def write_siim_masks(rle_csv, out, size: int = 1024) -> int:
-    """Kaggle's train-rle.csv (header 'ImageId, EncodedPixels', one row per region, '-1' for none) ->
-    out/<ImageId>.png, 0 or 255, the regions of an image unioned. Returns the number of images."""
+    """Kaggle's train-rle.csv -> out/<ImageId>.png, 0 or 255, an image's regions unioned; returns the image count."""
     if not Path(rle_csv).is_file():
         raise FileNotFoundError(f"{rle_csv}: no such run-length CSV file")
     runs = {}  # image id -> [(CSV line, run-length string)]; decoded one image at a time to bound memory
@@ -301,7 +278,8 @@ def main(argv=None):
                 example="python prepare.py siim-masks --rle siim/train-rle.csv --out siim/masks")
     p.add_argument("--rle", required=True, help="Kaggle's train-rle.csv")
     p.add_argument("--out", required=True, help="folder of the masks (made if missing)")
-    p.add_argument("--size", type=bounded(int, 1), default=1024, help="image side the run lengths refer to (default 1024)")
+    p.add_argument("--size", type=bounded(int, 1), default=1024,
+                   help="image side the run lengths refer to (default 1024)")
 
     args = parser.parse_args(argv)
     with one_line_errors("prepare.py"):

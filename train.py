@@ -1,20 +1,21 @@
 """Pre-train MRM (Sec. 4.6; released main_pretrain.py, run.sh). The same script runs on a laptop and under torchrun:
 
     python train.py                                        # tiny model, synthetic records, CPU: minutes
-    torchrun --nproc_per_node 4 train.py --preset base \\
-        --data training.csv --image_root mimic-cxr-jpg/    # the paper's run: 4 x 64 = batch 256
+    torchrun --nproc_per_node 4 train.py --preset base --data training.csv --image_root mimic-1024 \\
+        --tokenizer mimic_wordpiece.json --init mae_pretrain_vit_base.pth   # the paper's run: 4 x 64 = 256
 
-Every flag is a field of TrainConfig (`python train.py --help` lists them with their defaults).
-Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png
-(the paper's Fig. 3), curves.png (the losses and the lr so far) and tokenizer.json. On synthetic records
-the run ends with the fusion check (checks.py): are held-out reports' masked words restored better from
-their film than from noise?
-`--resume out/ckpt.pt` continues exactly where a run stopped.
+Read top to bottom: the settings (TrainConfig), the lr schedule, one step (the method), the loop (epochs,
+steps, log, save), the distributed set-up, the data and the model, and the command line. What a run
+promises beyond the method (its folder, resume, log, saves, a stop's advice) is its Run's (machinery/run.py).
+Writes to --out: ckpt.pt (atomically, every --save_every epochs and at the end), log.jsonl, recon.png (the
+paper's Fig. 3), curves.png (the losses and the lr so far) and tokenizer.json. On synthetic records the run
+ends with the fusion check (checks.py): are held-out reports' masked words restored better from their film
+than from noise? `--resume out/ckpt.pt` continues exactly where a run stopped.
 """
+import contextlib
 import json
-import math
 import os
-import time
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -22,25 +23,21 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 import checks
 import data
 import recipes
-from machinery import pictures, runs
-from machinery.checkpoints import load_checkpoint, load_pretrained, pretraining_state, save_checkpoint
-from machinery.console import one_line_errors, stop_at_step_boundaries, stop_requested
-from machinery.errors import ConfigError, NonFiniteLoss
-from machinery.files import TRAIN_RUN, release
-from machinery.flags import bounded, config_parser
-from machinery.records import csv_rows
-from machinery.settings import check_pretraining, check_steps, continues_in
-from machinery.tokenizer import load_tokenizer, train_tokenizer
-from mrm import MRM, MRMConfig
+from machinery import settings
+from machinery.run import Run
+from mrm import MRM, MRMConfig, Switches
+from recipes import lr_at
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Switches):
+    """train.py's flags. The model's switches (--mask_ratio, --mlm_weight, ... Tables 4 and 5) are
+    mrm.Switches' fields, inherited; its sizes come from --preset (mrm.PRESETS)."""
+
     # data
     preset: str = "tiny"             # model size: tiny (CPU demo) or base (the paper's ViT-B/16)
     data: str = "synthetic"          # 'synthetic' (built in, no download) or a training.csv path
@@ -50,6 +47,7 @@ class TrainConfig:
     num_records: int | None = None   # synthetic records
     hflip: bool | None = None        # mirror half the crops (released); the demo does not: its reports name sides
     min_crop: float = 0.2            # smallest area share a random resized crop keeps (released: 0.2)
+    text_mask_ratio: float = 0.5     # of the report tokens masked (Sec. 3.1)
     skip_bad: bool = False           # skip unreadable images and bad CSV rows (counted) instead of stopping
     # optimisation (Sec. 4.6, the released run.sh)
     epochs: int | None = None        # passes over the records
@@ -58,17 +56,7 @@ class TrainConfig:
     accum_iter: int = 1              # micro-batches per optimizer step
     blr: float | None = None         # base lr for batch 256: lr = blr * effective batch / 256
     min_lr: float = 0.0              # where the cosine ends
-    weight_decay: float = 0.05       # AdamW's, on matrices only
-    # model switches (Tables 4 and 5); the sizes come from --preset
-    mask_ratio: float = 0.75         # of the image patches removed (Table 5b)
-    text_mask_ratio: float = 0.5     # of the report tokens masked (Sec. 3.1)
-    mim_weight: float = 1.0          # lambda of Eq. 3 on L_I (Table 5c); 0 = report restoration only
-    mlm_weight: float = 1.0          # weight of L_R; 0 = self-supervision only (Table 4)
-    super_resolution: bool = True    # restore 2x patches (Sec. 3.2); off: restore the input patches
-    fusion: str = "gap"              # global average (gap) or max (gmp) pooling of the image feature (Table 5a)
-    fusion_tokens: str = "visible"   # tokens given the image feature: visible (paper) or all, [MASK] too (released)
-    norm_pix_loss: bool = False      # normalise each target patch (the released run script's choice)
-    multimodal_mim: bool = False     # add the report's mean embedding to the image decoder input (Table 4)
+    weight_decay: float | None = None  # AdamW's, on matrices only
     # run
     out: str = "out"                 # folder for ckpt.pt, log.jsonl, recon.png, curves.png, tokenizer.json
     resume: str = ""                 # a ckpt.pt of this script: continue that run exactly
@@ -87,32 +75,30 @@ class TrainConfig:
 
 
 # -----------------------------------------------------------------------------
-# The schedule and the step (Sec. 4.6)
+# The lr schedule (Sec. 4.6): recipes.lr_at, warm-up then cosine, in the steps these numbers give
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float = 0.0) -> float:
-    """Linear warm-up from 0, then half-cycle cosine to min_lr; set every optimizer step (MAE's schedule)."""
-    if step < warmup_steps:
-        return lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def schedule(cfg: TrainConfig, records: int, world: int) -> dict:
+    """The effective batch, the lr scaled to it (lr = blr x batch / 256) and the schedule in optimizer steps.
+    It runs in epochs: a resumed run on another batch or GPU count picks it up at its epoch. Every process's
+    loader drops its last, incomplete batch."""
+    steps = records // world // cfg.batch_size // cfg.accum_iter
+    settings.check_steps(steps, records, world, cfg.batch_size, cfg.accum_iter)
+    batch = cfg.batch_size * cfg.accum_iter * world
+    return {"effective_batch": batch, "lr": cfg.blr * batch / 256, "steps_per_epoch": steps,
+            "total_steps": cfg.epochs * steps, "warmup_steps": round(cfg.warmup_epochs * steps)}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: none on biases, norms and other 1-D parameters (MAE's rule, as the
-    released main_pretrain.py)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+# -----------------------------------------------------------------------------
+# One step: the masks come from the data, the losses from the model (mrm.MRM.forward)
 
 
 def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, world: int,
-               compiled: bool = False) -> torch.Tensor:
-    """One optimizer step over accumulation micro-batches. Returns a (5,) tensor on the device: loss,
-    loss_mim, loss_mlm as means over the step and every process, the images skipped, and the processes
-    that were sent a Ctrl-C or SIGTERM (console.stop_requested). Nothing here
-    waits for the device (no .item()), so the host queues the next step while the GPU runs this one;
-    the caller reads the values every --log_every steps. compiled: net is torch.compile's."""
+               compiled: bool = False) -> dict:
+    """One optimizer step over accumulation micro-batches. Returns tensors on the device: the step's loss,
+    loss_mim and loss_mlm as means over the step and every process, and the unreadable images skipped.
+    Nothing here waits for the device (no .item()), so the host queues the next step while the GPU runs this
+    one; the run reads the values every --log_every steps. compiled: net is torch.compile's."""
     accum = len(micro)
     # The masked words of each micro-batch, (M,) flat positions, found on the host where the loader's
     # labels are: the GPU never has to count them (see MRM.forward).
@@ -122,9 +108,7 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     # process and micro-step. Then 1 x 256, 4 x 64 and 4 x 32 x 2 take the same gradient.
     n_masked = torch.full((), float(sum(len(w) for w in where)), device=device)  # a fill, not a copy
     denominator = all_reduce_sum(n_masked) / (world * accum)
-    sums = torch.zeros(5, device=device)  # a fill on the device: torch.tensor([...]) would wait for it
-    if stop_requested():  # a Ctrl-C or SIGTERM, summed with the losses: every process stops after this step
-        sums[4] = 1
+    sums = torch.zeros(4, device=device)  # a fill on the device: torch.tensor([...]) would wait for it
     for k, (b, w) in enumerate(zip(micro, where)):
         w = w.pin_memory() if device.type == "cuda" else w  # pinned: the copy to the GPU does not block
         w = w.to(device, non_blocking=True)
@@ -144,124 +128,66 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
     scaler.step(optimizer)  # with fused AdamW, fp16's inf check happens on the GPU too
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    sums = all_reduce_sum(sums)
-    sums[:3] /= world
-    return sums
+    sums = all_reduce_sum(sums)  # one all-reduce for the four
+    return {"loss": sums[0] / world, "loss_mim": sums[1] / world, "loss_mlm": sums[2] / world, "skipped": sums[3]}
 
 
 # -----------------------------------------------------------------------------
 # The loop
 
 
-def train(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
-    """Run (or continue) pre-training; returns the last logged values."""
-    cfg = recipes.fill_pretraining(cfg)  # the fields left open, from the preset's recipe
-    if cfg.resume and ckpt is None:
-        ckpt = load_checkpoint(cfg.resume, cfg.trust_checkpoint)
-    sizes = model_sizes(cfg, ckpt)  # what the data needs; the model also needs the vocabulary's size
-    check_pretraining(cfg, sizes, ckpt)
+def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, run: Run) -> dict:
+    """Pre-train, or continue the run in `ckpt`, with the settings resolve() gave; returns the last line logged."""
     rank, world, device = setup_distributed()
-    main_process = rank == 0
     torch.manual_seed(cfg.seed)
-    # data and model (a resumed run rebuilds both from its checkpoint); nothing is written before they are checked
-    dataset, tok = build_data(cfg, sizes, ckpt, rank)
-    mcfg = sizes if ckpt is not None else model_config(cfg, tok)
+    # data and model (a resumed run rebuilds both from its checkpoint); nothing is written before they are read
+    dataset, tok, mcfg = build_data(cfg, ckpt, rank)
+    plan = schedule(cfg, len(dataset), world)
     model = MRM(mcfg).to(device)
-    if cfg.init and ckpt is None:
-        load_pretrained(model.encoder, cfg.init, verbose=main_process, trust=cfg.trust_checkpoint)
-    dtype = amp_dtype(cfg, device)
+    if init is not None:  # --init's tensors (settings.init_weights); the rest as initialised
+        model.encoder.load_state_dict(init, strict=False)
+    optimizer = recipes.pretraining_optimizer(model, cfg.weight_decay, device)  # AdamW (0.9, 0.95), fused
+    dtype = settings.amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    optimizer = build_optimizer(model, cfg.weight_decay, device)
-    start_epoch = 0 if ckpt is None else ckpt["epoch"]
-    if ckpt is not None:  # the data's randomness is seeded per sample: only torch's generators come back
-        runs.load_state(ckpt, model, optimizer, scaler)
-        runs.set_rng(ckpt["rng"]["torch"], ckpt["rng"]["cuda"], device)
+    run.open({"tokenizer.json": tok.to_str(pretty=True)}, device, fp16=dtype == torch.float16)  # every check passed
+    start = 0 if ckpt is None else ckpt["epoch"]
+    if ckpt is not None:
+        run.restore(ckpt, model, optimizer, scaler)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist.is_initialized() else None
     net = torch.compile(ddp or model) if cfg.compile else ddp or model  # saved and drawn through `model`
-
     sampler, loader = build_loader(dataset, cfg, world, rank, device)
-    steps_per_epoch = len(loader) // cfg.accum_iter
-    check_steps(steps_per_epoch, len(dataset), world, cfg.batch_size, cfg.accum_iter)
-    eff_batch = cfg.batch_size * cfg.accum_iter * world
-    lr = cfg.blr * eff_batch / 256
-    # the schedule runs in epochs; a resumed run on another batch size or GPU count picks it up there
-    step, total = start_epoch * steps_per_epoch, cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    log_path, ckpt_path = os.path.join(cfg.out, "log.jsonl"), os.path.join(cfg.out, "ckpt.pt")
-    stop_note = lambda: runs.kept_and_cause(runs.existing(ckpt_path), "--blr", dtype == torch.float16)  # noqa: E731
-    if main_process:  # every check has passed: the run takes its folder, and says what it continues or changes
-        runs.start(cfg.out, ckpt and cfg.resume, runs.resume_changes(ckpt, asdict(cfg), world, RESUME_MAY_CHANGE),
-                   cfg.overwrite, continues_in(cfg.out, cfg.resume), TRAIN_RUN, f"--resume {ckpt_path}",
-                   {"tokenizer.json": tok.to_str(pretty=True)})
-        print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(dataset)} records, vocabulary {mcfg.vocab_size}, device {device}"
-              f"{'' if dtype is None else ' ' + str(dtype).split('.')[-1]}, {world} process(es)")
-        print(f"effective batch {eff_batch} = {world} x {cfg.batch_size} x {cfg.accum_iter}, lr {lr:.3g}, "
-              f"{steps_per_epoch} steps/epoch, epochs {start_epoch}..{cfg.epochs}")
-        if ckpt is not None:  # what the stopped run logged after its checkpoint goes, the end's fusion check too
-            runs.truncate_log(log_path, "epoch", start_epoch)
-    barrier()
-
-    last = {}
-    stop_at_step_boundaries()  # from here a Ctrl-C or SIGTERM stops the run after a step (console.py)
-    for epoch in range(start_epoch, cfg.epochs):
+    if rank == 0:
+        print(f"MRM {cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(dataset)} "
+              f"records, vocabulary {mcfg.vocab_size}, device {device}{'' if dtype is None else ' ' + str(dtype)[6:]}, "
+              f"{world} process(es)\neffective batch {plan['effective_batch']} = {world} x {cfg.batch_size} x "
+              f"{cfg.accum_iter}, lr {plan['lr']:.3g}, {plan['steps_per_epoch']} steps/epoch, "
+              f"epochs {start}..{cfg.epochs}")
+    step = start * plan["steps_per_epoch"]
+    for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)  # the loader's workers start below, with this epoch's seed
         batches = iter(loader)
-        # the bar on rank 0 at a terminal; in a log file, the line printed after each epoch
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if main_process else True, leave=False, dynamic_ncols=True)
-        epoch_start = tick = time.perf_counter()
-        seen = skipped = speed = 0
-        pending = []  # each step's (5,) values, still on the device
-        for n in bar:
+        for _ in run.steps(epoch, cfg.epochs, plan["steps_per_epoch"], plan["effective_batch"]):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, lr, cfg.min_lr)
-            micro = [next(batches) for _ in range(cfg.accum_iter)]
-            pending.append(train_step(net, ddp, micro, optimizer, scaler, dtype, device, world, cfg.compile))
-            step, seen = step + 1, seen + eff_batch
-            logs = step % cfg.log_every == 0 or step == total
-            if not (logs or n == steps_per_epoch - 1):
-                continue
-            # the steps since the last read, in one host-device sync (not one per step); NaN or a signal stops it
-            (loss, loss_mim, loss_mlm), n_skipped = runs.read_steps(pending, step, epoch + 1, stop_note)
-            skipped, pending = skipped + n_skipped, []
-            if logs:
-                now = time.perf_counter()
-                speed, tick, seen = seen / (now - tick), now, 0
-                last = {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": loss,
-                        "loss_mim": loss_mim, "loss_mlm": loss_mlm, "images_per_s": speed,
-                        **({"skipped_images": skipped} if skipped else {})}
-                if main_process:
-                    runs.append_log(log_path, last)
-            bar.set_postfix(loss=f"{loss:.3f}", mim=f"{loss_mim:.4f}", mlm=f"{loss_mlm:.3f}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{speed:.0f}", refresh=False)
-        bar.close()
-        saves = (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs
-        if saves:  # what is saved is checked, not only the losses (on every process: they all stop alike)
-            runs.refuse_non_finite(model, f"step {step} (epoch {epoch + 1})", stop_note)
-        if main_process:
-            seconds = time.perf_counter() - epoch_start
-            print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, loss {loss:.4f} (image {loss_mim:.4f}, "
-                  f"report {loss_mlm:.4f}), {seconds:.0f} s, {steps_per_epoch * eff_batch / seconds:.0f} images/s"
-                  + (f", {skipped} unreadable images skipped" if skipped else ""))
-            if saves:
-                save_checkpoint(ckpt_path, pretraining_state(model, optimizer, scaler, epoch + 1, step, cfg, mcfg, tok))
-                pictures.save_recon(checks.reconstruct(model, dataset), tok, os.path.join(cfg.out, "recon.png"))
-                pictures.pretraining_curves(log_path, os.path.join(cfg.out, "curves.png"))
-            if (cfg.data == "synthetic" and cfg.fusion_check > 0 and cfg.fusion_every > 0
-                    and (epoch + 1) % cfg.fusion_every == 0 and epoch + 1 < cfg.epochs):  # the end's check is below
-                checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path, epoch + 1, step)
-        stop_point(device)  # no rank runs ahead of the checkpoint; a Ctrl-C or SIGTERM during the epoch stops all here
-    stop_at_step_boundaries(False)
-    if main_process and cfg.data == "synthetic" and cfg.fusion_check > 0:
-        last["fusion_check"] = checks.logged_fusion_check(model, tok, cfg.fusion_check, cfg.seed, log_path,
-                                                          cfg.epochs, step, at_end=True)
-    release(cfg.out)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return last
+                group["lr"] = lr_at(step, plan["total_steps"], plan["warmup_steps"], plan["lr"], cfg.min_lr)
+            losses = train_step(net, ddp, [next(batches) for _ in range(cfg.accum_iter)], optimizer, scaler, dtype,
+                                device, world, cfg.compile)
+            step += 1  # a NaN or a Ctrl-C stops the run at a read, after this step (every --log_every steps)
+            run.log_step(step, losses, write=step % cfg.log_every == 0 or step == plan["total_steps"],
+                         lr=optimizer.param_groups[0]["lr"])
+        done = epoch + 1
+        if done % cfg.save_every == 0 or done == cfg.epochs:
+            run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                      "epoch": done, "step": step, "config": asdict(cfg), "model_config": mcfg.to_dict(),
+                      "tokenizer": tok.to_str()}, recon=checks.reconstruct(model, dataset) if rank == 0 else None)
+        due = done == cfg.epochs or cfg.fusion_every and done % cfg.fusion_every == 0
+        if rank == 0 and cfg.data == "synthetic" and cfg.fusion_check and due:
+            check = checks.held_out_check(model, tok, cfg.fusion_check, cfg.seed, done, step, cfg.text_mask_ratio)
+            # a check during the run names its epoch, so that a resumed run keeps those before its start
+            run.log({"fusion_check": check} if done == cfg.epochs else {"epoch": done, "fusion_check": check})
+        run.end_epoch()  # no process runs ahead of the save; a Ctrl-C or SIGTERM in the epoch stops all here
+    return run.close()
 
 
 # -----------------------------------------------------------------------------
@@ -290,18 +216,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def stop_point(device: torch.device):
-    """An epoch's end: every process waits here for the checkpoint (a barrier), and all of them stop here if
-    any was sent a Ctrl-C or SIGTERM meanwhile (its save finished first)."""
-    if all_reduce_sum(torch.full((), float(stop_requested()), device=device)).item() > 0:
-        raise KeyboardInterrupt
-
-
 def broadcast(value):
     """Rank 0's `value` (any picklable object), on every rank."""
     if not dist.is_initialized():
@@ -315,44 +229,35 @@ def broadcast(value):
 # Data and model
 
 
-def model_sizes(cfg: TrainConfig, ckpt: dict | None) -> MRMConfig:
-    """The sizes the data needs: a resumed run's from its checkpoint, else the preset's."""
-    if ckpt is not None:
-        return MRMConfig.from_dict(ckpt["model_config"])
-    return MRMConfig.from_preset(cfg.preset, text_mask_ratio=cfg.text_mask_ratio)
-
-
-def build_data(cfg: TrainConfig, mcfg: MRMConfig, ckpt: dict | None, rank: int):
-    """Records, tokenizer and the Dataset. Returns (dataset, tokenizer)."""
+def build_data(cfg: TrainConfig, ckpt: dict | None, rank: int):
+    """Records, tokenizer and the Dataset, and the model's config. Returns (dataset, tokenizer, MRMConfig)."""
     from tokenizers import Tokenizer
 
-    hr = 2 * mcfg.img_size
+    hr = 2 * (MRMConfig.from_dict(ckpt["model_config"]) if ckpt else MRMConfig.from_preset(cfg.preset)).img_size
     images, reports = data.run_records(cfg.data, cfg.image_root, cfg.num_records, hr, cfg.seed, cfg.skip_bad,
                                        verbose=rank == 0)
     if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
         tok = Tokenizer.from_str(ckpt["tokenizer"])
     elif cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:  # built once (rank 0) and sent to the other ranks, in memory: train() writes it once all is checked
+        tok = data.vocabulary(cfg.tokenizer)
+    else:  # built once (rank 0) and sent to the other ranks, in memory: the run writes it once all is checked
         if rank == 0:
             print(f"building a WordPiece vocabulary from {len(reports)} reports")
-        tok = Tokenizer.from_str(broadcast(train_tokenizer(reports, cfg.vocab_size).to_str() if rank == 0 else None))
+        built = data.vocabulary("", reports, cfg.vocab_size).to_str() if rank == 0 else None
+        tok = Tokenizer.from_str(broadcast(built))
+    mcfg = MRMConfig.from_dict(ckpt["model_config"]) if ckpt is not None else model_config(cfg, tok)
     dataset = data.PretrainDataset(images, data.encode_reports(tok, reports, mcfg.max_text_len), hr,
-                                   (mcfg.img_size // mcfg.patch_size) ** 2, mcfg.text_mask_ratio,
+                                   (mcfg.img_size // mcfg.patch_size) ** 2, cfg.text_mask_ratio,
                                    tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"), seed=cfg.seed,
                                    hflip=cfg.hflip, skip_bad=cfg.skip_bad, min_crop=cfg.min_crop)
-    return dataset, tok
+    return dataset, tok, mcfg
 
 
 def model_config(cfg: TrainConfig, tok=None) -> MRMConfig:
-    """The model's sizes and switches; the vocabulary's size and ids from `tok` (without it, the preset's)."""
+    """The preset's sizes, the switches of `cfg`, and the vocabulary's size and ids from `tok` (else the preset's)."""
     vocab = {} if tok is None else dict(vocab_size=tok.get_vocab_size(), pad_token_id=tok.token_to_id("[PAD]"),
                                         mask_token_id=tok.token_to_id("[MASK]"))
-    return MRMConfig.from_preset(
-        cfg.preset, **vocab, mask_ratio=cfg.mask_ratio, text_mask_ratio=cfg.text_mask_ratio,
-        mim_weight=cfg.mim_weight, mlm_weight=cfg.mlm_weight, super_resolution=cfg.super_resolution,
-        fusion=cfg.fusion, fusion_tokens=cfg.fusion_tokens, norm_pix_loss=cfg.norm_pix_loss,
-        multimodal_mim=cfg.multimodal_mim)
+    return MRMConfig.from_preset(cfg.preset, **vocab, **{f.name: getattr(cfg, f.name) for f in fields(Switches)})
 
 
 def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch.device):
@@ -360,28 +265,10 @@ def build_loader(dataset, cfg: TrainConfig, world: int, rank: int, device: torch
     of (seed, epoch) only. Workers live across epochs (the dataset reads each new epoch from shared
     memory), and pinned batches copy to the GPU asynchronously."""
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    workers = runs.loader_workers(cfg.num_workers, device)
+    workers = settings.loader_workers(cfg.num_workers, device)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
     return sampler, loader
-
-
-def build_optimizer(model, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95) of the released main_pretrain.py, fused: one kernel over all parameters (4x faster than the
-    default on this project's 2-core CPU: docs/performance.md), and with fp16 its GradScaler's inf check
-    stays on the device."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=0.0, betas=(0.9, 0.95),
-                             fused=device.type in ("cuda", "cpu"))
-
-
-def amp_dtype(cfg, device: torch.device):
-    """None (fp32), bf16, or fp16 (which needs a GradScaler). 'auto': bf16 on a GPU that has it natively
-    (Ampere and later), fp16 on older GPUs, fp32 on CPU."""
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
 
 # -----------------------------------------------------------------------------
@@ -390,11 +277,12 @@ def amp_dtype(cfg, device: torch.device):
 
 def build_parser():
     # only the flags given, so that a resumed run can tell them from the saved ones
-    return config_parser(TrainConfig, "train.py", __doc__, CHOICES, LIMITS, recipes.pretraining_help_default,
-                         given_only=True)
+    return settings.config_parser(TrainConfig, "train.py", __doc__, CHOICES, LIMITS, recipes.pretraining_help_default,
+                                  given_only=True)
 
 
 # what each number may be: counts at least 1 (0 for workers and checks), shares within (0, 1), rates positive
+bounded = settings.bounded
 LIMITS = {
     **dict.fromkeys(["vocab_size", "num_records", "epochs", "batch_size", "accum_iter", "save_every", "log_every"],
                     bounded(int, 1)),
@@ -405,80 +293,59 @@ LIMITS = {
 }
 CHOICES = {"preset": sorted(recipes.PRETRAINING), "amp": ["auto", "bf16", "fp16", "off"], "fusion": ["gap", "gmp"],
            "fusion_tokens": ["visible", "all"]}
-# what a resumed run may change: how it runs, not what it learns (the batch and GPU count may change with
-# the hardware: the lr follows the effective batch, the schedule continues at the saved epoch)
-RESUME_MAY_CHANGE = {"resume", "out", "overwrite", "epochs", "batch_size", "accum_iter", "num_workers", "amp",
-                     "compile", "save_every", "log_every", "skip_bad", "fusion_check", "fusion_every",
-                     "trust_checkpoint", "dry_run"}
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, dict | None]:
+def resolve(argv: list[str] | None, run: Run) -> tuple[TrainConfig, dict | None, dict | None]:
+    """The settings of a run and of its --dry_run, resolved the one way: the flags given, over a resumed run's
+    own (--resume), over the preset's recipe; each refused in one line, before anything is read or written,
+    if it cannot work. Returns (cfg, the checkpoint a resumed run continues, the --init weights)."""
     given = vars(build_parser().parse_args(argv))
-    if not given.get("resume"):
-        return TrainConfig(**given), None
-    ckpt = load_checkpoint(given["resume"], bool(given.get("trust_checkpoint")))
-    saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)} - {"overwrite"}}
-    refused = sorted(runs.changed_settings(saved, given).keys() - RESUME_MAY_CHANGE)
-    if refused:
-        raise ConfigError(f"{given['resume']}: a resumed run keeps its model and data; cannot change {refused} "
-                          "(start a new run, with --init to begin from these weights)")
-    # a run folder may have been copied or moved since: the run continues where its checkpoint is now
-    out = given.get("out", os.path.dirname(os.path.abspath(given["resume"])))
-    return TrainConfig(**{**saved, **given, "out": out}), ckpt
+    with contextlib.redirect_stdout(sys.stderr) if given.get("dry_run") else nullcontext():  # stdout: the plan
+        ckpt = run.resumed(given.get("resume"), given.get("trust_checkpoint", False))
+        if ckpt is not None:  # a run folder may have been copied or moved: the run goes on where its checkpoint is
+            saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+            given = {**saved, "overwrite": False, **given,
+                     "out": given.get("out", os.path.dirname(os.path.abspath(given["resume"])))}
+        cfg = recipes.fill_pretraining(TrainConfig(**given))
+        sizes = MRMConfig.from_dict(ckpt["model_config"]) if ckpt is not None else MRMConfig.from_preset(cfg.preset)
+        run.check(cfg, ckpt)  # what a resumed run changes, and the folder
+        settings.check_pretraining(cfg, sizes, ckpt)
+        init = None if ckpt is not None or not cfg.init else \
+            settings.init_weights(cfg.init, sizes, sizes.img_size, cfg.trust_checkpoint)
+    return cfg, ckpt, init
 
 
 def plan(cfg: TrainConfig, ckpt: dict | None = None) -> dict:
-    """--dry_run: the settings train() would run with, resolved the same way, without reading an image. A
-    CSV is counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
-    cfg = recipes.fill_pretraining(TrainConfig(**asdict(cfg)))
-    check_pretraining(cfg, model_sizes(cfg, ckpt), ckpt)
+    """--dry_run: what train() would run with, from resolve()'s settings, without reading an image. A CSV is
+    counted (its rows), not checked against the images; the process count is torchrun's WORLD_SIZE."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.data == "synthetic":
-        records = cfg.num_records
-    else:
-        if not os.path.isfile(cfg.data):
-            raise FileNotFoundError(f"{cfg.data}: no such CSV file")
-        records = sum(1 for _, row in csv_rows(cfg.data) if row) - 1  # less the header
+    records = data.count_records(cfg.data, cfg.num_records)
     if ckpt is not None:
         mcfg, vocab = MRMConfig.from_dict(ckpt["model_config"]), "from the checkpoint"
     else:
-        mcfg = model_config(cfg, load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
+        mcfg = model_config(cfg, data.vocabulary(cfg.tokenizer) if cfg.tokenizer else None)
         vocab = cfg.tokenizer or f"built from the training reports (up to {cfg.vocab_size})"
-    steps_per_epoch = records // world // cfg.batch_size // cfg.accum_iter  # every sampler and loader drops the rest
-    check_steps(steps_per_epoch, records, world, cfg.batch_size, cfg.accum_iter)
-    eff_batch = cfg.batch_size * cfg.accum_iter * world
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = amp_dtype(cfg, device)
+    dtype = settings.amp_dtype(cfg.amp, device)
     return {"preset": cfg.preset, "data": cfg.data, "records": records, "processes": world,
-            "effective_batch": eff_batch, "batch_per_process": cfg.batch_size, "accum_iter": cfg.accum_iter,
-            "lr": cfg.blr * eff_batch / 256, "blr": cfg.blr, "steps_per_epoch": steps_per_epoch,
-            "epochs": cfg.epochs, "start_epoch": ckpt["epoch"] if ckpt else 0,
-            "total_steps": cfg.epochs * steps_per_epoch,
-            "warmup_steps": round(cfg.warmup_epochs * steps_per_epoch), "crop": 2 * mcfg.img_size,
-            "input": mcfg.img_size, "vocabulary": vocab, "init": cfg.init or "random",
-            "precision": "fp32" if dtype is None else str(dtype).split(".")[-1], "device": str(device),
-            "loader_workers": runs.loader_workers(cfg.num_workers, device),
+            "batch_per_process": cfg.batch_size, "accum_iter": cfg.accum_iter, "blr": cfg.blr,
+            **schedule(cfg, records, world), "epochs": cfg.epochs, "start_epoch": ckpt["epoch"] if ckpt else 0,
+            "crop": 2 * mcfg.img_size, "input": mcfg.img_size, "vocabulary": vocab, "init": cfg.init or "random",
+            "precision": "fp32" if dtype is None else str(dtype)[6:], "device": str(device),
+            "loader_workers": settings.loader_workers(cfg.num_workers, device),
             "model": {k: v for k, v in mcfg.to_dict().items()
                       if cfg.tokenizer or ckpt or k not in ("vocab_size", "pad_token_id", "mask_token_id")},
             "config": asdict(cfg)}
 
 
 def main(argv=None):
-    run = {}  # where the run writes, once known: what an interrupt's message tells
-
-    def how_to_resume() -> str:  # a checkpoint this run wrote, or the one it continues
-        kept = runs.resumable([os.path.join(run["cfg"].out, "ckpt.pt")], bool(run["cfg"].resume)) if run else []
-        return runs.resume_hint(kept, f"{runs.launcher()} train.py --resume {kept[0]} --epochs {run['cfg'].epochs}"
-                                if kept else "")
-
-    with one_line_errors("train.py", NonFiniteLoss, interrupted=how_to_resume):
+    with Run("train.py") as run:  # however it ends: one line for an expected error or a stop, the folder let go
         try:
-            cfg, ckpt = parse_config(argv)
-            run["cfg"] = cfg
+            cfg, ckpt, init = resolve(argv, run)
             if cfg.dry_run:
                 print(json.dumps(plan(cfg, ckpt), allow_nan=False))
-                return
-            train(cfg, ckpt)
+            else:
+                train(cfg, ckpt, init, run)
         finally:
             if dist.is_initialized():  # a stopped run leaves no process group behind
                 dist.destroy_process_group()

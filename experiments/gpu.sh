@@ -17,7 +17,7 @@
 #      then a --resume of the first, then --amp fp16;
 #   3. bench.py step beside the released architecture: bf16 at batch 64 and 256, eager and compiled,
 #      fp16 at 64, peak memory; a profiler table of the top kernels where a speed target is missed;
-#      bench.py resize: the crops' resize on the GPU (a candidate for the loader's cost);
+#      experiments/resize.py: the crops' resize on the GPU (a candidate for the loader's cost);
 #   4. the demo pre-training as a user runs it, then as many more steps as the time left allows, with the
 #      fusion check along the way (--fusion_every).
 # Steps 1, 2 and 4 run side by side while the compiled graphs of step 3 are built (the compile cache
@@ -128,7 +128,7 @@ for b in $BATCHES; do
 done
 bench ours_fp16_${BATCHES%% *} $PY bench.py step --preset $PRESET --batch_size ${BATCHES%% *} --dtype fp16 "${STEP[@]}"
 # a candidate for the loader's cost: the 448 crops' resize on the GPU instead of in the loader (seconds)
-bench resize_on_gpu_${BATCHES%% *} $PY bench.py resize --batch_size ${BATCHES%% *}
+bench resize_on_gpu_${BATCHES%% *} $PY experiments/resize.py --batch_size ${BATCHES%% *}
 if [ -n "${REF:-}" ]; then
     bench ref_official_${BATCHES%% *} $PY "$REF" --mode official --batch ${BATCHES%% *} --peak_tflops 989
     for b in $BATCHES; do

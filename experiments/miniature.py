@@ -35,9 +35,11 @@ import checks  # noqa: E402
 import data  # noqa: E402
 import finetune  # noqa: E402
 import finetune_data  # noqa: E402
+import metrics  # noqa: E402
 import recipes  # noqa: E402
 import train  # noqa: E402
 from machinery import checkpoints  # noqa: E402
+from machinery.run import SCRIPTS, Run  # noqa: E402
 from mrm import MRM, MRMConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +94,7 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
     if os.path.exists(path):  # finished or stopped in an earlier experiment: only with the same settings
         ckpt = checkpoints.load_checkpoint(path)
         changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(recipes.fill_pretraining(tc)).items()
-                   if k not in train.RESUME_MAY_CHANGE and ckpt["config"].get(k) != v}
+                   if k not in SCRIPTS["train.py"]["may_change"] and ckpt["config"].get(k) != v}
         if changed:
             raise ValueError(f"{path}: pre-trained with other settings {changed}; use another --runs folder")
         if ckpt["epoch"] >= cfg.pretrain_epochs:
@@ -103,7 +105,10 @@ def pretrain(variant: str, cfg: MiniConfig, runs: str) -> str:
     else:  # stopped before its first checkpoint (or never run): start again, replacing what it left
         tc.overwrite = True
     print(f"\n== pre-training {variant} ==")
-    train.train(tc)
+    run = Run("train.py")  # train.py's settings, resolved and checked as its command line is
+    flags = [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k}={v}"
+             for k, v in asdict(tc).items() if v is not None]
+    train.train(*train.resolve(flags, run), run)
     return path
 
 
@@ -126,7 +131,7 @@ def finetune_runs(variant: str, init: str, cfg: MiniConfig, runs: str, rendered:
                     optimizer="sgd", hflip=True, drop_path=0.1,  # the released recipe's, as the table ran
                     eval_every=max(1, steps // 5), num_workers=0, out=run_dir, seed=seed,
                     resume=True)  # an interrupted fine-tuning continues from its last.pt
-                results = finetune.run(fc, rendered)
+                results = finetune.finetune(fc, rendered)
                 for lr_dir in os.listdir(run_dir):  # the weights are not needed again: 54 runs would keep ~9 GB
                     for name in ("best.pt", "last.pt"):
                         path = os.path.join(run_dir, lr_dir, name)
@@ -187,8 +192,8 @@ def probe(init: str, cfg: "MiniConfig", films: dict, labels: dict) -> dict:
         out[str(ratio)] = []
         for seed in range(cfg.seeds):
             keep = finetune_data.label_subset(len(labels["train"]), ratio, seed) if ratio < 1 else slice(None)
-            result = checks.linear_probe({**features, "train": features["train"][keep]},
-                                         {**labels, "train": labels["train"][keep]})
+            result = metrics.linear_probe({**features, "train": features["train"][keep]},
+                                          {**labels, "train": labels["train"][keep]})
             out[str(ratio)].append(result["test_auc_mean"])
     return out
 

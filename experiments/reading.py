@@ -40,9 +40,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checks  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402
+import recipes  # noqa: E402
 from machinery import synthetic  # noqa: E402
 from machinery.tokenizer import train_tokenizer  # noqa: E402
+from ceiling import softmax_regression  # noqa: E402
 from miniature import load_model  # noqa: E402
 from mrm import MRM, MRMConfig, ReportDecoder, global_pool, init_weights, random_masking  # noqa: E402
 
@@ -111,7 +112,7 @@ def linear_read(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 def linear_read_split(x: torch.Tensor, y: torch.Tensor, half: int) -> tuple[float, float]:
     mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
     z = (x - mean) / std
-    w, b = checks.softmax_regression(z[:half], y[:half], 2, 1e-2)
+    w, b = softmax_regression(z[:half], y[:half], 2, 1e-2)
     accuracy = float(((z[half:] @ w + b).argmax(1) == y[half:]).float().mean())
     return accuracy, float(2 * torch.special.ndtri(torch.tensor(accuracy).clamp(1e-3, 1 - 1e-3)))
 
@@ -172,7 +173,7 @@ def toy_read(scale: float, noise: float, steps: int, seed: int = 0) -> float:
     opt = torch.optim.AdamW([*decoder.parameters(), *proj.parameters()], lr=1e-3, betas=(0.9, 0.95))
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, steps, 20, 1e-3)
+            group["lr"] = recipes.lr_at(step, steps, 20, 1e-3)
         tokens, labels, feature = toy_batch(32, rng, codes, scale, noise)
         loss = F.cross_entropy(decoder(tokens, proj(feature)).flatten(0, 1), labels.flatten())
         opt.zero_grad()
@@ -276,7 +277,7 @@ def train_reader(dec, proj, tok, cfg, reports, features, held, held_features, st
     rng = np.random.default_rng(0)
 
     def masked(rows, r):
-        m = [data.mask_report(t, cfg.text_mask_ratio, r, cfg.mask_token_id, cfg.pad_token_id) for t in rows]
+        m = [data.mask_report(t, 0.5, r, cfg.mask_token_id, cfg.pad_token_id) for t in rows]
         return (torch.from_numpy(np.stack([x[0] for x in m]).astype(np.int64)),
                 torch.from_numpy(np.stack([x[1] for x in m]).astype(np.int64)))
 
@@ -301,7 +302,7 @@ def train_reader(dec, proj, tok, cfg, reports, features, held, held_features, st
     start, rows = time.time(), []
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, steps, n // 32, lr)
+            group["lr"] = recipes.lr_at(step, steps, n // 32, lr)
         pick = rng.integers(0, n, 32)
         t, lab = masked(reports_t[pick], rng)
         f = features[rng.integers(0, len(features), 32), pick]

@@ -1,22 +1,20 @@
-"""Reading and writing weights: this project's checkpoints (written atomically, read with a clear refusal),
-MAE's and the released MRM's weights into this project's modules, and position tables resized to a new grid.
-"""
+"""Checkpoints written atomically and read with a clear refusal; MAE's and the released MRM's weights loaded."""
 import argparse
 import dataclasses
 import math
 import os
 import re
 import zipfile
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import recipes
 from machinery.errors import CheckpointError, ConfigError
 from machinery.files import atomic
-from mrm import MRM, Block, MRMConfig, ViT
+from mrm import MRM, Block, MRMConfig
 
 
 # -----------------------------------------------------------------------------
@@ -24,8 +22,7 @@ from mrm import MRM, Block, MRMConfig, ViT
 
 
 class _Writes:
-    """A file's write() as torch.save calls it, keeping the OS's error: torch reports a failed write as
-    'unexpected pos 704 vs 598', the OS as 'No space left on device'."""
+    """write() for torch.save, keeping the OS's error ('No space left on device', not torch's 'unexpected pos')."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -41,12 +38,8 @@ class _Writes:
         self.f.flush()
 
 
-WRITTEN = set()  # the checkpoints this process wrote (absolute paths): what a stopped run may advise resuming
-
-
 def save_checkpoint(path: str, state: dict):
-    """Write to a temporary file, flush it to disk, then rename over the old one (files.atomic): a crash or
-    a full disk at any moment leaves either the old checkpoint or the new one, never a half-written file."""
+    """Write, fsync, rename over the old one (files.atomic): a crash or full disk leaves the old file or the new."""
     with atomic(path) as tmp, open(tmp, "wb") as f:
         writes = _Writes(f)
         try:
@@ -57,7 +50,6 @@ def save_checkpoint(path: str, state: dict):
             raise
         f.flush()
         os.fsync(f.fileno())
-    WRITTEN.add(os.path.abspath(path))
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)  # make the rename itself durable
@@ -66,15 +58,11 @@ def save_checkpoint(path: str, state: dict):
 
 
 def non_finite(state: dict) -> list[str]:
-    """The names of a state dict's floating-point tensors that hold a NaN or an infinity: train.py and
-    finetune.py check what they are about to save with it, since a loss is computed before its update."""
+    """A state dict's float tensors holding a NaN or infinity, checked before a save (a loss precedes its update)."""
     return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
 
 
-# What MAE's and the released MRM's training checkpoints pickle besides tensors and plain values: the run's
-# argparse.Namespace (util/misc.py save_model puts `args` beside the weights), and numpy scalars and dtypes,
-# which training scripts often store (a best score, an epoch). Admitted by these names, nothing else;
-# numpy 1.x pickled its scalars under numpy.core, numpy 2 under numpy._core.
+# Besides tensors, MAE's and the released MRM's files pickle `args` (MAE's util/misc.py save_model) and numpy scalars
 _numpy_scalar = np.float64(0).__reduce__()[0]  # the function a pickled numpy scalar is rebuilt with
 SAFE_GLOBALS = [argparse.Namespace, np.dtype, *{type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"},  # numeric dtypes
                 (_numpy_scalar, "numpy.core.multiarray.scalar"), (_numpy_scalar, "numpy._core.multiarray.scalar")]
@@ -82,36 +70,25 @@ SAFE_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qua
 
 
 def read_checkpoint(path, trust: bool = False, expect: dict | None = None) -> dict:
-    """torch.load with weights_only=True: tensors, plain Python values and SAFE_GLOBALS only. A file that
-    pickles any other object (which can run any code as it loads) is refused, naming the object, unless
-    `trust` is set: then it is loaded with weights_only=False, for a file you know.
-    expect: {key: type} the file must hold, e.g. {'step': int, 'config': dict}; checked by check_fields."""
+    """torch.load(weights_only=not trust), refusing by name objects beyond SAFE_GLOBALS (code); expect: check_fields."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     refuse_compressed_entries(path)
     if trust:
         print(f"{path}: loading with weights_only=False (trusted: its pickled objects are rebuilt, code and all)")
     try:
-        if trust:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # consulted only when weights_only
+            ckpt = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as e:
         unsafe = [] if trust else unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: refused: it pickles {', '.join(unsafe)}, which weights do not need and which could run "
-                "any code as it loads. If you trust where the file came from, pass --trust_checkpoint "
-                "(trust=True in load_pretrained)") from None
         legacy = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if legacy and not trust and not zipfile.is_zipfile(path):
-            # the format before torch 1.6 (pickles, not a zip): torch cannot list its objects without
-            # unpickling it, but its refusal names the first object beyond weights that it met
-            raise CheckpointError(
-                f"{path}: refused: a legacy (pre-1.6 torch.save, not zip) file that pickles at least "
-                f"{legacy.group(1)}, which could run any code as it loads. If you trust where the file came "
-                "from, pass --trust_checkpoint (trust=True in load_pretrained)") from None
+        # pre-1.6 format (not a zip): its objects cannot be listed, but torch's refusal names the first one
+        if unsafe or (legacy and not trust and not zipfile.is_zipfile(path)):
+            what = (f"it pickles {', '.join(unsafe)}, which weights do not need and" if unsafe else
+                    f"a legacy (pre-1.6 torch.save, not zip) file that pickles at least {legacy.group(1)},")
+            raise CheckpointError(f"{path}: refused: {what} which could run any code as it loads. If you trust "
+                                  "where the file came from, pass --trust_checkpoint (trust=True in "
+                                  "load_pretrained)") from None
         reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or "empty or cut short"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason})") from None
     if expect is not None:
@@ -120,9 +97,7 @@ def read_checkpoint(path, trust: bool = False, expect: dict | None = None) -> di
 
 
 def refuse_compressed_entries(path):
-    """torch.save stores every entry of its zip uncompressed (ZIP_STORED). A compressed entry is not its
-    work, and it can be a zip bomb: 1 MB of deflated zeros that torch.load expands into gigabytes. Only the
-    zip's directory is read, not the entries."""
+    """Refuse a compressed zip entry (torch.save writes ZIP_STORED; deflated, a zip bomb): docs/errors.md."""
     if not zipfile.is_zipfile(path):
         return  # the legacy format, or not a checkpoint: torch.load says which
     try:
@@ -152,8 +127,13 @@ def _kind(value) -> str:
 
 
 def _is(value, kind) -> bool:
-    """isinstance, except that a bool is not taken for an int (True is an int to Python, not a step count)."""
+    """isinstance, except that a bool is not taken for an int (True is an int to Python, not a count or a size)."""
     return isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+
+
+def _refusal(path, field: str, expected, found) -> CheckpointError:
+    """The one line every refused field gets: 'FILE: FIELD: expected ..., found ...'."""
+    return CheckpointError(f"{path}: {field}: expected {expected}, found {found}")
 
 
 def check_fields(path, ckpt, expect: dict):
@@ -165,107 +145,35 @@ def check_fields(path, ckpt, expect: dict):
         raise CheckpointError(f"{path}: lacks {missing}")
     for key, kind in expect.items():
         if not _is(ckpt[key], kind):
-            raise CheckpointError(f"{path}: {key}: expected {kind.__name__}, found {_kind(ckpt[key])}")
+            raise _refusal(path, key, kind.__name__, _kind(ckpt[key]))
 
 
 # -----------------------------------------------------------------------------
 # train.py's checkpoints, checked field by field before anything is built from them
 
-# what pretraining_state writes, and of what type
+# what train.py's ckpt.pt and finetune.py's last.pt (to --resume from) hold, and of what type
 TRAIN_CHECKPOINT = {"model": dict, "optimizer": dict, "scaler": dict, "epoch": int, "step": int, "config": dict,
                     "model_config": dict, "tokenizer": str, "rng": dict}
-CHECKPOINT_KEYS = tuple(TRAIN_CHECKPOINT)
-# A model_config asking for more parameters than this is refused unless trusted: the base model has 151M (its
-# decoders and 30,000 words included), and a file asking for depth 200000 would otherwise be built until the
-# machine runs out of memory.
+FINETUNE_CHECKPOINT = dict(model=dict, optimizer=dict, scaler=dict, step=int, best=dict, config=dict, rng=torch.Tensor)
+# a model_config past this is refused unless trusted (base: 151M): depth 200000 would be built till memory ran out
 MAX_PARAMETERS = 2_000_000_000
 
 
-def pretraining_state(model, optimizer, scaler, epoch: int, step: int, cfg, mcfg: MRMConfig, tok) -> dict:
-    """train.py's ckpt.pt: what --resume needs to continue exactly, settings as plain dicts (no pickled objects)."""
-    device = next(model.parameters()).device
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "config": dataclasses.asdict(cfg), "model_config": mcfg.to_dict(),
-            "tokenizer": tok.to_str(), "world_size": world,  # processes: a resume on another count says so
-            "rng": {"torch": torch.get_rng_state(),  # the data's randomness is seeded per sample: not here
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-
-
-# what finetuning_state writes (finetune.py's last.pt, to --resume from), and of what type
-FINETUNE_CHECKPOINT = dict(model=dict, optimizer=dict, scaler=dict, step=int, best=dict, config=dict, rng=torch.Tensor)
-
-
-def finetuning_state(model, optimizer, scaler, step: int, best: dict, config: dict) -> dict:
-    """finetune.py's last.pt at a validation: the weights, the optimizer, the best score so far and the
-    random state drop-path continues from (every GPU's, on a GPU)."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "best": best, "config": config, "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
-
-
 def load_checkpoint(path: str, trust: bool = False) -> dict:
-    """Read a train.py checkpoint for --resume, every field checked (validate_train_checkpoint)."""
-    ckpt = read_checkpoint(path, trust)  # refuses missing, truncated, unsafe and non-checkpoint files, naming them
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
-    validate_train_checkpoint(path, ckpt, trust)
-    return ckpt
-
-
-def checked_model_config(path, d, trust: bool = False):
-    """A checkpoint's model_config as an MRMConfig, each setting checked (MRMConfig.validate) and the model's
-    size bounded by MAX_PARAMETERS (unless trusted), all before a layer is built."""
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: model_config: expected dict, found {_kind(d)}")
-    try:
-        cfg = MRMConfig.from_dict(d)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: model_config: {e}") from None
-    n = num_parameters(cfg)
-    if n > MAX_PARAMETERS and not trust:
-        raise CheckpointError(f"{path}: model_config describes a model of {n:.3g} parameters, past the "
-                              f"{MAX_PARAMETERS:.0e} loaded without --trust_checkpoint")
-    return cfg
-
-
-def num_parameters(cfg: MRMConfig) -> int:
-    """sum(p.numel() for p in MRM(cfg).parameters()), by formula from the sizes alone, nothing allocated, so
-    that an absurd model_config is refused before it is built. A layer added to mrm.py needs its line
-    here too: tests/test_checkpoint_validation.py compares this count with the built model's."""
-    def blocks(d, depth):  # Block: 2 LayerNorms, qkv and proj Linears, the MLP's two Linears
-        h = int(d * cfg.mlp_ratio)
-        return depth * (4 * d * d + 9 * d + 2 * d * h + h)
-
-    D, L = cfg.embed_dim, (cfg.img_size // cfg.patch_size) ** 2
-    # ViT: patch projection, [CLS], position table (1 + L rows), blocks, final norm
-    n = D * cfg.in_chans * cfg.patch_size**2 + D + D + (1 + L) * D + blocks(D, cfg.depth) + 2 * D
-    if cfg.mim_weight > 0:  # ImageDecoder: embed, mask token, position table, blocks, norm, prediction
-        d = cfg.decoder_embed_dim
-        out = (2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size) ** 2 * cfg.in_chans
-        n += D * d + d + d + (1 + L) * d + blocks(d, cfg.decoder_depth) + 2 * d + d * out + out
-    if cfg.mlm_weight > 0:  # fusion_proj, then ReportDecoder: words, positions, norms, blocks, head
-        t, V = cfg.text_embed_dim, cfg.vocab_size
-        n += D * t + t + V * t + cfg.max_text_len * t + 2 * t + blocks(t, cfg.text_depth) + 2 * t + t * V + V
-    if cfg.multimodal_mim:  # text_to_image
-        n += cfg.text_embed_dim * cfg.decoder_embed_dim + cfg.decoder_embed_dim
-    return n
-
-
-def validate_train_checkpoint(path, ckpt: dict, trust: bool = False):
-    """Every field of a train.py checkpoint (pretraining_state), checked so that a damaged or hand-made
-    file is refused here, naming the field, rather than failing somewhere inside the resumed run."""
+    """A train.py checkpoint for --resume, every field checked: a bad file is refused here, naming the field."""
     from tokenizers import Tokenizer
 
+    ckpt = read_checkpoint(path, trust)  # refuses missing, truncated, unsafe and non-checkpoint files, naming them
+    missing = [k for k in TRAIN_CHECKPOINT if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a train.py checkpoint (lacks {missing}); for weights only, use --init")
     check_fields(path, ckpt, TRAIN_CHECKPOINT)
     for key in ("epoch", "step"):
         if ckpt[key] < 0:
-            raise CheckpointError(f"{path}: {key}: expected an integer >= 0, found {ckpt[key]}")
+            raise _refusal(path, key, "an integer >= 0", ckpt[key])
     world = ckpt.get("world_size", 1)  # the processes that wrote it (checkpoints before it lack the key)
     if not _is(world, int) or world < 1:
-        raise CheckpointError(f"{path}: world_size: expected an integer >= 1, found {world!r}")
+        raise _refusal(path, "world_size", "an integer >= 1", repr(world))
     cfg = checked_model_config(path, ckpt["model_config"], trust)
     try:
         tok = Tokenizer.from_str(ckpt["tokenizer"])
@@ -284,23 +192,88 @@ def validate_train_checkpoint(path, ckpt: dict, trust: bool = False):
     scaler = ckpt["scaler"]  # empty when the run had no fp16 GradScaler, else its five numbers
     numbers = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
     if scaler and not all(_is(scaler.get(k), (int, float)) for k in numbers):
-        raise CheckpointError(f"{path}: scaler: expected {{}} or numbers under {list(numbers)}, found {scaler}")
+        raise _refusal(path, "scaler", f"{{}} or numbers under {list(numbers)}", scaler)
     rng, state = ckpt["rng"], torch.get_rng_state()
     if not (torch.is_tensor(rng.get("torch")) and rng["torch"].dtype == torch.uint8
             and rng["torch"].shape == state.shape):
-        raise CheckpointError(f"{path}: rng: expected 'torch': a uint8 tensor {tuple(state.shape)}, "
-                              f"found {_kind(rng.get('torch'))}")
+        raise _refusal(path, "rng", f"'torch': a uint8 tensor {tuple(state.shape)}", _kind(rng.get("torch")))
     cuda = rng.get("cuda", "no such key")
     if not (cuda is None or torch.is_tensor(cuda) and cuda.dtype == torch.uint8):
-        raise CheckpointError(f"{path}: rng: expected 'cuda': None or a uint8 tensor, found {_kind(cuda)}")
+        raise _refusal(path, "rng", "'cuda': None or a uint8 tensor", _kind(cuda))
+    return ckpt
+
+
+def check_model_config(cfg: MRMConfig) -> MRMConfig:
+    """Refuse an MRMConfig no model can be built with (else an assert deep in a layer, or nothing, says it)."""
+    for f in dataclasses.fields(cfg):  # each setting has its default's type; an int will do for a float
+        v, kind = getattr(cfg, f.name), type(f.default)
+        ok = (_is(v, (int, float)) and math.isfinite(v)) if kind is float else _is(v, kind)
+        if not ok:
+            raise ConfigError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}, got {v!r}")
+        least = 0 if f.name.endswith(("depth", "_id")) else 1  # a model may have no block of a kind
+        if kind is int and v < least:
+            raise ConfigError(f"{f.name} must be {'>= 0' if least == 0 else 'positive'}, got {v}")
+    checks = [
+        (cfg.img_size % cfg.patch_size == 0,
+         f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}"),
+        (cfg.mlp_ratio > 0, f"mlp_ratio must be > 0, got {cfg.mlp_ratio}"),
+        (cfg.pixel_std > 0, f"pixel_std must be > 0, got {cfg.pixel_std}"),
+        (0 <= cfg.mask_ratio < 1, f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}"),
+        (cfg.mlm_weight >= 0, f"mlm_weight must be >= 0, got {cfg.mlm_weight}"),
+        (cfg.mim_weight >= 0, f"mim_weight must be >= 0, got {cfg.mim_weight}"),
+        (cfg.mlm_weight > 0 or cfg.mim_weight > 0, "mlm_weight and mim_weight are both 0: nothing to learn"),
+        (cfg.fusion in ("gap", "gmp"), f"fusion must be 'gap' or 'gmp', got {cfg.fusion!r}"),
+        (cfg.fusion_tokens in ("visible", "all"),
+         f"fusion_tokens must be 'visible' or 'all', got {cfg.fusion_tokens!r}"),
+        (not cfg.multimodal_mim or (cfg.mlm_weight > 0 and cfg.mim_weight > 0),
+         "multimodal_mim needs both the image and the report decoder"),
+    ]
+    for width, heads in [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                         ("text_embed_dim", "text_num_heads")]:
+        w, h = getattr(cfg, width), getattr(cfg, heads)
+        checks.append((w % h == 0, f"{width} {w} is not divisible by {heads} {h}"))
+    for k in ("pad_token_id", "mask_token_id"):
+        v = getattr(cfg, k)
+        checks.append((v < cfg.vocab_size, f"{k} {v} is not an id of the vocabulary (0 to {cfg.vocab_size - 1})"))
+    for width in ("embed_dim", "decoder_embed_dim"):  # 2D sin-cos: half the channels per axis, sin and cos
+        w = getattr(cfg, width)
+        checks.append((w % 4 == 0, f"{width} must be a multiple of 4 (the sin-cos position table), got {w}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def checked_model_config(path, d, trust: bool = False):
+    """A checkpoint's model_config as a checked MRMConfig of at most MAX_PARAMETERS (unless trusted)."""
+    if not isinstance(d, dict):
+        raise _refusal(path, "model_config", "dict", _kind(d))
+    try:
+        cfg = check_model_config(MRMConfig.from_dict(d))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: model_config: {e}") from None
+    n = num_parameters(cfg)
+    if n > MAX_PARAMETERS and not trust:
+        raise CheckpointError(f"{path}: model_config describes a model of {n:.3g} parameters, past the "
+                              f"{MAX_PARAMETERS:.0e} loaded without --trust_checkpoint")
+    return cfg
+
+
+def on_meta(cfg) -> tuple[MRM, Block]:
+    """MRM(cfg) on the meta device without its encoder's blocks, and one Block for each (ViT's .item() fails there)."""
+    with torch.device("meta"):
+        return MRM(dataclasses.replace(cfg, depth=0)), Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
+
+
+def num_parameters(cfg) -> int:
+    """MRM(cfg)'s number of parameters, counted on_meta: an absurd model_config is refused before any allocation."""
+    model, block = on_meta(cfg)
+    return sum(p.numel() for p in model.parameters()) + cfg.depth * sum(p.numel() for p in block.parameters())
 
 
 def expected_state(cfg) -> tuple[dict, int]:
-    """The state dict MRM(cfg) would have, built on the meta device (names, shapes, dtypes; nothing allocated),
-    and how many of its parameters the optimizer steps. ViT draws its drop-path rates with .item(), which a
-    meta tensor cannot answer, so the encoder is built without blocks and one Block stands for each."""
-    with torch.device("meta"):
-        model, block = MRM(dataclasses.replace(cfg, depth=0)), Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio)
+    """The state dict MRM(cfg) would have (on_meta), and how many of its parameters the optimizer steps."""
+    model, block = on_meta(cfg)
     state = model.state_dict()
     state.update({f"encoder.blocks.{i}.{k}": v for i in range(cfg.depth) for k, v in block.state_dict().items()})
     trainable = sum(p.requires_grad for p in model.parameters()) + cfg.depth * len(list(block.parameters()))
@@ -308,46 +281,36 @@ def expected_state(cfg) -> tuple[dict, int]:
 
 
 def check_weights(path, weights: dict, target: dict):
-    """The checkpoint's model state dict against the one its model_config implies: the same names, shapes,
-    and floating-point tensors where the model has them (a complex, integer or bool tensor would be cast,
-    losing its meaning, with at most a warning)."""
+    """Refuse weights unlike `target`: other names or shapes, or not float where it is (a cast loses the meaning)."""
     wrong = [f"{k} is a {_kind(weights[k])}" for k in weights if k in target and not torch.is_tensor(weights[k])]
     wrong += [f"{k} is {tuple(weights[k].shape)}, expected {tuple(t.shape)}" for k, t in target.items()
               if torch.is_tensor(weights.get(k)) and weights[k].shape != t.shape]
     wrong += [f"{k} is {weights[k].dtype}, expected floating point" for k, t in target.items()
               if torch.is_tensor(weights.get(k)) and t.is_floating_point() and not weights[k].is_floating_point()]
-    def first(keys):
-        names = _compact(map(str, keys))
-        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
     missing, unexpected = [k for k in target if k not in weights], [k for k in weights if k not in target]
-    if missing:
-        wrong.append(f"{len(missing)} missing: {first(missing)}")
-    if unexpected:
-        wrong.append(f"{len(unexpected)} unexpected: {first(unexpected)}")
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            names = _compact(map(str, keys))
+            wrong.append(f"{len(keys)} {what}: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))
     if wrong:
         raise CheckpointError(f"{path}: model: {'; '.join(wrong[:3])}" + (" ..." if len(wrong) > 3 else "")
                               + " (for the model its model_config describes)")
 
 
 def check_optimizer(path, state: dict, n_params: int):
-    """An optimizer.state_dict() for n_params parameters: {'state': {id: {name: tensor}}, 'param_groups':
-    [{'params': [id, ...], ...}]}, each id once."""
-    def refuse(expected, found):
-        raise CheckpointError(f"{path}: optimizer: expected {expected}, found {found}")
-
+    """Refuse an optimizer.state_dict() that is not {'state': {id: {...}}, 'param_groups'} naming n_params ids once."""
     groups, moments = state.get("param_groups"), state.get("state")
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                for g in groups):
-        refuse("'param_groups': a list of dicts, each with a list 'params'", _kind(groups))
+        raise _refusal(path, "optimizer", "'param_groups': a list of dicts, each with a list 'params'", _kind(groups))
     ids = [i for g in groups for i in g["params"]]
     if not all(_is(i, int) for i in ids) or len(set(ids)) != len(ids) or len(ids) != n_params:
-        refuse(f"'param_groups' to name {n_params} distinct parameter ids", f"{len(ids)}")
+        raise _refusal(path, "optimizer", f"'param_groups' to name {n_params} distinct parameter ids", len(ids))
     if not isinstance(moments, dict) or not all(k in ids and isinstance(v, dict) for k, v in moments.items()):
-        refuse("'state': a dict {parameter id: dict}", _kind(moments))
+        raise _refusal(path, "optimizer", "'state': a dict {parameter id: dict}", _kind(moments))
     for k, v in ((k, v) for s in moments.values() for k, v in s.items()):
         if k != "step" and torch.is_tensor(v) and not v.is_floating_point():
-            refuse(f"'state' {k} to be floating point", v.dtype)
+            raise _refusal(path, "optimizer", f"'state' {k} to be floating point", v.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -361,9 +324,7 @@ def _cls_and_grid(table: torch.Tensor) -> bool:
 
 
 def interpolate_pos_embed(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1 + g*g, D) position table, [CLS] first -> (1, 1 + grid*grid, D), the grid part resized
-    bicubically, as the released fine-tuning does for a new input size (e.g. 14 x 14 -> 32 x 32 at 512 px).
-    The same size returns the table itself."""
+    """(1, 1 + g*g, D), [CLS] first -> (1, 1 + grid*grid, D), bicubic as released (14^2 -> 32^2 at 512 px)."""
     if not _cls_and_grid(table):
         raise ValueError(f"position table of shape {tuple(table.shape)} is not [CLS] + a square grid")
     g = math.isqrt(table.shape[1] - 1)
@@ -383,26 +344,17 @@ def _compact(keys) -> list[str]:
         groups.setdefault(pattern, []).append(-1 if m is None else int(m.group(1)))
     lines = []
     for pattern, idx in groups.items():
-        if idx == [-1]:
-            lines.append(pattern)
-            continue
         idx = sorted(idx)
         contiguous = len(idx) > 1 and idx == list(range(idx[0], idx[-1] + 1))
         span = f"{idx[0]}-{idx[-1]}" if contiguous else ",".join(map(str, idx))
-        lines.append(pattern.replace("{}", "{" + span + "}"))
+        lines.append(pattern.replace("{}", "{" + span + "}"))  # a name without a number stays as it is
     return lines
 
 
 def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False) -> dict:
-    """Load encoder (and decoder) weights from `path` into `module` (a ViT, an MRM, or any module
-    holding the ViT as `.encoder`), matching names across layouts:
-      MAE / released MRM: {'model': {'cls_token', 'blocks.0...', 'decoder_blocks.0...', ...}}
-      this project:       {'model': {'encoder.cls_token', 'image_decoder.decoder_blocks.0...', ...}}
-    A position table for another input size is interpolated (interpolate_pos_embed), not skipped.
-    Prints exactly which keys were missing, unexpected or of another shape; returns them as lists.
-    The fixed sin-cos tables load like any tensor: the released MRM.pth brings its decoder table (built
-    with the released helper's slip, see mrm.get_2d_sincos_pos_embed), which is what its decoder was trained with.
-    """
+    """Weights of MAE / the released MRM ('cls_token', 'decoder_blocks.0...') or this project ('encoder.cls_token')
+    into a ViT, an MRM or a module with `.encoder`, a position table for another grid interpolated, sin-cos tables
+    too (MRM.pth's has the released slip: mrm.get_2d_sincos_pos_embed); prints and returns what did not load."""
     ckpt = read_checkpoint(path, trust)
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
@@ -416,7 +368,7 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
         name = next((k for k in options if k in target), None)
         if name is not None and target[name].is_floating_point() and not value.is_floating_point():
             # load_state_dict would cast it: a complex one with a warning, an integer or bool one silently
-            raise CheckpointError(f"{path}: {key}: expected a floating-point tensor, found {value.dtype}")
+            raise _refusal(path, key, "a floating-point tensor", value.dtype)
         if name is None:
             unexpected.append(key)
         elif name.endswith("pos_embed") and _cls_and_grid(value) and _cls_and_grid(target[name]) and \
@@ -444,12 +396,8 @@ def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool =
 
 
 def load_summary(report: dict, total: int, path) -> str:
-    """load_pretrained's report in a few lines: how many of the module's `total` tensors came from `path`,
-    the position tables resized, the unused ones counted by module (an encoder leaves the pre-training
-    decoders unused, as expected), and by name what is missing or mismatched."""
-    unused = {}
-    for key in report["unexpected"]:
-        unused[key.split(".")[0]] = unused.get(key.split(".")[0], 0) + 1
+    """load_pretrained's report in a few lines, the unused counted by module (an encoder leaves the decoders)."""
+    unused = Counter(key.split(".")[0] for key in report["unexpected"])
     lines = [f"encoder: {total - len(report['missing'])}/{total} tensors from {path}"
              + "".join(f"; position table {r}" for r in report["resized"])
              + ("; unused: " + ", ".join(f"{k} ({n})" for k, n in unused.items()) if unused else "")]
@@ -458,49 +406,3 @@ def load_summary(report: dict, total: int, path) -> str:
         if keys:
             lines.append(f"  {title}: " + ", ".join(keys))
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# The encoder a fine-tuning run starts from
-
-
-def finetuning_encoder(cfg) -> tuple[str, MRMConfig, str, int]:
-    """finetune.py's (init, encoder sizes, preset name, input size): the checkpoint, its sizes, and the
-    fine-tuning input. Classification runs at the pre-training input; segmentation at
-    recipes.SEG_INPUT_SIZE (512 for the base encoder, as released), the tiny demo at its own 64 px."""
-    init = pick_init(cfg.init)
-    sizes = encoder_sizes(init, cfg.preset, cfg.dataset, cfg.trust_checkpoint)
-    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
-    size = cfg.input_size or (recipes.SEG_INPUT_SIZE.get(preset, sizes.img_size) if cfg.task == "segment"
-                              else sizes.img_size)
-    if size % sizes.patch_size:
-        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
-    if init != "none":  # its weights must fit the encoder before a run replaces anything (--overwrite)
-        load_pretrained(ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
-                            sizes.mlp_ratio), init, verbose=False, trust=cfg.trust_checkpoint)
-    return init, sizes, preset, size
-
-
-def pick_init(init: str) -> str:
-    """--init auto: the demo's pre-training checkpoint if `python train.py` left one, else none (scratch)."""
-    if init == "auto":
-        default = "out/ckpt.pt"
-        if os.path.exists(default):
-            return default
-        print(f"no {default} (from `python train.py`): fine-tuning from scratch; --init PATH picks weights")
-        return "none"
-    return init
-
-
-def encoder_sizes(init: str, preset: str, dataset: str, trust: bool = False) -> MRMConfig:
-    """The encoder's sizes: from this project's checkpoint (it records them), else the preset ('auto': tiny
-    for the synthetic records, else base)."""
-    if init != "none":
-        ckpt = read_checkpoint(init, trust)  # refuses a missing, broken or unsafe file, naming it
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
-            sizes = checked_model_config(init, ckpt["model_config"], trust)  # sizes in range
-            if preset not in ("auto", "") and MRMConfig.from_preset(preset).embed_dim != sizes.embed_dim:
-                raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {preset}")
-            return sizes
-    preset = preset if preset not in ("auto", "") else "tiny" if dataset == "synthetic" else "base"
-    return MRMConfig.from_preset(preset)

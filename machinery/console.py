@@ -9,33 +9,28 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
-from machinery.errors import BadRecord, CheckpointError, ConfigError
-from machinery.files import release_all
+from machinery.errors import BadRecord, CheckpointError, ConfigError, NonFiniteLoss, PeerStopped
 
-
-_stops = []  # the signals (SIGINT, SIGTERM) this run was sent
-_at_boundaries = [False]  # True while train.py's loop runs: a signal then waits for the next step boundary
+_stops = []  # the signals (SIGINT, SIGTERM) this script was sent
+_deferred = [False]  # True while train.py's steps run: a signal then waits for the next step boundary
 
 
 @contextmanager
-def one_line_errors(script: str, *expected: type, interrupted=None):
-    """Run a script's main: an expected error (a bad record or setting, a refused checkpoint, a missing
-    file or another OS error such as a full disk, or one of `expected`) is printed as `SCRIPT: error:
-    MESSAGE` on stderr, exit status 2, as argparse does for a bad flag, also when a DataLoader worker raised
-    it; anything else is a bug and keeps its traceback. Ctrl-C, and SIGTERM (what a scheduler sends before
-    it kills a job), stop the script the same way: at once, whatever was being saved dropped
-    (files.atomic), or inside train.py's loop at its next step boundary (stop_at_step_boundaries); one line
-    says so, then `interrupted()`, e.g. how to resume; exit status 130 (Ctrl-C) or 143 (SIGTERM).
-
-    Under torchrun every process runs this: an error every process meets (a setting, a file) is printed by
-    rank 0 alone; a bad record met while training, by the rank that met it, named. A process whose peer
-    stopped (gloo: 'Connection closed by peer') exits 2 too, silently: the peer said why."""
+def one_line_errors(script: str):
+    """Run a script's main: an expected error (a bad record or setting, a refused checkpoint, an OS error such
+    as a full disk, a run gone non-finite) is printed as `SCRIPT: error: MESSAGE`, exit status 2, as argparse
+    does for a bad flag, also when a DataLoader worker raised it; anything else is a bug and keeps its
+    traceback. Ctrl-C and SIGTERM (a scheduler's, before it kills a job) stop the script at once, or at the next
+    step boundary while deferred (train.py's steps); one line says so, with what the KeyboardInterrupt carries
+    (a run's advice, machinery/run.py), exit status 130 or 143. Under torchrun an error every process meets is
+    printed by rank 0 alone, a bad record by the rank that met it; a process whose peer stopped exits 2,
+    silently unless it has advice (PeerStopped)."""
     _stops.clear()
-    _at_boundaries[0] = False
+    _deferred[0] = False
 
     def on_signal(signum, frame):
         _stops.append(signum)
-        if not _at_boundaries[0]:
+        if not _deferred[0]:
             raise KeyboardInterrupt
 
     rank, torchrun = int(os.environ.get("RANK", "0")), "RANK" in os.environ
@@ -45,30 +40,28 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
     code = None
     try:
         yield
-    except (BadRecord, ConfigError, CheckpointError, OSError, *expected) as e:
-        own = _at_boundaries[0] and isinstance(e, BadRecord) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except (BadRecord, ConfigError, CheckpointError, NonFiniteLoss, PeerStopped, OSError) as e:
+        own = _deferred[0] and isinstance(e, BadRecord) and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if rank == 0 or own:
             print(f"{script}: error: {f'rank {rank}: ' if own else ''}{original_message(e)}", file=sys.stderr)
         code = 2
     except (KeyboardInterrupt, RuntimeError) as e:
         # A Ctrl-C or SIGTERM also reaches the loader's workers (a terminal's Ctrl-C goes to its whole
         # process group; torchrun signals the workers' too): the loop then finds them gone as it fetches a
-        # batch, at a step's start, and a peer process may find this one gone ('closed by peer', gloo).
-        peer_gone = torchrun and "closed by peer" in str(e)
-        if isinstance(e, RuntimeError) and not (peer_gone or _stops and "DataLoader worker" in str(e)):
+        # batch, at a step's start, and a peer process may find this one gone.
+        if isinstance(e, RuntimeError) and not (torchrun and peer_gone(e) or _stops and "DataLoader worker" in str(e)):
             raise
-        if peer_gone and not _stops:  # the peer stopped on an error, and said so: stop too
+        if isinstance(e, RuntimeError) and not _stops:  # the peer stopped on an error, and said so: stop too
             code = 2
         else:
             terminated = signal.SIGTERM in _stops
             if rank == 0:  # under torchrun every process gets the signal: one line
-                how = f"; {interrupted()}" if interrupted else ""
-                print(f"{script}: {'stopped by SIGTERM' if terminated else 'interrupted'}{how}", file=sys.stderr)
+                said = f"; {e}" if isinstance(e, KeyboardInterrupt) and e.args else ""
+                print(f"{script}: {'stopped by SIGTERM' if terminated else 'interrupted'}{said}", file=sys.stderr)
             code = 143 if terminated else 130
     finally:
-        release_all()  # the folder a run held (machinery/files.py)
-        _at_boundaries[0] = False
-        _stops.clear()  # a signal is this run's: a run that follows in the same process starts without it
+        _deferred[0] = False
+        _stops.clear()  # a signal is this script's: a run that follows in the same process starts without it
         for s, handler in previous.items():
             if torchrun and code is not None:  # torchrun sends SIGTERM to the others once one process has
                 handler = signal.SIG_IGN        # stopped: this one is stopping already, with its own status
@@ -78,17 +71,21 @@ def one_line_errors(script: str, *expected: type, interrupted=None):
         sys.exit(code)
 
 
-def stop_at_step_boundaries(on: bool = True):
-    """train.py's loop: from here (on) a Ctrl-C or SIGTERM does not interrupt a step; stop_requested() says
-    one came, train_step all-reduces that with its losses, and every process stops after the same step."""
-    if on:  # a signal before the loop stopped the run at once: none is pending here
+def peer_gone(e: BaseException) -> bool:
+    """Is `e` what a torchrun process meets when another process of its run has ended (gloo's words)?"""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("closed by peer", "reset by peer"))
+
+
+def defer_signals(on: bool = True) -> bool:
+    """train.py's steps (machinery/run.py): while on, a Ctrl-C or SIGTERM does not interrupt a step;
+    signalled() says one came, and the run stops every process after the same step. Returns what it was."""
+    if on and not _deferred[0]:  # a signal before this stopped the script at once: none is pending here
         _stops.clear()
-    _at_boundaries[0] = on
-    if not on and _stops:  # one came while the loop ended: stop now
-        raise KeyboardInterrupt
+    was, _deferred[0] = _deferred[0], on
+    return was
 
 
-def stop_requested() -> bool:
+def signalled() -> bool:
     return bool(_stops)
 
 

@@ -16,3 +16,7 @@ class CheckpointError(ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """A run whose loss or weights went NaN or infinite: it stops, keeping its last good checkpoint."""
+
+
+class PeerStopped(RuntimeError):
+    """Under torchrun, another process of this run ended: this one stops too, saying how to continue."""

@@ -1,23 +1,11 @@
-"""A run's folder and the files in it: each file written whole or not at all, under a temporary name no
-other process uses and removed on every way out; the folder held by one run at a time; and a folder that
-holds an earlier run never replaced without --resume or --overwrite."""
-import errno
-import glob
+"""Files written whole or not at all, under a temporary name no other process uses and removed on every way
+out, and a run's log.jsonl appended a whole line at a time and read back whatever a killed run left."""
+import json
+import math
 import os
-import re
 from contextlib import contextmanager
 
-from machinery.errors import ConfigError
-
-# what makes a folder a run's (paths in it, glob patterns): a fresh run refuses a folder holding any of these,
-# --overwrite removes them. train.py's default out/ may hold finetune.py's out/finetune/: not train.py's.
-TRAIN_RUN = ("ckpt.pt", "log.jsonl", "tokenizer.json", "recon.png", "curves.png")
-FINETUNE_RUN = ("results.json", "curves.png", "lr_*/log.jsonl", "lr_*/best.pt", "lr_*/last.pt")
-
-try:
-    import fcntl  # POSIX; elsewhere a folder is not locked (docs/errors.md)
-except ImportError:
-    fcntl = None
+from machinery.errors import BadRecord
 
 
 @contextmanager
@@ -46,78 +34,55 @@ def write_text(path: str, text: str):
         f.write(text)
 
 
-def earlier_run(out: str, patterns) -> list[str]:
-    """The files of an earlier run in `out` that match `patterns` (TRAIN_RUN, FINETUNE_RUN), relative to it."""
-    found = {p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out), pattern))}
-    return sorted(os.path.relpath(p, out) for p in found if os.path.isfile(p))
+def write_json(path: str, value):
+    """A results file, whole or not at all. JSON has no NaN or infinity: a score that is not finite (an AUC of
+    a label with one class) is written as null."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(finite(value), f, indent=1, allow_nan=False)
 
 
-def refuse_init_in_earlier_run(out: str, patterns, init: str):
-    """--overwrite would remove the earlier run's files before --init is read from one of them."""
-    if init and os.path.abspath(init) in {os.path.abspath(os.path.join(out, p)) for p in earlier_run(out, patterns)}:
-        raise ConfigError(f"--init {init} is a file of the run in --out {out}, which --overwrite replaces: copy it "
-                          "elsewhere first, or pick another --out")
+def finite(value):
+    """`value` with every float that is not finite, at any depth of its dicts and lists, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
-def refuse_earlier_run(out: str, patterns, resume_hint: str):
-    """A fresh run does not write into a folder that holds another run's files: it would replace some of
-    them and leave the rest, mixing two runs."""
-    earlier = earlier_run(out, patterns)
-    if earlier:
-        raise ConfigError(f"--out {out} holds an earlier run ({', '.join(earlier[:3])}"
-                          f"{', ...' if len(earlier) > 3 else ''}): pass {resume_hint} to continue it, --overwrite to "
-                          "replace it, or another --out")
+def append_line(path: str, record: dict):
+    """One JSON line at the end of `path`, whole or not at all: an OS error (a full disk) cuts the file back
+    to where it ended and comes out naming it. A line cut short by a killed process is read_log's to drop."""
+    line = (json.dumps(finite(record), allow_nan=False) + "\n").encode()
+    with open(path, "ab", buffering=0) as f:
+        end, rest = f.tell(), memoryview(line)
+        try:
+            while rest:  # a write cut short by a full disk: the next one says why
+                rest = rest[f.write(rest):]
+        except OSError as e:
+            f.truncate(end)
+            raise OSError(e.errno, f"cannot write: {e.strerror}", path) from None
 
 
-_held = {}  # folder -> the open lock file whose lock this process holds
-
-
-def hold(out: str):
-    """Make `out` and hold it for this process until it ends: a second process that tries to write the
-    same folder is refused in one line. The lock is the kernel's, a POSIX record lock on out/.lock: it dies
-    with its process (a killed run leaves none), and the loader workers a run forks do not inherit it."""
-    os.makedirs(out, exist_ok=True)
-    key = os.path.realpath(out)
-    if fcntl is None or key in _held:
-        return
-    fd = os.open(os.path.join(key, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise ConfigError(f"--out {out} is being written by another run; wait for it, or pick another --out") \
-                from None
-        raise
-    _held[key] = fd
-    # held: no other process writes here, so a temporary file here is a killed run's (SIGKILL, a power cut)
-    for pattern in ("*.tmp*", os.path.join("*", "*.tmp*")):  # the folder and its lr_* folders
-        for stale in glob.glob(os.path.join(glob.escape(key), pattern)):
-            if re.search(r"\.\d+\.tmp(\.\w+)?$", stale):
-                os.remove(stale)
-
-
-def release(out: str):
-    """Let `out` go (the end of a run); a process that ends lets go of everything it held."""
-    fd = _held.pop(os.path.realpath(out), None)
-    if fd is not None:
-        os.close(fd)
-
-
-def release_all():
-    """Let every folder go: a script's end, however it ends (console.one_line_errors), so that a process that
-    goes on (a notebook) holds none of a run that stopped."""
-    for out in list(_held):
-        release(out)
-
-
-def replace_earlier_run(out: str, patterns):
-    """--overwrite: remove every file of the earlier run (and its lr_* folders, once empty), so that nothing
-    of it stays beside the new run's files. Called once the new run's settings and inputs have been checked."""
-    for rel in earlier_run(out, patterns):
-        os.remove(os.path.join(out, rel))
-        if os.path.dirname(rel):  # an lr_* folder: removed once empty (rmdir refuses a folder holding anything)
-            try:
-                os.rmdir(os.path.join(out, os.path.dirname(rel)))
-            except OSError:
-                pass
+def read_log(path: str) -> list[dict]:
+    """The records of a log.jsonl (none if it is not there yet). Blank lines and line ends of any kind are
+    passed over, and a last line cut short (a run killed as it wrote) is dropped; any other line that is not
+    a JSON object is refused, naming the file and line."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f.read().splitlines(), 1) if line.strip()]
+    records = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if k == len(lines) - 1:
+                break
+            raise BadRecord(f"{path}, line {n}: not a JSON object; remove the line (or the file) to go on")
+        records.append(record)
+    return records

@@ -1,18 +1,6 @@
-"""The pictures a run writes, drawn with PIL alone (no plotting package).
-
-curves.png: train.py's (the losses L, L_I, L_R and the lr over the steps) and finetune.py's (training loss
-and validation score), each redrawn from the run's log.jsonl at every save, so a resumed run draws its whole
-history:
-
-    save_curves("out/curves.png", "MRM pre-training", [
-        Panel("loss", [Series("L", steps, losses)], log_y=True),
-        Panel("lr", [Series("lr", steps, lrs)]),
-    ])
-
-recon.png: the paper's Fig. 3 from checks.reconstruct: masked input, restored image, original; masked, restored
-and original report, restored words green where right and red where wrong.
-"""
-import json
+"""The pictures a run writes, with PIL alone: curves.png, redrawn from log.jsonl at every save (a resumed run draws
+its whole history), e.g. save_curves("out/curves.png", "MRM pre-training", [Panel("loss", [Series("L", steps,
+losses)], log_y=True)]), and recon.png, the paper's Fig. 3 from checks.reconstruct (docs/pretraining.md)."""
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import recipes
-from machinery.files import atomic
+from machinery.files import atomic, read_log
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -116,24 +104,15 @@ def save_curves(path: str, title: str, panels: list[Panel], panel_size=(380, 260
         sheet.save(tmp)
 
 
-def read_log(path: str) -> list[dict]:
-    """The lines of a log.jsonl (none if it is not there yet)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def pretraining_curves(log_path: str, path: str, title: str = "MRM pre-training"):
     """train.py: L = L_R + lambda L_I, its two parts (Eq. 3) and the lr, against the optimizer step."""
-    lines = [r for r in read_log(log_path) if "loss" in r]
-    steps = [r["step"] for r in lines]
-    column = lambda key: [r[key] for r in lines]  # noqa: E731
+    rows = [r for r in read_log(log_path) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    L, L_R, L_I, lr = ([r[key] for r in rows] for key in ("loss", "loss_mlm", "loss_mim", "lr"))
     save_curves(path, title, [
-        Panel("loss L and report loss L_R", [Series("L", steps, column("loss")),
-                                             Series("L_R (words)", steps, column("loss_mlm"))], log_y=True),
-        Panel("image loss L_I (masked patches at 2x)", [Series("L_I", steps, column("loss_mim"))], log_y=True),
-        Panel("learning rate", [Series("learning rate", steps, column("lr"))]),
+        Panel("loss L and report loss L_R", [Series("L", steps, L), Series("L_R (words)", steps, L_R)], log_y=True),
+        Panel("image loss L_I (masked patches at 2x)", [Series("L_I", steps, L_I)], log_y=True),
+        Panel("learning rate", [Series("learning rate", steps, lr)]),
     ])
 
 
@@ -146,14 +125,13 @@ def finetuning_run_curves(cfg):
 
 
 def finetuning_curves(run_logs: dict, path: str, metric: str, title: str):
-    """finetune.py: training loss and validation score against the step, one line per lr of the grid.
-    run_logs: {lr label: log.jsonl path}."""
-    runs = {label: read_log(p) for label, p in run_logs.items()}
+    """finetune.py's training loss and validation score against the step, a line per {lr label: log.jsonl path}."""
     loss, val = [], []
-    for label, rows in runs.items():
-        points = [r for r in rows if metric not in r and r.get("train_loss") is not None]  # every few steps
-        loss.append(Series(f"lr {label}", [r["step"] for r in points], [r["train_loss"] for r in points]))
+    for label, log in run_logs.items():
+        rows = read_log(log)
+        points = [r for r in rows if metric not in r and r.get("train_loss") is not None]
         scored = [r for r in rows if metric in r]
+        loss.append(Series(f"lr {label}", [r["step"] for r in points], [r["train_loss"] for r in points]))
         val.append(Series(f"lr {label}", [r["step"] for r in scored], [r[metric] for r in scored]))
     name = {"val_auc_mean": "mean AUC", "val_dice": "Dice"}.get(metric, metric)
     save_curves(path, title, [Panel("training loss", loss, log_y=True), Panel(f"validation {name}", val)])
@@ -190,8 +168,7 @@ def draw_words(draw, font, x, y, width, title, pieces) -> int:
 
 
 def save_recon(r: dict, tok, path: str, panel: int = 256, text_w: int = 720):
-    """recon.png from r = checks.reconstruct(model, dataset): a row per record, the images on the left and
-    the report three times on the right; written atomically."""
+    """recon.png from r = checks.reconstruct(model, dataset): a row a record, images left, the report thrice right."""
     columns = [r[k] for k in ("masked", "restored", "original") if k in r]
     font = ImageFont.load_default(size=13)
     rows = []

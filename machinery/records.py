@@ -1,6 +1,4 @@
-"""Text files read strictly: UTF-8 lines (a byte that is not UTF-8 is refused with its file, line and
-column), CSV rows with their line numbers, and the released training.csv checked row by row before a
-run starts."""
+"""Text files read strictly: UTF-8 lines, CSV rows with their line numbers, the released training.csv checked first."""
 import csv
 import os
 
@@ -9,10 +7,7 @@ from machinery.errors import BadRecord
 
 
 def text_lines(path):
-    """The lines of a UTF-8 text file (a CSV, a split list), decoded one at a time so that a byte that
-    is not UTF-8 is refused with its file, line and column. No other encoding is guessed: a guess that
-    is wrong turns a report's words into other words without a sound. Any line end ends a line (Unix
-    \\n, Windows \\r\\n, old Mac \\r); each line comes with a \\n."""
+    """Lines of a UTF-8 file, each ending in \\n (after \\n, \\r\\n or \\r); a guessed encoding may change words."""
     number = 0
     with open(path, "rb") as f:
         for chunk in f:  # split at \n; a file with \r alone comes as one chunk, split below
@@ -27,8 +22,7 @@ def text_lines(path):
 
 
 def csv_rows(path):
-    """(line where the row starts, row) for each row of a UTF-8 CSV file; a row the csv module cannot
-    read (a field over its 131,072-character limit, say) is refused with its file and line."""
+    """(line where the row starts, row) for each row of a UTF-8 CSV; a row csv cannot read is refused with its line."""
     reader = csv.reader(text_lines(path))
     start = 1
     try:
@@ -40,9 +34,8 @@ def csv_rows(path):
 
 
 def training_csv_rows(csv_path, image_root, skip_bad: bool = False):
-    """The released format: a CSV with columns image_path,report_content (one row per image), paths
-    relative to image_root. Checks up front what is cheap to check: the columns, empty reports and
-    missing image files. Returns (paths, reports, the CSV line of each, number of rows skipped)."""
+    """The released training.csv (image_path,report_content, paths under image_root), its columns, empty reports and
+    missing images checked: (paths, reports, the CSV line of each, rows skipped)."""
     csv_path = str(csv_path)
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"{csv_path}: no such CSV file")

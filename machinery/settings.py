@@ -1,92 +1,109 @@
-"""Settings that cannot work, refused before anything is read or built, naming the first: the model's
-sizes and switches (from code or from a checkpoint), and the combinations of flags that each script's
-ranges (flags.bounded) cannot tell."""
+"""What a user typed, made into settings that work, or refused in one line before anything is read or written:
+the flags (one per config field, each number checked as it is parsed), the combinations ranges cannot tell, the
+weights a run starts from, and what the machine decides (--amp auto, --num_workers). A model's sizes are checked
+by checkpoints.check_model_config: checkpoints carry them too."""
+import argparse
+import inspect
 import math
 import os
-from dataclasses import fields
+import re
+from dataclasses import fields, replace
 
-from machinery.errors import ConfigError
-from machinery.files import FINETUNE_RUN, TRAIN_RUN, refuse_earlier_run, refuse_init_in_earlier_run
+import torch
 
-
-def check_model_config(cfg):
-    """Refuse an mrm.MRMConfig no model can be built with: sizes come from checkpoints as well as from code,
-    and a bad one would otherwise surface as an assert deep inside a layer, or not at all."""
-    for f in fields(cfg):  # each setting has its default's type; an int will do for a float
-        v, kind = getattr(cfg, f.name), type(f.default)
-        if kind is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        else:  # True is an int to Python, not a size
-            ok = isinstance(v, kind) and (kind is bool or not isinstance(v, bool))
-        if not ok:
-            raise ConfigError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}, got {v!r}")
-        least = 0 if f.name.endswith(("depth", "_id")) else 1  # a model may have no block of a kind
-        if kind is int and v < least:
-            raise ConfigError(f"{f.name} must be {'>= 0' if least == 0 else 'positive'}, got {v}")
-    checks = [
-        (cfg.img_size % cfg.patch_size == 0, f"img_size {cfg.img_size} is not a multiple of "
-                                             f"patch_size {cfg.patch_size}"),
-        (cfg.mlp_ratio > 0, f"mlp_ratio must be > 0, got {cfg.mlp_ratio}"),
-        (cfg.pixel_std > 0, f"pixel_std must be > 0, got {cfg.pixel_std}"),
-        # a ratio of 1 would leave nothing visible: nothing to pool, nothing to encode
-        (0 <= cfg.mask_ratio < 1, f"mask_ratio must be in [0, 1) so that some patch is encoded, got {cfg.mask_ratio}"),
-        (0 <= cfg.text_mask_ratio < 1, f"text_mask_ratio must be in [0, 1), got {cfg.text_mask_ratio}"),
-        (cfg.mlm_weight >= 0, f"mlm_weight must be >= 0, got {cfg.mlm_weight}"),
-        (cfg.mim_weight >= 0, f"mim_weight must be >= 0, got {cfg.mim_weight}"),
-        (cfg.mlm_weight > 0 or cfg.mim_weight > 0, "mlm_weight and mim_weight are both 0: nothing to learn"),
-        (cfg.fusion in ("gap", "gmp"), f"fusion must be 'gap' or 'gmp', got {cfg.fusion!r}"),
-        (cfg.fusion_tokens in ("visible", "all"), f"fusion_tokens must be 'visible' or 'all', "
-                                                  f"got {cfg.fusion_tokens!r}"),
-        (not cfg.multimodal_mim or (cfg.mlm_weight > 0 and cfg.mim_weight > 0),
-         "multimodal_mim needs both the image and the report decoder"),
-    ]
-    for width, heads in [("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
-                         ("text_embed_dim", "text_num_heads")]:
-        w, h = getattr(cfg, width), getattr(cfg, heads)
-        checks.append((w % h == 0, f"{width} {w} is not divisible by {heads} {h}"))
-    for k in ("pad_token_id", "mask_token_id"):
-        v = getattr(cfg, k)
-        checks.append((v < cfg.vocab_size, f"{k} {v} is not an id of the vocabulary (0 to {cfg.vocab_size - 1})"))
-    for width in ("embed_dim", "decoder_embed_dim"):  # 2D sin-cos: half the channels per axis, sin and cos
-        checks.append((getattr(cfg, width) % 4 == 0, f"{width} must be a multiple of 4 (the sin-cos "
-                                                     f"position table), got {getattr(cfg, width)}"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+import recipes
+from machinery.checkpoints import (check_model_config, checked_model_config, load_pretrained, load_summary,
+                                   read_checkpoint)
+from machinery.errors import CheckpointError, ConfigError
+from mrm import MRMConfig, Switches, ViT
 
 
-def check_images(images, cfg) -> bool:
-    """MRM's input: high-res images (B, C, 2H, 2W), or (B, 1, 2H, 2W) gray for a 3-channel model. Returns
-    whether they are that gray batch."""
-    gray = images.ndim == 4 and images.shape[1] == 1 and cfg.in_chans == 3
-    hr = 2 * cfg.img_size
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1 if gray else cfg.in_chans, hr, hr):
-        gray_too = f" or (B, 1, {hr}, {hr})" if cfg.in_chans == 3 else ""
-        raise ValueError(f"MRM expects high-res images (B, {cfg.in_chans}, {hr}, {hr}){gray_too}, "
-                         f"got {tuple(images.shape)}")
-    return gray
+# -----------------------------------------------------------------------------
+# Flags
 
 
-def refuse_file_out(out: str):
-    """--out must be a folder (or not exist yet): both scripts write several files into it."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a file, not a folder")
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, `SCRIPT: error: ...`, exit 2, as every expected error (no usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
 
 
-def check_pretraining(cfg, sizes, ckpt: dict | None = None):
-    """train.py's flags against the model sizes `sizes` (an mrm.MRMConfig) they will train and the checkpoint
-    a resumed run continues, and its --out: a folder that holds an earlier run is refused unless --resume or
-    --overwrite says what to do with it."""
+def bounded(kind: type, low=None, high=None, low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float), finite, within [low, high] (an open end where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low}, "
+                                             f"{high if high is not None else 'inf'}{')' if high_open else ']'}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, shown_default=None,
+                  given_only: bool = False):
+    """A parser with one flag per field of the dataclass `config`, its own fields first, then those it inherits
+    (train.py's mrm.Switches); a flag's help is the comment beside its field, its value checked against `limits`
+    (name -> a `bounded` type) as it is parsed. given_only: the namespace holds only the flags given."""
+    parser = OneLineParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           argument_default=argparse.SUPPRESS if given_only else None)
+    helps = {k: v for c in config.__mro__[::-1] if hasattr(c, "__dataclass_fields__")
+             for k, v in re.findall(r"^    (\w+): [^#\n]*# (.*)$", inspect.getsource(c), flags=re.M)}
+    inherited = {f.name for base in config.__bases__ if hasattr(base, "__dataclass_fields__") for f in fields(base)}
+    for f in sorted(fields(config), key=lambda f: f.name in inherited):
+        kind = next(t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None))  # int | None -> int
+        shown = shown_default(f) if shown_default else f.default  # None: the help itself says it
+        kw = {"help": (helps.get(f.name, "") + ("" if shown is None else f" (default: {shown})")).replace("%", "%%")}
+        if not given_only:
+            kw["default"] = f.default
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=limits.get(f.name, kind), choices=choices.get(f.name), **kw)
+    return parser
+
+
+# -----------------------------------------------------------------------------
+# The weights a run starts from
+
+
+def init_weights(path: str, sizes: MRMConfig, size: int, trust: bool = False, say: str = "all") -> dict:
+    """The tensors --init gives an encoder of `sizes` at input `size` (MAE's, the released MRM's or this project's;
+    a position table interpolated to a new grid), read once and checked before a run takes its folder. say: what
+    is printed of the load, 'all' (train.py), 'summary' (finetune.py) or 'nothing'."""
+    encoder = ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
+                  sizes.mlp_ratio)
+    report = load_pretrained(encoder, path, verbose=say == "all" and int(os.environ.get("RANK", "0")) == 0,
+                             trust=trust)
+    if say == "summary":
+        print(load_summary(report, len(encoder.state_dict()), path))
+    return {k: v for k, v in encoder.state_dict().items() if k not in report["missing"]}
+
+
+# -----------------------------------------------------------------------------
+# Pre-training (train.py)
+
+
+def check_pretraining(cfg, sizes: MRMConfig, ckpt: dict | None = None):
+    """train.py's flags against the sizes they train (a resumed run's, else the preset's) and a resumed `ckpt`."""
     if ckpt is not None and cfg.epochs <= ckpt["epoch"]:
         raise ConfigError(f"--epochs {cfg.epochs}: {cfg.resume} has done {ckpt['epoch']} epochs already; to go on, "
                           f"give --epochs above {ckpt['epoch']}")
-    check_out(cfg.out, TRAIN_RUN, cfg.resume, cfg.overwrite, continues_in(cfg.out, cfg.resume),
-              f"--resume {os.path.join(cfg.out, 'ckpt.pt')}", cfg.init)
     patches = (sizes.img_size // sizes.patch_size) ** 2
     if int(patches * (1 - cfg.mask_ratio)) < 1:  # mrm.random_masking keeps this many
         most = math.floor((1 - 1 / patches) * 1e4) / 1e4  # 4 decimals, rounded down: a ratio that is accepted
         raise ConfigError(f"--mask_ratio {cfg.mask_ratio} leaves none of the {patches} patches visible: "
                           f"the encoder would see nothing (at most {most})")
+    if cfg.data != "synthetic" and not os.path.isfile(cfg.data):
+        raise FileNotFoundError(f"{cfg.data}: no such CSV file")
+    check_model_config(replace(sizes, **{f.name: getattr(cfg, f.name) for f in fields(Switches)}))
 
 
 def check_steps(steps_per_epoch: int, records: int, world: int, batch_size: int, accum_iter: int):
@@ -95,10 +112,12 @@ def check_steps(steps_per_epoch: int, records: int, world: int, batch_size: int,
         raise ConfigError(f"{records} records are too few for {world} x {batch_size} x {accum_iter}")
 
 
+# -----------------------------------------------------------------------------
+# Fine-tuning (finetune.py)
+
+
 def check_finetuning(cfg):
-    """finetune.py's flags, as a run and a --dry_run check them: a bad lr grid (not a positive number, or an
-    lr twice), an --out that is a file, and an --out that holds an earlier run (never emptied without
-    --resume or --overwrite)."""
+    """finetune.py's lr grid: each a positive number, and no lr twice (one folder an lr)."""
     seen = {}
     for v in cfg.lr_grid.split(",") if cfg.lr_grid else []:
         try:
@@ -111,23 +130,67 @@ def check_finetuning(cfg):
         if folder in seen:
             raise ConfigError(f"--lr_grid {cfg.lr_grid}: {seen[folder]!r} and {v!r} are the same lr ({folder})")
         seen[folder] = v
-    check_out(cfg.out, FINETUNE_RUN, cfg.resume, cfg.overwrite, cfg.resume, "--resume",
-              cfg.init if cfg.init not in ("auto", "none") else "")
 
 
-def continues_in(out: str, resume: str) -> bool:
-    """Does train.py's --resume continue the run in --out (its checkpoint's folder), not elsewhere?"""
-    return bool(resume) and os.path.abspath(out) == os.path.dirname(os.path.abspath(resume))
+def finetuning_encoder(cfg, say: str = "summary") -> tuple[str, MRMConfig, str, int, dict | None]:
+    """finetune.py's encoder: (init, its sizes, preset name, input size, the init's weights or None), the weights
+    read once, here, before a run replaces anything (--overwrite). Classification runs at the pre-training input,
+    segmentation at recipes.SEG_INPUT_SIZE (512 for the base encoder, as released)."""
+    init = pick_init(cfg.init)
+    sizes = encoder_sizes(init, cfg.preset, cfg.dataset, cfg.trust_checkpoint)
+    preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
+    size = cfg.input_size or (recipes.SEG_INPUT_SIZE.get(preset, sizes.img_size) if cfg.task == "segment"
+                              else sizes.img_size)
+    if size % sizes.patch_size:
+        raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
+    weights = None if init == "none" else init_weights(init, sizes, size, cfg.trust_checkpoint, say)
+    return init, sizes, preset, size, weights
 
 
-def check_out(out: str, patterns, resume, overwrite: bool, continues: bool, resume_hint: str, init: str = ""):
-    """--out must be a folder (or not exist yet), and one that holds an earlier run (files.TRAIN_RUN,
-    FINETUNE_RUN) only if this run continues that run (--resume, `continues`) or --overwrite replaces it
-    (and --init is not one of its files)."""
-    refuse_file_out(out)
-    if resume and overwrite:
-        raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
-    if overwrite:
-        refuse_init_in_earlier_run(out, patterns, init)
-    elif not continues:  # a fresh run, or a resumed one writing into another folder
-        refuse_earlier_run(out, patterns, resume_hint)
+def pick_init(init: str) -> str:
+    """--init auto: the demo's pre-training checkpoint if `python train.py` left one, else none (scratch)."""
+    if init == "auto":
+        default = "out/ckpt.pt"
+        if os.path.exists(default):
+            return default
+        print(f"no {default} (from `python train.py`): fine-tuning from scratch; --init PATH picks weights")
+        return "none"
+    return init
+
+
+def encoder_sizes(init: str, preset: str, dataset: str, trust: bool = False) -> MRMConfig:
+    """The encoder's sizes: from this project's checkpoint (it records them), else the preset ('auto': tiny
+    for the synthetic records, else base)."""
+    if init != "none":
+        ckpt = read_checkpoint(init, trust)  # refuses a missing, broken or unsafe file, naming it
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
+            sizes = checked_model_config(init, ckpt["model_config"], trust)  # sizes in range
+            if preset not in ("auto", "") and MRMConfig.from_preset(preset).embed_dim != sizes.embed_dim:
+                raise CheckpointError(f"{init}: holds a {sizes.embed_dim}-wide encoder, not --preset {preset}")
+            return sizes
+    preset = preset if preset not in ("auto", "") else "tiny" if dataset == "synthetic" else "base"
+    return MRMConfig.from_preset(preset)
+
+
+# -----------------------------------------------------------------------------
+# What the machine decides: --amp auto, --num_workers
+
+
+def amp_dtype(amp: str, device: torch.device):
+    """None (fp32), bf16, or fp16 (with a GradScaler). 'auto': bf16 where a GPU has it natively, else fp16; CPU fp32."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """--num_workers, or what keeps the device fed: 2 on a CPU, which trains on the same cores; on a GPU this
+    process's share of the CPUs less one, from 2 to 8 (measured: docs/performance.md)."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 2
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))

@@ -1,17 +1,12 @@
-"""The built-in synthetic records: chest-radiograph-like films with findings drawn in, the reports that
-name them, labels and per-pixel masks. The default data of train.py and finetune.py, so that a laptop
-runs the whole method with nothing to download.
-
-A record is drawn from its index alone (numpy generators seeded with [seed, i, stream]), so record i
-is the same in every process, every run, and at any count. Three independent streams: the case
-(anatomy and findings), the report's phrasing, and the image noise. Phrasing never looks at the
-findings' side, zone or size, so the words that name them can only be recovered from the image.
-Image layout is a PA view: the patient's right is on the image's left.
-"""
+"""The built-in synthetic records (films, reports, labels, masks): docs/synthetic-records.md. Record i is drawn from
+[seed, i, stream] alone, the same in every process, run and count; streams 0 the case, 1 the phrasing (never looking
+at a finding's side, zone or size), 2 the image noise. A PA view: the patient's right is on the image's left."""
 import math
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from machinery.console import progress
 
 FINDINGS = ("atelectasis", "cardiomegaly", "consolidation", "pleural effusion", "pneumothorax", "nodule")
 FINDING_PROB = 0.25
@@ -25,9 +20,8 @@ def synth_case(i: int, seed: int = 0) -> dict:
     """Anatomy and findings of synthetic record i: {'anatomy': {...}, 'findings': {name: {...}}}."""
     rng = np.random.default_rng([seed, i, 0])
     s = rng.uniform(0.93, 1.05)  # body size
-    anatomy = dict(cx=0.5 + rng.normal(0, 0.01), top=0.14 + rng.normal(0, 0.01), s=s,
-                   base=0.74 + rng.normal(0, 0.015), ctr=rng.uniform(0.40, 0.48),
-                   gamma=rng.uniform(0.8, 1.25), tissue=rng.uniform(0.35, 0.45))
+    anatomy = dict(cx=0.5 + rng.normal(0, 0.01), top=0.14 + rng.normal(0, 0.01), s=s, base=0.74 + rng.normal(0, 0.015),
+                   ctr=rng.uniform(0.40, 0.48), gamma=rng.uniform(0.8, 1.25), tissue=rng.uniform(0.35, 0.45))
     findings = {}
     for name in FINDINGS:
         if rng.random() >= FINDING_PROB:
@@ -155,8 +149,7 @@ def render_case(case: dict, size: int, noise_rng) -> tuple[np.ndarray, np.ndarra
     return np.asarray(gray), masks
 
 
-# Per finding: sentences when present, its impression line, sentences when absent, and how often a
-# report says it is absent. Fields: {size} {Size} {side} {where} {mm}, filled from the case.
+# Per finding: sentences if present, its impression, sentences if absent, P(an absence is said); fields from the case
 REPORT_TEMPLATES = {
     "cardiomegaly": (["The heart is {size}ly enlarged.", "{Size} cardiomegaly.",
                       "The cardiac silhouette is {size}ly enlarged."], "{Size} cardiomegaly.",
@@ -175,13 +168,12 @@ REPORT_TEMPLATES = {
     "nodule": (["A {mm} mm nodule is seen in the {where}.", "There is a {mm} mm {where} nodule.",
                 "{mm} mm nodular opacity in the {where}."], "{mm} mm {where} nodule, recommend follow-up CT.", [], 0.0),
     "atelectasis": (["{Size} linear atelectasis at the {where}.",
-                     "There is {size} plate-like atelectasis at the {where}."], "{Size} atelectasis at the {where}.", [],
-                    0.0),
+                     "There is {size} plate-like atelectasis at the {where}."], "{Size} atelectasis at the {where}.",
+                    [], 0.0),
 }
 
 
-# The impression as radiologists often write it: the finding named, its side, size and zone left to the
-# findings above (or to the film). Chosen for half of the impressions' lines, by the phrasing stream only.
+# The finding alone, its side, size and zone left to the film: half of the impression's lines (phrasing stream).
 PLAIN_IMPRESSIONS = {"cardiomegaly": "Cardiomegaly.", "pleural effusion": "Pleural effusion.",
                      "pneumothorax": "Pneumothorax.", "consolidation": "Consolidation, possibly pneumonia.",
                      "nodule": "Pulmonary nodule, recommend follow-up CT.", "atelectasis": "Atelectasis."}
@@ -189,8 +181,7 @@ PLAIN_IMPRESSION_PROB = 0.5
 
 
 def write_report(case: dict, rng) -> str:
-    """A free-text report for a case, in the FINDINGS / IMPRESSION style of real ones. `rng` chooses
-    only the phrasing, the order and which absences are mentioned, never from a finding's attributes."""
+    """A FINDINGS / IMPRESSION report for a case; `rng` picks phrasing, order and absences, never from attributes."""
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
     sentences, impression = [], []
     for name, (present, summary, absent, p_absent) in REPORT_TEMPLATES.items():
@@ -237,3 +228,38 @@ def synth_record(i: int, size: int = 256, seed: int = 0) -> dict:
     case = synth_case(i, seed)
     image, masks = render_case(case, size, np.random.default_rng([seed, i, 2]))
     return {"image": image, "report": synth_report(i, seed), "labels": synth_labels(case), "masks": masks}
+
+
+class SyntheticFilms:
+    """Records first..first+n-1 as an image source, rendered once into memory that DataLoader workers share, with
+    labels (n, K) and, given `findings`, their union as a mask; over cache_mb rendered film by film as read."""
+
+    def __init__(self, first: int, n: int, size: int, findings=(), seed: int = 0, cache_mb: float = math.inf):
+        self.first, self.n, self.size, self.seed = first, n, size, seed
+        self.images = self.labels = self.masks = None
+        if n * size * size > cache_mb * 2**20:
+            return
+        keep = [FINDINGS.index(f) for f in findings]
+        images, labels, masks = [], [], []
+        for i in progress(range(first, first + n), desc="rendering synthetic records", unit=" records"):
+            rec = synth_record(i, size, seed)
+            images.append(rec["image"])
+            labels.append(rec["labels"])
+            if keep:
+                masks.append(rec["masks"][keep].any(0))
+        self.images, self.labels = np.stack(images), np.stack(labels)
+        self.masks = np.stack(masks) if keep else None
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i: int) -> Image.Image:
+        if self.images is None:
+            return Image.fromarray(synth_record(self.first + i, self.size, self.seed)["image"])
+        return Image.fromarray(self.images[i])
+
+    def load_mask(self, i: int) -> Image.Image:
+        return Image.fromarray(self.masks[i].astype(np.uint8) * 255)
+
+    def where(self, i: int) -> str:
+        return f"synthetic record {self.first + i}"

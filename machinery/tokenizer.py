@@ -1,5 +1,4 @@
-"""WordPiece vocabularies for the reports: the released one (mimic_wordpiece.json) or a BERT vocab.txt
-loaded with a clear refusal, or one built from the reports, the same every time."""
+"""WordPiece vocabularies: the released mimic_wordpiece.json or a BERT vocab.txt, or one built from the reports."""
 import os
 from collections import Counter
 
@@ -32,8 +31,7 @@ def load_tokenizer(path):
 
 
 def _released_pipeline(tok):
-    """The released tokenizer's text handling: lowercase, NFKD, accents stripped; split on whitespace,
-    punctuation and digits; '##' pieces glued back when decoding."""
+    """The released tokenizer's text handling: lowercase, NFKD, no accents; split at spaces, punctuation, digits."""
     from tokenizers import decoders, normalizers, pre_tokenizers
 
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
@@ -43,13 +41,8 @@ def _released_pipeline(tok):
 
 
 def train_tokenizer(reports, vocab_size: int = 30000):
-    """A WordPiece tokenizer for these reports, deterministically: [PAD] [UNK] [CLS] [MASK] = 0 1 2 3, every
-    character seen, alone and as a '##' continuation (so no word becomes [UNK]), then whole words by
-    frequency, ties in alphabetical order, up to vocab_size. Words left out are spelled in pieces.
-
-    Why not the `tokenizers` WordPiece trainer: it breaks ties between equal counts in hash order, so two
-    trainings on the same reports give different vocabularies (and two runs of one seed, different losses).
-    """
+    """A WordPiece tokenizer for these reports: the special tokens, every character alone and as '##' (no [UNK]),
+    then words by frequency, ties alphabetical, up to vocab_size. Not the `tokenizers` trainer: ties in hash order."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordPiece
 
@@ -62,4 +55,3 @@ def train_tokenizer(reports, vocab_size: int = 30000):
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
     vocab += words[: max(0, vocab_size - len(vocab))]
     return _released_pipeline(Tokenizer(WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")))
-

@@ -1,4 +1,4 @@
-"""bench.py runs end to end on a CPU (tiny sizes; nothing here is timed against a target)."""
+"""bench.py and experiments/resize.py run end to end on a CPU (tiny sizes; nothing here is timed against a target)."""
 import json
 import subprocess
 import sys
@@ -15,6 +15,8 @@ import prepare
 from machinery import images, synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "experiments"))
+import resize  # noqa: E402
 
 
 def test_step_reports_speed_flops_and_a_finite_loss():
@@ -111,9 +113,9 @@ def test_data_and_loader_run_on_synthetic_files(tmp_path):
     # the bare decode beside them, and what ours adds to it per image (a figure, not checked: no timed tests)
     assert r["decode_img_per_s_per_core"] > 0 and isinstance(r["overhead_ms"], float)
     assert 0 < r["resize_ms"]  # the resize alone, a part of what ours adds
-    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "resize", "--image", str(jpg), "--batch_size", "6",
-                          "--size", "64", "--rounds", "1", "--warmup", "0", "--steps", "1", "--device", "cpu"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "resize.py"), "--image", str(jpg),
+                          "--batch_size", "6", "--size", "64", "--rounds", "1", "--warmup", "0", "--steps", "1",
+                          "--device", "cpu"], capture_output=True, text=True, check=True, cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["bench"] == "resize" and r["batch_size"] == 6 and r["device"] == "cpu"
     assert r["max_diff"] <= 2 and r["mean_diff"] < 0.05  # the device's resize is images.resize_box's, to rounding
@@ -137,7 +139,7 @@ def check_resize_on_device(device):
     diffs = []
     for img, (left, top, right, bottom), size, flip in crops_of_a_film(24):
         crop = torch.from_numpy(np.array(img.crop((left, top, right, bottom)))).to(device)
-        out = bench.resize_on_device(crop, size, flip)
+        out = resize.resize_on_device(crop, size, flip)
         assert out.shape == (size, size) and out.dtype == torch.uint8 and out.device == crop.device
         expected = images.resize_box(img, (left, top, right, bottom), size, flip).astype(int)
         diffs.append(np.abs(out.cpu().numpy().astype(int) - expected))
@@ -146,7 +148,7 @@ def check_resize_on_device(device):
 
 
 def test_resize_on_device_is_resize_box_to_rounding():
-    """The candidate of `bench.py resize`: images.resize_box's two passes in float (what CUDA runs) give
+    """The candidate of experiments/resize.py: images.resize_box's two passes in float (what CUDA runs) give
     its pixels but where a rounding between the passes falls the other way."""
     check_resize_on_device(torch.device("cpu"))
 

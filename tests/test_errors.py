@@ -17,6 +17,7 @@ import finetune
 import finetune_data
 import train
 from machinery.checkpoints import CheckpointError, load_pretrained, read_checkpoint
+from machinery.run import Run
 from mrm import ViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def test_train_resume_with_trust(tmp_path, trap):
     # --trust_checkpoint may be given when resuming; the refused file above then loads (and would run)
     path, marker = trap
     with pytest.raises(ValueError, match="not a train.py checkpoint"):  # it holds weights only
-        train.parse_config(["--resume", str(path), "--trust_checkpoint"])
+        train.resolve(["--resume", str(path), "--trust_checkpoint"], Run("train.py"))
     assert marker.exists()
 
 

@@ -22,6 +22,7 @@ import finetune
 import finetune_data
 import train
 from machinery import checkpoints, console
+from machinery.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -119,7 +120,9 @@ def test_weights_that_turn_non_finite_in_the_last_step_are_never_saved(tmp_path,
 
 
 def test_a_loss_gone_nan_names_both_losses_and_the_likely_cause(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.tensor([float("nan"), 0.1, float("nan"), 0.0]))
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: dict(loss=nan, loss_mim=torch.tensor(0.1), loss_mlm=nan,
+                                                                    skipped=torch.tensor(0)))
     with pytest.raises(SystemExit):
         train.main([*SMALL, "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -287,6 +290,9 @@ def test_sigterm_to_a_running_train_py_with_loader_workers(tmp_path):
 def test_the_two_finetuning_demos_write_apart():
     """`python finetune.py` then `python finetune.py --task segment`: the second does not find the
     first's run in its --out (which it would have to refuse)."""
-    assert finetune.default_out(finetune.FinetuneConfig()) == os.path.join("out", "finetune")
-    assert finetune.default_out(finetune.FinetuneConfig(task="segment")) == os.path.join("out", "segment")
-    assert finetune.default_out(finetune.FinetuneConfig(task="segment", out="runs/a")) == "runs/a"
+    def default_out(**given) -> str:
+        return finetune.resolve(finetune.FinetuneConfig(init="none", **given), Run("finetune.py"))[0].out
+
+    assert default_out() == os.path.join("out", "finetune")
+    assert default_out(task="segment") == os.path.join("out", "segment")
+    assert default_out(task="segment", out="runs/a") == "runs/a"

@@ -1,4 +1,4 @@
-"""finetune.py and what it reads: the metrics (checks.py) against hand-worked values, the data views and split
+"""finetune.py and what it reads: the metrics (metrics.py) against hand-worked values, the data views and split
 lists (finetune_data.py), the heads, and whole runs on synthetic data."""
 import json
 import math
@@ -10,17 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-import checks
 import data
 import finetune
 import finetune_data
+import metrics
 import recipes
-from checks import dice_per_image, roc_auc
 from finetune import FinetuneConfig
 from finetune_data import label_subset
-from machinery import checkpoints, synthetic
+from machinery import settings, synthetic
 from machinery.checkpoints import interpolate_pos_embed, load_pretrained
-from mrm import ConfigError, MRMConfig, ViT, get_2d_sincos_pos_embed
+from machinery.errors import ConfigError, NonFiniteLoss
+from metrics import dice_per_image, roc_auc
+from mrm import MRMConfig, ViT, get_2d_sincos_pos_embed
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -47,7 +48,7 @@ def test_roc_auc_per_label_and_single_class():
     aucs = roc_auc(y, s)
     assert aucs[0] == 1.0 and math.isnan(aucs[1])  # label 2 has positives only
     with pytest.warns(UserWarning, match="'Edema' has one class only"):
-        assert checks.mean_auc(aucs, ["Cardiomegaly", "Edema"], "test") == 1.0
+        assert metrics.mean_auc(aucs, ["Cardiomegaly", "Edema"], "test") == 1.0
 
 
 def test_roc_auc_matches_pair_counting():
@@ -83,11 +84,11 @@ def test_segmentation_losses_by_hand():
 
 
 def test_poly_lr():
-    assert finetune.poly_lr_at(0, 100, 10, 1.0) == 0.0
-    assert finetune.poly_lr_at(5, 100, 10, 1.0) == 0.5
-    assert finetune.poly_lr_at(10, 100, 10, 1.0) == 1.0
-    assert finetune.poly_lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert finetune.poly_lr_at(100, 100, 10, 1.0) == 0.0
+    assert recipes.poly_lr_at(0, 100, 10, 1.0) == 0.0
+    assert recipes.poly_lr_at(5, 100, 10, 1.0) == 0.5
+    assert recipes.poly_lr_at(10, 100, 10, 1.0) == 1.0
+    assert recipes.poly_lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert recipes.poly_lr_at(100, 100, 10, 1.0) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_segmentation_train_view_is_the_whole_film_or_its_mirror():
 def test_layer_decay_groups():
     enc = ViT(32, 8, 3, 48, 12, 3)
     model = finetune.Segmenter(enc)
-    groups = finetune.layer_decay_groups(model, 0.05, 0.65)
+    groups = recipes.layer_decay_groups(model, 0.05, 0.65)
     scale = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert scale[id(model.classifier.weight)] == (1.0, 0.05)
     assert scale[id(enc.blocks[11].attn.qkv.weight)] == (pytest.approx(0.65), 0.05)
@@ -297,7 +298,7 @@ def small_config(tmp_path, **kw) -> FinetuneConfig:
 
 
 def test_classification_end_to_end(tmp_path):
-    results = finetune.run(small_config(tmp_path))
+    results = finetune.finetune(small_config(tmp_path))
     assert set(results["test_auc"]) == set(synthetic.FINDINGS)
     assert 0 <= results["test_auc_mean"] <= 1 and results["sizes"] == {"train": 32, "val": 16, "test": 24}
     saved = json.loads(Path(tmp_path / "ft" / "results.json").read_text())
@@ -317,7 +318,7 @@ def test_lr_grid_selects_on_validation_and_tests_once(tmp_path, monkeypatch):
         return evaluate(model, dataset, cfg, sizes, device, dtype, desc)
 
     monkeypatch.setattr(finetune, "evaluate", counted)
-    results = finetune.run(small_config(tmp_path, lr_grid="0.1,0.001", steps=2, eval_every=1))
+    results = finetune.finetune(small_config(tmp_path, lr_grid="0.1,0.001", steps=2, eval_every=1))
     assert calls.count("test") == 1 and calls.count("validation") == 4
     val = results["val_by_lr"]
     assert results["selected_lr"] == float(max(val, key=val.get))
@@ -334,13 +335,14 @@ def test_label_fraction_run_and_linear_probe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetune.Classifier, "forward", spy)
     cfg = small_config(tmp_path, label_fraction=0.25, linear_probe=True, steps=2, eval_every=1)
-    results = finetune.run(cfg)
+    results = finetune.finetune(cfg)
     assert modes == [False, False]
     assert results["sizes"]["train"] == 8
     best = torch.load(results["checkpoint"], weights_only=True)["model"]
     # the frozen encoder did not move: compare with the model rebuilt from the same seed
     torch.manual_seed(cfg.seed)
-    same_init = finetune.build_model(cfg, checkpoints.encoder_sizes("none", cfg.preset, cfg.dataset), "none", 6, 64).state_dict()
+    sizes = settings.encoder_sizes("none", cfg.preset, cfg.dataset)
+    same_init = finetune.build_model(recipes.fill_finetuning(cfg), sizes, 64, None, 6).state_dict()
     assert torch.equal(best["encoder.blocks.0.attn.qkv.weight"], same_init["encoder.blocks.0.attn.qkv.weight"])
     assert not torch.equal(best["head.weight"], same_init["head.weight"])
 
@@ -348,8 +350,6 @@ def test_label_fraction_run_and_linear_probe(tmp_path, monkeypatch):
 def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkeypatch):
     """LP-FT: the folded head scores the validation views exactly as the standardised probe does, that
     start is validated (step 0) and kept unless fine-tuning beats it on validation."""
-    import checks
-
     fitted = {}
     probe_fit = finetune.fit_head_to_probe
 
@@ -357,16 +357,16 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
         fitted.update(probe_fit(model, datasets, cfg, sizes, device, dtype))
         x = {k: finetune.head_inputs(model, datasets[k], cfg, sizes, device, None) for k in ("train", "val")}
         mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
-        w, b = checks.logistic_regression((x["train"] - mean) / std, torch.as_tensor(datasets["train"].labels),
+        w, b = metrics.logistic_regression((x["train"] - mean) / std, torch.as_tensor(datasets["train"].labels),
                                           fitted["weight_decay"])
         with torch.no_grad():
             assert torch.allclose(model.head(x["val"]), (x["val"] - mean) / std @ w + b, atol=1e-3)
-        fitted["probe_val"] = checks.mean_auc(roc_auc(datasets["val"].labels, model.head(x["val"]).detach().numpy()),
+        fitted["probe_val"] = metrics.mean_auc(roc_auc(datasets["val"].labels, model.head(x["val"]).detach().numpy()),
                                                 synthetic.FINDINGS)
         return fitted
 
     monkeypatch.setattr(finetune, "fit_head_to_probe", spy)
-    results = finetune.run(small_config(tmp_path, head_init="probe", steps=4, eval_every=2))
+    results = finetune.finetune(small_config(tmp_path, head_init="probe", steps=4, eval_every=2))
     log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 2, 4] and log[0]["train_loss"] is None
     assert log[0]["val_auc_mean"] == pytest.approx(fitted["val"]) == pytest.approx(fitted["probe_val"])
@@ -376,7 +376,7 @@ def test_head_fitted_to_a_probe_starts_fine_tuning_at_the_probe(tmp_path, monkey
 
 
 def test_segmentation_end_to_end(tmp_path, capsys):
-    results = finetune.run(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
+    results = finetune.finetune(small_config(tmp_path, task="segment", seg_findings="pneumothorax,pleural effusion",
                                         num_records=16, num_val=8, num_test=8, steps=2, eval_every=1, input_size=128))
     assert 0 <= results["test_dice"] <= 1 and "val_dice" in results
     share = results["test_share_without_finding"]
@@ -392,8 +392,9 @@ def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
     import train
 
     pre = tmp_path / "pre"
-    train.train(train.TrainConfig(num_records=32, epochs=1, batch_size=16, num_workers=0, out=str(pre), fusion_check=0))
-    results = finetune.run(small_config(tmp_path, init=str(pre / "ckpt.pt"), steps=2))
+    train.main(["--num_records", "32", "--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--out", str(pre),
+                "--fusion_check", "0"])
+    results = finetune.finetune(small_config(tmp_path, init=str(pre / "ckpt.pt"), steps=2))
     said = capsys.readouterr().out
     assert f"encoder: 78/78 tensors from {pre / 'ckpt.pt'}; unused: image_decoder (" in said
     assert "missing" not in said
@@ -417,7 +418,7 @@ def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
 
     monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(cfg)
+        finetune.finetune(cfg)
     monkeypatch.setattr(finetune, "evaluate", evaluate)
 
 
@@ -425,11 +426,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     """Stopped at its second validation (step 26) and resumed from the first (13): the same weights, test
     scores and log.jsonl, training-loss lines (every 10 steps, the window restarting at a validation) included."""
     cfg = dict(steps=26, eval_every=13)
-    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
+    whole = finetune.finetune(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
     run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), **cfg), monkeypatch)
     assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 13
     assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "lr_0.1" / "log.jsonl")] == [10, 13, 20]
-    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
+    resumed = finetune.finetune(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
     a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -437,18 +438,18 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     logs = [open(tmp_path / run / "lr_0.1" / "log.jsonl").read() for run in ("whole", "cut")]
     assert logs[0] == logs[1] and logs[0].count("\n") == 4  # steps 10, 13, 20, 26
     with pytest.raises(ValueError, match="changed: batch_size 8 -> 4"):
-        finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, batch_size=4, **cfg))
+        finetune.finetune(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, batch_size=4, **cfg))
 
 
 def test_resume_after_the_probe_start_continues_exactly(tmp_path, monkeypatch):
     # LP-FT: the first validation is the probe start (step 0); stopped at the second, the run resumes from
     # the probed head without fitting it again
     cfg = dict(steps=4, head_init="probe")
-    whole = finetune.run(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
+    whole = finetune.finetune(small_config(tmp_path, out=str(tmp_path / "whole"), **cfg))
     run_stopped_at_second_validation(small_config(tmp_path, out=str(tmp_path / "cut"), **cfg), monkeypatch)
     assert torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 0
     monkeypatch.setattr(finetune, "fit_head_to_probe", lambda *a: pytest.fail("the probe was fitted again"))
-    resumed = finetune.run(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
+    resumed = finetune.finetune(small_config(tmp_path, out=str(tmp_path / "cut"), resume=True, **cfg))
     a = torch.load(tmp_path / "whole" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "lr_0.1" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -466,8 +467,8 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch):
         return x * float("nan") if len(calls) > 4 else x  # steps 1-2, 2 validation batches, then NaN
 
     monkeypatch.setattr(finetune, "to_input", poisoned)
-    with pytest.raises(finetune.NonFiniteLoss, match="loss is nan"):
-        finetune.run(cfg)
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        finetune.finetune(cfg)
     last = torch.load(tmp_path / "ft" / "lr_0.1" / "last.pt", weights_only=False)
     assert last["step"] == 2 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
@@ -495,7 +496,7 @@ def test_covid19_split_loads_every_film():
 def test_resume_may_switch_to_fp16(tmp_path, monkeypatch):
     run_stopped_at_second_validation(small_config(tmp_path, amp="off"), monkeypatch)
     # the stopped run had no grad scaler (fp32); an fp16 resume starts a fresh one instead of failing
-    results = finetune.run(small_config(tmp_path, amp="fp16", resume=True))
+    results = finetune.finetune(small_config(tmp_path, amp="fp16", resume=True))
     assert results["best_step"] in (2, 4)
     assert torch.load(tmp_path / "ft" / "lr_0.1" / "last.pt", weights_only=False)["step"] == 4
 
@@ -525,7 +526,7 @@ def dry_run(capsys, *argv) -> dict:
 def test_dry_run_resolves_the_released_schedules_without_reading_images(tmp_path, capsys, dataset, ratio, schedule):
     k = len(finetune_data.LABEL_NAMES[dataset])
     for name, n in (("train", 250), ("val", 40), ("test", 60)):  # images that do not exist: never opened
-        (tmp_path / f"{name}.txt").write_text("".join(f"missing/{i}.png" + " 0" * k + "\n" for i in range(n)))
+        (tmp_path / f"{name}.txt").write_text("".join(f"missing/{i}.png" + f" {i % 2}" * k + "\n" for i in range(n)))
     plan = dry_run(capsys, "--dataset", dataset, "--ratio", str(ratio), "--init", "none", "--out", str(tmp_path / "o"),
                    *[f"--{s}_list={tmp_path / s}.txt" for s in ("train", "val", "test")])
     warmup, steps, lr = schedule
@@ -593,7 +594,7 @@ def test_recipe_flags_left_open_take_the_released_or_the_demo_recipe(tmp_path):
 def test_training_loss_lines_and_curves_png(tmp_path):
     """log.jsonl gets the mean training loss every 10 steps besides the validations, and curves.png is
     drawn from it at each validation."""
-    results = finetune.run(small_config(tmp_path, steps=20, eval_every=20))
+    results = finetune.finetune(small_config(tmp_path, steps=20, eval_every=20))
     log = [json.loads(line) for line in open(tmp_path / "ft" / "lr_0.1" / "log.jsonl")]
     assert [(r["step"], "val_auc_mean" in r) for r in log] == [(10, False), (20, False), (20, True)]
     assert all(math.isfinite(r["train_loss"]) for r in log)

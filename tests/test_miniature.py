@@ -72,7 +72,7 @@ def test_finished_runs_are_reused(experiment, monkeypatch):
         raise AssertionError("a finished run was run again")
 
     monkeypatch.setattr(miniature.train, "train", fail)
-    monkeypatch.setattr(miniature.finetune, "run", fail)
+    monkeypatch.setattr(miniature.finetune, "finetune", fail)
     again = miniature.run(MiniConfig(**SMALL), str(root / "runs"), str(root / "again"), "mini", "test")
     assert again == results
 

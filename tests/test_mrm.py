@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from machinery.checkpoints import check_model_config
 from mrm import (MRM, MRMConfig, ReportDecoder, ViT, drop_path, get_2d_sincos_pos_embed, global_pool, mim_loss,
                  mlm_loss, patchify, random_masking, unpatchify)
 
@@ -260,13 +261,18 @@ def test_ablations_build_only_what_they_train():
     out["loss"].backward()  # the report loss alone trains the encoder, through the fused image feature
     assert m.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
+    # refused in one line by the scripts (a ValueError), and asserted by the model itself
     with pytest.raises(ValueError, match="nothing to learn"):
+        check_model_config(tiny_cfg(mlm_weight=0, mim_weight=0))
+    with pytest.raises(AssertionError, match="nothing to learn"):
         MRM(tiny_cfg(mlm_weight=0, mim_weight=0))
 
 
 def test_inputs_that_would_give_nan_are_refused():
     with pytest.raises(ValueError, match="mask_ratio"):
-        MRM(tiny_cfg(mask_ratio=1.0))  # no visible patch: nothing to pool, nothing to encode
+        check_model_config(tiny_cfg(mask_ratio=1.0))  # no visible patch: nothing to pool, nothing to encode
+    with pytest.raises(AssertionError, match="mask_ratio"):
+        MRM(tiny_cfg(mask_ratio=1.0))
     cfg = tiny_cfg()
     images, tokens, labels = make_batch(cfg)
     with pytest.raises(ValueError, match="no masked report token"):
@@ -343,6 +349,8 @@ def test_fusion_at_all_tokens_reaches_the_masked_ones_directly():
         at_mask = dec(tokens, f1)[0, 2], dec(tokens, f2)[0, 2]
         assert torch.allclose(*at_mask) != reaches
     with pytest.raises(ValueError, match="fusion_tokens"):
+        check_model_config(tiny_cfg(fusion_tokens="masked"))
+    with pytest.raises(AssertionError, match="fusion_tokens"):
         MRM(tiny_cfg(fusion_tokens="masked"))
 
 

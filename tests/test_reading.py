@@ -72,3 +72,14 @@ def test_pixel_features_keep_only_the_visible_patches():
     whole = reading.pixel_features(films, 0.0, masks=1, patch=16, seed=0)[0]
     assert torch.allclose(whole.view(6, 16, 16).unfold(1, 2, 2).unfold(2, 2, 2)[visible[0]],
                           cells[0][visible[0]])  # the visible cells are the whole film's
+
+
+def test_attribute_ceiling_falls_with_masking():
+    # experiments/ceiling.py: whole films tell the findings' side, size and zone well above a guess; a
+    # 75%-masked film far less
+    import ceiling
+
+    whole, masked = ceiling.attribute_ceiling(800, 0.0), ceiling.attribute_ceiling(800, 0.75)
+    assert whole.keys() == masked.keys() and len(whole) == 14  # 13 (finding, attribute) pairs + mean_gain
+    assert whole["pleural effusion side"]["accuracy"] > 0.9 and whole["pleural effusion side"]["prior"] < 0.65
+    assert whole["mean_gain"] > 0.2 and whole["mean_gain"] > masked["mean_gain"] + 0.1

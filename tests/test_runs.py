@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import finetune
 import train
-from machinery import images, runs
+from machinery import images, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,7 +167,9 @@ def test_a_resume_into_another_run_s_folder_is_refused(finished, tmp_path):
 
 
 def test_a_failed_run_lets_its_folder_go(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.tensor([float("nan"), 0.1, float("nan"), 0, 0]))
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: dict(loss=nan, loss_mim=torch.tensor(0.1), loss_mlm=nan,
+                                                                    skipped=torch.tensor(0)))
     with pytest.raises(SystemExit):
         train.main([*SMALL, "--num_workers", "0", "--out", str(tmp_path / "run")])
     assert "the loss is nan at step 1" in capsys.readouterr().err
@@ -184,7 +187,7 @@ def test_ctrl_c_before_anything_is_written_advises_no_older_run(finished, tmp_pa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_tokenizer", interrupted)  # Ctrl-C while the vocabulary is built
+    monkeypatch.setattr(data, "train_tokenizer", interrupted)  # Ctrl-C while the vocabulary is built
     with pytest.raises(SystemExit) as e:
         train.main([*SMALL, "--num_workers", "0", "--overwrite", "--out", "run"])
     assert e.value.code == 130 and capsys.readouterr().err == "train.py: interrupted; no checkpoint was written\n"
@@ -322,11 +325,12 @@ def test_finetune_overwrite_leaves_no_half_of_the_earlier_run(tmp_path):
 
 def test_loader_workers_keep_a_gpu_fed_and_a_laptop_as_it_was(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert runs.loader_workers(None, cpu) == 2 and runs.loader_workers(5, gpu) == 5 and runs.loader_workers(0, gpu) == 0
+    assert settings.loader_workers(None, cpu) == 2 and settings.loader_workers(5, gpu) == 5
+    assert settings.loader_workers(0, gpu) == 0
     for cpus, processes, workers in [(16, 1, 8), (16, 4, 3), (32, 4, 7), (2, 1, 2), (64, 1, 8)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
-        assert runs.loader_workers(None, gpu) == workers, (cpus, processes)
+        assert settings.loader_workers(None, gpu) == workers, (cpus, processes)
 
 
 def test_the_dry_run_says_how_many_loader_workers(tmp_path):

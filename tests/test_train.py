@@ -17,8 +17,9 @@ import data
 import prepare
 import recipes
 import train
-from machinery import checkpoints, synthetic, tokenizer
+from machinery import checkpoints, settings, synthetic, tokenizer
 from machinery.checkpoints import load_pretrained
+from machinery.run import Run
 from mrm import MRM, MRMConfig, ViT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,8 @@ SMALL = ["--num_records", "16", "--batch_size", "4", "--epochs", "2", "--warmup_
 
 def run(out, *flags):
     """train.py's main without its one-line error framing (test_errors.py checks that): errors raise."""
-    train.train(*train.parse_config([*SMALL, "--out", str(out), *flags]))
+    unframed = Run("train.py")
+    train.train(*train.resolve([*SMALL, "--out", str(out), *flags], unframed), unframed)
     return torch.load(Path(out) / "ckpt.pt", weights_only=True)
 
 
@@ -51,7 +53,7 @@ def test_lr_schedule_key_points():
 
 def test_weight_decay_spares_biases_norms_and_1d_parameters():
     model = MRM(train.model_config(recipes.fill_pretraining(train.TrainConfig()), tokenizer.train_tokenizer(["a b c"], 100)))
-    decay, no_decay = train.param_groups(model, 0.05)
+    decay, no_decay = recipes.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
     assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
@@ -111,7 +113,7 @@ def test_persistent_loader_workers_draw_each_new_epoch(tmp_path):
     """train.py's loader keeps its worker processes across epochs; they still draw every sample with the
     current epoch's seed (the dataset's epoch lives in shared memory), as the main process would."""
     cfg = recipes.fill_pretraining(train.TrainConfig(num_records=8, batch_size=4, num_workers=1, out=str(tmp_path)))
-    dataset, _ = train.build_data(cfg, MRMConfig.from_preset("tiny"), None, rank=0)
+    dataset, _, _ = train.build_data(cfg, None, rank=0)
     sampler, loader = train.build_loader(dataset, cfg, 1, 0, torch.device("cpu"))
     assert loader.persistent_workers
     seen = []
@@ -152,17 +154,18 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
 
 def test_resume_keeps_the_model_and_data_and_reports_allowed_changes(tmp_path, capsys):
     run(tmp_path, "--epochs", "1", "--mask_ratio", "0.5")
-    cfg, ckpt = train.parse_config(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "2"])
+    unframed = Run("train.py")
+    cfg, ckpt, init = train.resolve(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "2"], unframed)
     assert cfg.mask_ratio == 0.5 and cfg.epochs == 2 and cfg.batch_size == 4 and ckpt["epoch"] == 1
     capsys.readouterr()
-    train.train(cfg, ckpt)  # its first line says where it writes, the next what changed
+    train.train(cfg, ckpt, init, unframed)  # its first line says where it writes, the next what changed
     assert capsys.readouterr().out.splitlines()[1] == "resuming with changed settings: epochs 1 -> 2"
     train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3", "--dry_run"])  # stdout: the JSON alone
     assert json.loads(capsys.readouterr().out)["epochs"] == 3
     for flag, value in [("--mask_ratio", "0.75"), ("--preset", "base"), ("--seed", "1"), ("--data", "x.csv")]:
         refusal = rf"a resumed run keeps its model and data; cannot change \['{flag[2:]}'\]"
         with pytest.raises(ValueError, match=refusal):
-            train.parse_config(["--resume", str(tmp_path / "ckpt.pt"), flag, value])
+            train.resolve(["--resume", str(tmp_path / "ckpt.pt"), flag, value], Run("train.py"))
 
 
 def test_resume_on_other_hardware_continues_the_schedule(tmp_path):
@@ -180,11 +183,11 @@ def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
     whole = (tmp_path / "ckpt.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut.pt: not a readable PyTorch checkpoint"):
-        train.parse_config(["--resume", str(tmp_path / "cut.pt")])
+        train.resolve(["--resume", str(tmp_path / "cut.pt")], Run("train.py"))
     torch.save({"model": ViT(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2).state_dict()},
                tmp_path / "weights.pt")
     with pytest.raises(ValueError, match=r"weights.pt: not a train.py checkpoint .* use --init"):
-        train.parse_config(["--resume", str(tmp_path / "weights.pt")])
+        train.resolve(["--resume", str(tmp_path / "weights.pt")], Run("train.py"))
 
 
 @pytest.mark.parametrize("poison", ["nan", "inf"])
@@ -298,14 +301,14 @@ def test_init_loads_encoder_weights(tmp_path):
 
 
 def test_amp_choice(monkeypatch):
-    cfg, cuda = train.TrainConfig(), torch.device("cuda", 0)
+    cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert train.amp_dtype(cfg, cuda) is torch.bfloat16  # Ampere and later: native bf16
+    assert settings.amp_dtype("auto", cuda) is torch.bfloat16  # Ampere and later: native bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert train.amp_dtype(cfg, cuda) is torch.float16  # emulated bf16 only (V100, T4): fp16 + grad scaler
-    assert train.amp_dtype(cfg, torch.device("cpu")) is None
-    assert train.amp_dtype(train.TrainConfig(amp="bf16"), torch.device("cpu")) is torch.bfloat16
-    assert train.amp_dtype(train.TrainConfig(amp="off"), cuda) is None
+    assert settings.amp_dtype("auto", cuda) is torch.float16  # emulated bf16 only (V100, T4): fp16 + grad scaler
+    assert settings.amp_dtype("auto", torch.device("cpu")) is None
+    assert settings.amp_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert settings.amp_dtype("off", cuda) is None
 
 
 def test_torchrun_on_gpus_binds_each_process_to_its_gpu(monkeypatch):
@@ -328,7 +331,7 @@ def test_reconstruction_shows_predictions_where_the_loss_looks(tmp_path):
     for ratio in (0.75, 0.0):
         cfg = recipes.fill_pretraining(train.TrainConfig(num_records=4, mask_ratio=ratio))
         model = MRM(train.model_config(cfg, tok))
-        dataset, _ = train.build_data(cfg, model.cfg, {"tokenizer": tok.to_str()}, rank=1)
+        dataset, _, _ = train.build_data(cfg, {"tokenizer": tok.to_str(), "model_config": model.cfg.to_dict()}, rank=1)
         r = checks.reconstruct(model, dataset)
         same = (r["restored"] == r["original"]).float().mean().item()
         assert same == pytest.approx(0.25 if ratio else 0.0, abs=0.02)  # visible patches are pasted back
@@ -368,14 +371,14 @@ def test_compiled_steps_equal_eager_ones_and_compile_once():
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = MRM(cfg)
-        optimizer = train.build_optimizer(model, 0.05, cpu)
+        optimizer = recipes.pretraining_optimizer(model, 0.05, cpu)
         for group in optimizer.param_groups:
             group["lr"] = 1e-3
         counter = CompileCounterWithBackend("aot_eager")
         net = torch.compile(model, backend=counter) if compiled else model
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         steps = [train.train_step(net, None, [b], optimizer, scaler, None, cpu, 1, compiled) for b in batches]
-        losses = torch.stack(steps)
+        losses = torch.stack([torch.stack(list(s.values())) for s in steps])
         runs[compiled] = losses, model.state_dict()
         if compiled:
             assert counter.frame_count == 1
@@ -402,14 +405,15 @@ def test_on_a_gpu_steps_never_wait_for_it_and_compiled_bf16_matches_eager():
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = MRM(cfg).to(cuda)
-        optimizer = train.build_optimizer(model, 0.05, cuda)
+        optimizer = recipes.pretraining_optimizer(model, 0.05, cuda)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         net = torch.compile(model) if compiled else model
         losses = []
         for i, b in enumerate(batches):
             torch.cuda.set_sync_debug_mode("error" if i > 0 else "default")
             try:
-                losses.append(train.train_step(net, None, [b], optimizer, scaler, torch.bfloat16, cuda, 1, compiled))
+                losses.append(torch.stack(list(train.train_step(net, None, [b], optimizer, scaler, torch.bfloat16, cuda,
+                                                                1, compiled).values())))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         runs[compiled] = torch.stack(losses).cpu()
