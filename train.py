@@ -30,7 +30,6 @@ import recipes
 from machinery import settings
 from machinery.run import Run
 from mrm import MRM, MRMConfig, Switches
-from recipes import lr_at
 
 
 @dataclass
@@ -170,7 +169,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, run: Run) -> d
         batches = iter(loader)
         for _ in run.steps(epoch, cfg.epochs, plan["steps_per_epoch"], plan["effective_batch"]):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, plan["total_steps"], plan["warmup_steps"], plan["lr"], cfg.min_lr)
+                group["lr"] = recipes.lr_at(step, plan["total_steps"], plan["warmup_steps"], plan["lr"], cfg.min_lr)
             losses = train_step(net, ddp, [next(batches) for _ in range(cfg.accum_iter)], optimizer, scaler, dtype,
                                 device, world, cfg.compile)
             step += 1  # a NaN or a Ctrl-C stops the run at a read, after this step (every --log_every steps)

@@ -41,14 +41,14 @@ def log(out):
 
 def test_lr_schedule_key_points():
     lr, lo = 1e-3, 1e-5
-    assert train.lr_at(0, 100, 20, lr, lo) == 0
-    assert train.lr_at(10, 100, 20, lr, lo) == pytest.approx(lr / 2)
-    assert train.lr_at(20, 100, 20, lr, lo) == pytest.approx(lr)
-    assert train.lr_at(60, 100, 20, lr, lo) == pytest.approx((lr + lo) / 2)
-    assert train.lr_at(40, 100, 20, lr, lo) == pytest.approx(lo + (lr - lo) * (1 + math.cos(math.pi / 4)) / 2)
-    assert train.lr_at(100, 100, 20, lr, lo) == pytest.approx(lo)
-    assert train.lr_at(0, 10, 0, lr) == lr  # no warm-up
-    assert train.lr_at(150, 100, 20, lr, lo) == pytest.approx(lo)  # past the end (a resumed, larger batch)
+    assert recipes.lr_at(0, 100, 20, lr, lo) == 0
+    assert recipes.lr_at(10, 100, 20, lr, lo) == pytest.approx(lr / 2)
+    assert recipes.lr_at(20, 100, 20, lr, lo) == pytest.approx(lr)
+    assert recipes.lr_at(60, 100, 20, lr, lo) == pytest.approx((lr + lo) / 2)
+    assert recipes.lr_at(40, 100, 20, lr, lo) == pytest.approx(lo + (lr - lo) * (1 + math.cos(math.pi / 4)) / 2)
+    assert recipes.lr_at(100, 100, 20, lr, lo) == pytest.approx(lo)
+    assert recipes.lr_at(0, 10, 0, lr) == lr  # no warm-up
+    assert recipes.lr_at(150, 100, 20, lr, lo) == pytest.approx(lo)  # past the end (a resumed, larger batch)
 
 
 def test_weight_decay_spares_biases_norms_and_1d_parameters():
@@ -131,17 +131,17 @@ def test_persistent_loader_workers_draw_each_new_epoch(tmp_path):
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     full = run(tmp_path / "full", "--epochs", "3")
     # the same run, killed in the middle of its third epoch (after the epoch-2 checkpoint)
-    real_lr_at = train.lr_at
+    real_lr_at = recipes.lr_at
 
     def crash_at_step_9(step, *args):
         if step == 9:
             raise KeyboardInterrupt
         return real_lr_at(step, *args)
 
-    monkeypatch.setattr(train, "lr_at", crash_at_step_9)
+    monkeypatch.setattr(recipes, "lr_at", crash_at_step_9)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", "--epochs", "3")
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(recipes, "lr_at", real_lr_at)
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["epoch"] == 2
     train.main(["--resume", str(tmp_path / "cut" / "ckpt.pt")])  # nothing else: the run's settings are saved
     resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
@@ -175,7 +175,7 @@ def test_resume_on_other_hardware_continues_the_schedule(tmp_path):
     train.main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "3", "--batch_size", "2", "--amp", "fp16"])
     lines = log(tmp_path)
     assert [l["step"] for l in lines] == list(range(1, 9)) + list(range(17, 25))  # epoch 3 at 8 steps an epoch
-    assert lines[-1]["lr"] == pytest.approx(train.lr_at(23, 24, 4, 1.5e-2 * 2 / 256)) and lines[-1]["epoch"] == 3
+    assert lines[-1]["lr"] == pytest.approx(recipes.lr_at(23, 24, 4, 1.5e-2 * 2 / 256)) and lines[-1]["epoch"] == 3
 
 
 def test_truncated_or_foreign_checkpoints_are_refused(tmp_path):
