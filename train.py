@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -116,7 +115,7 @@ def train_step(net, ddp, micro: list[dict], optimizer, scaler, dtype, device, wo
             # second, dynamic one right after (a length of 0 or 1 still gets a graph of its own)
             torch._dynamo.mark_dynamic(w, 0)
         # gradients are all-reduced once, after the last micro-batch
-        with ddp.no_sync() if ddp is not None and k < accum - 1 else nullcontext():
+        with ddp.no_sync() if ddp is not None and k < accum - 1 else contextlib.nullcontext():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = net(b["image"].to(device, non_blocking=True), b["tokens"].to(device, non_blocking=True),
                           b["labels"].to(device, non_blocking=True), noise=b["noise"].to(device, non_blocking=True),
@@ -232,7 +231,8 @@ def build_data(cfg: TrainConfig, ckpt: dict | None, rank: int):
     """Records, tokenizer and the Dataset, and the model's config. Returns (dataset, tokenizer, MRMConfig)."""
     from tokenizers import Tokenizer
 
-    hr = 2 * (MRMConfig.from_dict(ckpt["model_config"]) if ckpt else MRMConfig.from_preset(cfg.preset)).img_size
+    sizes = MRMConfig.from_dict(ckpt["model_config"]) if ckpt is not None else MRMConfig.from_preset(cfg.preset)
+    hr = 2 * sizes.img_size
     images, reports = data.run_records(cfg.data, cfg.image_root, cfg.num_records, hr, cfg.seed, cfg.skip_bad,
                                        verbose=rank == 0)
     if ckpt is not None:  # the tokenizer the run started with travels inside its checkpoint
@@ -244,7 +244,7 @@ def build_data(cfg: TrainConfig, ckpt: dict | None, rank: int):
             print(f"building a WordPiece vocabulary from {len(reports)} reports")
         built = data.vocabulary("", reports, cfg.vocab_size).to_str() if rank == 0 else None
         tok = Tokenizer.from_str(broadcast(built))
-    mcfg = MRMConfig.from_dict(ckpt["model_config"]) if ckpt is not None else model_config(cfg, tok)
+    mcfg = sizes if ckpt is not None else model_config(cfg, tok)
     dataset = data.PretrainDataset(images, data.encode_reports(tok, reports, mcfg.max_text_len), hr,
                                    (mcfg.img_size // mcfg.patch_size) ** 2, cfg.text_mask_ratio,
                                    tok.token_to_id("[MASK]"), tok.token_to_id("[PAD]"), seed=cfg.seed,
@@ -299,7 +299,7 @@ def resolve(argv: list[str] | None, run: Run) -> tuple[TrainConfig, dict | None,
     own (--resume), over the preset's recipe; each refused in one line, before anything is read or written,
     if it cannot work. Returns (cfg, the checkpoint a resumed run continues, the --init weights)."""
     given = vars(build_parser().parse_args(argv))
-    with contextlib.redirect_stdout(sys.stderr) if given.get("dry_run") else nullcontext():  # stdout: the plan
+    with contextlib.redirect_stdout(sys.stderr) if given.get("dry_run") else contextlib.nullcontext():  # the plan
         ckpt = run.resumed(given.get("resume"), given.get("trust_checkpoint", False))
         if ckpt is not None:  # a run folder may have been copied or moved: the run goes on where its checkpoint is
             saved = {k: v for k, v in ckpt["config"].items() if k in {f.name for f in fields(TrainConfig)}}

@@ -5,6 +5,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 from tqdm import tqdm
@@ -44,6 +45,10 @@ def one_line_errors(script: str):
         own = _deferred[0] and isinstance(e, BadRecord) and int(os.environ.get("WORLD_SIZE", "1")) > 1
         if rank == 0 or own:
             print(f"{script}: error: {f'rank {rank}: ' if own else ''}{original_message(e)}", file=sys.stderr)
+        elif torchrun:  # torchrun stops the others once one process has: let rank 0, which meets the same
+            for s in previous:  # error, say it first (it may still be starting up); this one is stopping
+                signal.signal(s, signal.SIG_IGN)
+            time.sleep(3)
         code = 2
     except (KeyboardInterrupt, RuntimeError) as e:
         # A Ctrl-C or SIGTERM also reaches the loader's workers (a terminal's Ctrl-C goes to its whole

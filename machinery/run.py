@@ -98,19 +98,21 @@ class Run:
                                                == os.path.dirname(os.path.abspath(cfg.resume)))
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise ConfigError(f"--out {self.out} is a file, not a folder")
-        if cfg.resume and cfg.overwrite:
+        if self.continues and cfg.overwrite:  # (a resume into another folder may replace what is there)
             raise ConfigError("--resume continues the run in its folder and --overwrite replaces it: give one")
-        if os.path.isfile(os.path.join(self.out, ".lock")):
-            self._lock(release=True)  # refused if another process holds it
-        owner, earlier = self._owner(), self._files()
-        if owner not in (None, self.script):
-            raise ConfigError(f"--out {self.out} holds a {owner} run ({shown(self._files(owner))}): --overwrite "
-                              f"replaces only a {self.script} run; pick another --out")
+        if self.main and os.path.isfile(os.path.join(self.out, ".lock")):
+            self._lock(probe=True)  # refused if another process holds it
+        earlier = self._files()
         if cfg.overwrite and getattr(cfg, "init", "") and os.path.abspath(cfg.init) in {
                 os.path.abspath(os.path.join(self.out, p)) for p in earlier}:
             raise ConfigError(f"--init {cfg.init} is a file of the run in --out {self.out}, which --overwrite "
                               "replaces: copy it elsewhere first, or pick another --out")
         self._refuse_earlier(earlier)
+        halves = [p for p in glob.glob(os.path.join(glob.escape(self.out), "lr_*", "best.pt"))
+                  if not os.path.exists(os.path.join(os.path.dirname(p), "last.pt"))] if self.continues else []
+        if self.script == "finetune.py" and halves:
+            raise ConfigError(f"{halves[0]} is there but not last.pt, so this lr's run cannot be continued: pass "
+                              "--overwrite instead of --resume to start the run again")
         if ckpt is not None:
             self.changes, self.kept = self._changes(ckpt), (cfg.resume, ckpt["epoch"])
 
@@ -141,17 +143,26 @@ class Run:
 
     def _owner(self) -> str | None:
         """Whose run --out holds: the script its .lock names, else the one whose own files are there, or None."""
-        try:
-            with open(os.path.join(self.out, ".lock")) as f:
-                named = f.read().strip()
-        except OSError:
+        held = _held.get(os.path.realpath(self.out))
+        try:  # through the held descriptor, if any: closing another one of the file would let the lock go
+            if held is not None:
+                named = os.pread(held, 64, 0).decode().strip()
+            else:
+                with open(os.path.join(self.out, ".lock")) as f:
+                    named = f.read().strip()
+        except (OSError, UnicodeDecodeError):
             named = ""
         owns = [s for s in SCRIPTS if any(glob.glob(os.path.join(glob.escape(self.out), p)) for p in SCRIPTS[s]["own"])]
-        return named if named in SCRIPTS else (owns or [None])[0]
+        return named if named in SCRIPTS and self._files(named) else (owns or [None])[0]
 
     def _refuse_earlier(self, earlier: list[str]):
-        """A fresh run does not write into a folder that holds another run's files: it would replace some and
-        leave the rest, mixing two runs. The refusal says what continues it, if anything can."""
+        """A run does not write into a folder that holds the other script's run, and a fresh one not into a folder
+        that holds an earlier run's files: it would replace some and leave the rest, mixing two runs. The refusal
+        says what continues it, if anything can."""
+        owner = self._owner()
+        if owner not in (None, self.script):
+            raise ConfigError(f"--out {self.out} holds a {owner} run ({shown(self._files(owner))}): --overwrite "
+                              f"replaces only a {self.script} run; pick another --out")
         if not earlier or self.cfg.overwrite or self.continues:
             return
         kept = [os.path.join(self.out, p) for p in earlier if os.path.basename(p) == self.kind["checkpoint"]]
@@ -171,7 +182,9 @@ class Run:
             os.makedirs(self.out, exist_ok=True)
             self._lock()
             earlier = self._files()
-            self._refuse_earlier(earlier)
+            self._refuse_earlier(earlier)  # again, holding it: another run may have written it meanwhile
+            os.ftruncate(_held[self.held], 0)  # the folder now names its run's script
+            os.pwrite(_held[self.held], f"{self.script}\n".encode(), 0)
             for rel in earlier if self.cfg.overwrite else []:
                 os.remove(os.path.join(self.out, rel))
                 if os.path.dirname(rel) and not os.listdir(os.path.join(self.out, os.path.dirname(rel))):
@@ -187,30 +200,28 @@ class Run:
         if dist.is_initialized():
             dist.barrier()
 
-    def _lock(self, release: bool = False):
-        """Hold --out until the run ends (`release`: only ask whether another process holds it), refusing it if
+    def _lock(self, probe: bool = False):
+        """Hold --out until the run ends (`probe`: only ask whether another process holds it), refusing it if
         another does. A POSIX record lock on .lock, which names the script: it dies with its process, and loader
         workers do not inherit it. Held, a temporary file of this script's run can only be a killed run's."""
         key = os.path.realpath(self.out)
-        if release and key in _held:
+        if probe and key in _held:
             return
-        if key not in _held:
-            fd = os.open(os.path.join(key, ".lock"), os.O_RDWR | (0 if release else os.O_CREAT), 0o644)
+        if key not in _held:  # a probe takes a shared lock, read-only: probes do not refuse each other
+            fd = os.open(os.path.join(key, ".lock"), os.O_RDONLY if probe else os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 if fcntl is not None:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.lockf(fd, (fcntl.LOCK_SH if probe else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EACCES):
                     raise ConfigError(f"--out {self.out} is being written by another run; wait for it, or pick "
                                       "another --out") from None
                 raise
-            if release:
+            if probe:
                 return os.close(fd)  # no lock of this process is lost: it held none on the file
             _held[key] = fd
         self.held = key
-        os.ftruncate(_held[key], 0)  # written through the locked descriptor: closing another would let it go
-        os.pwrite(_held[key], f"{self.script}\n".encode(), 0)
         for pattern in self.kind["files"]:  # e.g. ckpt.pt.4242.tmp, lr_0.1/best.pt.4242.tmp, curves.png.4242.tmp.png
             for stale in glob.glob(os.path.join(glob.escape(key), pattern + ".*.tmp*")):
                 if re.fullmatch(r".+\.\d+\.tmp(\.png)?", os.path.basename(stale)):
@@ -240,9 +251,6 @@ class Run:
         self.part = part
         os.makedirs(self.path(""), exist_ok=True)
         if not (self.cfg.resume and os.path.exists(self.path("last.pt"))):
-            if self.cfg.resume and os.path.exists(self.path("best.pt")):
-                raise ConfigError(f"{self.path('best.pt')} is there but not last.pt, so this lr's run cannot be "
-                                  "continued: pass --overwrite instead of --resume to start the run again")
             if os.path.exists(self.path("log.jsonl")):  # a fresh fit starts a fresh log
                 os.remove(self.path("log.jsonl"))
             return None
@@ -333,6 +341,7 @@ class Run:
                                                f" at lr {self.part[3:]}")
             raise NonFiniteLoss(f"after {where}, {len(broken)} weight tensors are not finite (e.g. {broken[0]}), "
                                 f"the losses before it were; stopping. {self._kept_and_cause()}")
+        self.kept = (self.path(self.kind["checkpoint"]), state.get("epoch"))  # every rank: what a stop names
         if not self.main:
             return
         cuda = self.device.type == "cuda"  # torch's generators, and the processes (a resume on another count
@@ -347,7 +356,6 @@ class Run:
             save_checkpoint(self.path("best.pt"), best)
         save_checkpoint(self.path(self.kind["checkpoint"]), state)
         self.written.add(self.path(self.kind["checkpoint"]))
-        self.kept = (self.path(self.kind["checkpoint"]), state.get("epoch"))
         if recon is not None:
             from tokenizers import Tokenizer
             pictures.save_recon(recon, Tokenizer.from_str(state["tokenizer"]), self.path("recon.png"))
@@ -383,20 +391,25 @@ class Run:
 
     def advice(self) -> str:
         """What a stopped run says last: the checkpoints it keeps, and the command that continues it."""
+        if self.cfg is None:  # stopped before its settings were read
+            return "no checkpoint was written"
         if self.script == "finetune.py":
-            kept = sorted(p for p in glob.glob(os.path.join(glob.escape(self.out or ""), "lr_*", "last.pt"))
+            kept = sorted(p for p in glob.glob(os.path.join(glob.escape(self.out), "lr_*", "last.pt"))
                           if p in self.written or self.cfg.resume)
             s = "s" if len(kept) > 1 else ""
             return (f"the last checkpoint{s} {', '.join(kept)} {'are' if s else 'is'} intact; continue with: the same "
-                    "command with --resume") if kept else self._nothing_kept()
+                    "command with --resume" + " in place of --overwrite" * self.cfg.overwrite) if kept \
+                else self._nothing_kept()
         if not self.kept or not os.path.exists(self.kept[0]):
             return self._nothing_kept()
         path, epoch = self.kept
         if epoch is not None and epoch >= self.cfg.epochs:
             return f"the run had finished: {path} holds its {epoch} epochs"
         elsewhere = os.path.dirname(os.path.abspath(path)) != os.path.abspath(self.out)
+        replace = " --overwrite" * bool(elsewhere and self.opened and self._files())  # what it began there goes
         return (f"the last checkpoint {path} is intact; continue with: {launcher()} train.py --resume "
-                f"{shlex.quote(path)} --epochs {self.cfg.epochs}" + (f" --out {shlex.quote(self.out)}" * elsewhere))
+                f"{shlex.quote(path)} --epochs {self.cfg.epochs}" + (f" --out {shlex.quote(self.out)}" * elsewhere)
+                + replace)
 
     def _nothing_kept(self) -> str:
         return "no checkpoint was written" + ("; the same command with --overwrite starts it again"

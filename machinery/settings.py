@@ -103,6 +103,8 @@ def check_pretraining(cfg, sizes: MRMConfig, ckpt: dict | None = None):
                           f"the encoder would see nothing (at most {most})")
     if cfg.data != "synthetic" and not os.path.isfile(cfg.data):
         raise FileNotFoundError(f"{cfg.data}: no such CSV file")
+    if cfg.fusion_check == 1:
+        raise ConfigError("--fusion_check 1: its other-film control needs another record; give 0 or at least 2")
     check_model_config(replace(sizes, **{f.name: getattr(cfg, f.name) for f in fields(Switches)}))
 
 

@@ -406,8 +406,9 @@ def test_finetune_from_pretrained_checkpoint(tmp_path, capsys):
            f"{verdict} than scratch here" in said
 
 
-def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
-    """Run cfg and interrupt it as its second validation begins: last.pt holds the first one's state."""
+def stop_at_second_validation(monkeypatch):
+    """From here, a run is interrupted (KeyboardInterrupt) as its second validation begins. Returns the real
+    finetune.evaluate."""
     evaluate, calls = finetune.evaluate, []
 
     def stop_on_second_validation(*args):
@@ -417,6 +418,12 @@ def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
         return evaluate(*args)
 
     monkeypatch.setattr(finetune, "evaluate", stop_on_second_validation)
+    return evaluate
+
+
+def run_stopped_at_second_validation(cfg: FinetuneConfig, monkeypatch):
+    """Run cfg and interrupt it as its second validation begins: last.pt holds the first one's state."""
+    evaluate = stop_at_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         finetune.finetune(cfg)
     monkeypatch.setattr(finetune, "evaluate", evaluate)

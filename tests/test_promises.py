@@ -20,7 +20,7 @@ import checks
 import finetune
 import train
 from machinery.files import append_line, read_log
-from test_finetune import run_stopped_at_second_validation, small_config
+from test_finetune import run_stopped_at_second_validation, small_config, stop_at_second_validation
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -185,6 +185,44 @@ def test_the_advice_quotes_a_path_with_a_space_and_its_command_works(tmp_path):
     assert done.returncode == 0 and torch.load(ckpt)["epoch"] == epochs, done.stderr
 
 
+def test_a_resume_into_another_folder_stopped_before_its_first_save_advises_what_works(pretrained, tmp_path,
+                                                                                      monkeypatch, capsys):
+    old = copy(pretrained, tmp_path / "old")
+    monkeypatch.chdir(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", interrupted)
+    err = stopped(train.main, ["--resume", str(old / "ckpt.pt"), "--epochs", "2", "--out", "new"], capsys, code=130)
+    command = f"python train.py --resume {old / 'ckpt.pt'} --epochs 2 --out new --overwrite"
+    assert err == f"train.py: interrupted; the last checkpoint {old / 'ckpt.pt'} is intact; continue with: {command}\n"
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(shlex.split(command)[2:])
+    assert torch.load(tmp_path / "new" / "ckpt.pt")["epoch"] == 2 and torch.load(old / "ckpt.pt")["epoch"] == 1
+
+
+def test_a_lock_file_alone_claims_no_folder(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".lock").write_text("train.py\n")  # what `rm a/*` leaves of a run
+    finetune.main([*FINETUNE, "--out", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "results.json").exists() and (tmp_path / "a" / ".lock").read_text() == "finetune.py\n"
+
+
+def test_a_finetuning_run_stopped_after_overwrite_advises_resume_in_its_place(finetuned, tmp_path, monkeypatch,
+                                                                               capsys):
+    copy(finetuned, tmp_path / "ft")
+    monkeypatch.chdir(tmp_path)
+    evaluate = stop_at_second_validation(monkeypatch)
+    argv = [*FINETUNE, "--steps", "3", "--out", "ft"]
+    err = stopped(finetune.main, [*argv, "--overwrite"], capsys, code=130)
+    assert err.endswith("is intact; continue with: the same command with --resume in place of --overwrite\n"), err
+    monkeypatch.setattr(finetune, "evaluate", evaluate)
+    finetune.main([*argv, "--resume"])
+    assert (tmp_path / "ft" / "results.json").exists()
+
+
 # ----------------------------------------------------------------------------- finetune.py --resume
 
 
@@ -224,6 +262,8 @@ def test_the_dry_runs_refuse_what_their_runs_refuse(tmp_path, monkeypatch, capsy
                                       "--init", "none", *dry], capsys)
         assert "segmentation from split lists needs --mask_root (python prepare.py siim-masks)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["splits"]  # nothing written
+    err = stopped(train.main, ["--fusion_check", "1", "--dry_run"], capsys)  # its other film would be its own
+    assert "--fusion_check 1: its other-film control needs another record; give 0 or at least 2" in err
 
 
 # ----------------------------------------------------------------------------- a busy folder, under torchrun
