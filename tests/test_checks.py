@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import checks
 import data
-import train
+import recipes
 from machinery import synthetic, tokenizer
 from mrm import MRM, MRMConfig, ReportDecoder, init_weights
 
@@ -50,7 +50,7 @@ def learn(fusion_tokens, codes=None, steps=300, seed=0):
     opt = torch.optim.AdamW([*decoder.parameters(), *proj.parameters()], lr=1e-3, betas=(0.9, 0.95))
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = train.lr_at(step, steps, 20, 1e-3)
+            group["lr"] = recipes.lr_at(step, steps, 20, 1e-3)
         tokens, labels, feature = toy_batch(32, rng, codes)
         loss = F.cross_entropy(decoder(tokens, proj(feature)).flatten(0, 1), labels.flatten())
         opt.zero_grad()
