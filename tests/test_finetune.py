@@ -137,6 +137,22 @@ def test_ids_of_siim_lists_keep_their_dots():
     assert finetune_data._stem(f"dicom/{siim}.dcm") == siim and finetune_data._stem("a/b.PNG") == "b"
 
 
+def test_segmentation_from_id_lists_reads_films_and_masks(tmp_path):
+    # SIIM's lists hold image ids, and each film its <id>.png mask (prepare.py siim-masks): read, not refused
+    for folder in ("films", "masks"):
+        (tmp_path / folder).mkdir()
+    for i, image_id in enumerate(["1.2.3", "1.2.4"]):
+        Image.new("L", (48, 48), 60 * i).save(tmp_path / "films" / f"{image_id}.png")
+        Image.fromarray(np.uint8(np.eye(48) * 255)).save(tmp_path / "masks" / f"{image_id}.png")
+    (tmp_path / "ids.txt").write_text("1.2.3\n1.2.4\n")
+    cfg = FinetuneConfig(task="segment", dataset="siim", image_root=str(tmp_path / "films"),
+                         mask_root=str(tmp_path / "masks"), **{f"{k}_list": str(tmp_path / "ids.txt")
+                                                               for k in ("train", "val", "test")})
+    splits, _ = finetune_data.build_splits(cfg, 32)
+    item = splits["val"][0]
+    assert item["image"].shape == (1, 32, 32) and item["target"].shape == (32, 32) and item["target"].any()
+
+
 def test_split_lists_must_agree_and_validation_must_have_both_classes(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("L", (40, 30), 100).save(tmp_path / name)

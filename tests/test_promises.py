@@ -5,7 +5,6 @@ the dry runs refuse what the runs refuse. In this process (train.main, finetune.
 runs) where the process boundary is not what a case tests."""
 import json
 import os
-import resource
 import shlex
 import signal
 import subprocess
@@ -165,24 +164,23 @@ def test_a_stop_before_the_first_checkpoint_advises_overwrite_and_that_works(tmp
     assert torch.load(tmp_path / "run" / "ckpt.pt")["epoch"] == 1
 
 
-def test_the_advice_quotes_a_path_with_a_space_and_its_command_works(tmp_path):
-    run = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *SMALL[:-2], "--epochs", "200",
-                            "--out", "my run"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "my run" / "ckpt.pt"
-    for _ in range(600):
-        if ckpt.exists() or run.poll() is not None:
-            break
-        time.sleep(0.2)
-    run.send_signal(signal.SIGTERM)
-    err = run.communicate(timeout=120)[1]
-    assert err.startswith("train.py: stopped by SIGTERM; the last checkpoint my run/ckpt.pt is intact; continue "
-                          "with: python train.py --resume 'my run/ckpt.pt' --epochs 200"), err
-    command = shlex.split(err.split("continue with: ")[1])
-    epochs = torch.load(ckpt)["epoch"] + 1  # the advised command, to one more epoch than was done
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *command[2:-1], str(epochs)], cwd=tmp_path,
-                          env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and torch.load(ckpt)["epoch"] == epochs, done.stderr
+def test_the_advice_quotes_a_path_with_a_space_and_its_command_works(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    real, calls = train.train_step, []
+
+    def interrupted_in_epoch_2(*args, **kwargs):  # 4 steps an epoch: after epoch 1's checkpoint
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", interrupted_in_epoch_2)
+    err = stopped(train.main, [*SMALL, "--epochs", "3", "--out", "my run"], capsys, code=130)
+    command = "python train.py --resume 'my run/ckpt.pt' --epochs 3"
+    assert err == f"train.py: interrupted; the last checkpoint my run/ckpt.pt is intact; continue with: {command}\n"
+    monkeypatch.setattr(train, "train_step", real)
+    train.main(shlex.split(command)[2:])
+    assert torch.load(tmp_path / "my run" / "ckpt.pt")["epoch"] == 3
 
 
 def test_a_resume_into_another_folder_stopped_before_its_first_save_advises_what_works(pretrained, tmp_path,
