@@ -29,8 +29,7 @@ PRETRAINING_ADAMW = dict(betas=(0.9, 0.95), weight_decay=0.05)
 
 SCHEDULES = {
     ("nih", 1): (50, 3000, 3e-2), ("nih", 10): (500, 30000, 3e-3), ("nih", 100): (5000, 200000, 3e-3),
-    ("chexpert", 1): (150, 2000, 3e-3), ("chexpert", 10): (1500, 60000, 5e-4),
-    ("chexpert", 100): (15000, 200000, 5e-4),
+    ("chexpert", 1): (150, 2000, 3e-3), ("chexpert", 10): (1500, 60000, 5e-4), ("chexpert", 100): (15000, 200000, 5e-4),
     ("rsna", 1): (50, 2000, 3e-3), ("rsna", 10): (200, 10000, 5e-4), ("rsna", 100): (2000, 50000, 5e-4),
     ("covid", 100): (50, 1000, 3e-2), ("viral", 100): (50, 1000, 3e-2),
     **{("synthetic", r): (20, 300, 1e-4) for r in (1, 10, 100)},
@@ -267,8 +266,7 @@ def finetuning_plan(cfg, init: str, sizes, preset: str, size: int, counts: dict,
                  f"UPerNet-style head on blocks {taps}, {head['channels']} channels, dropout 0.1, one logit a pixel; "
                  f"auxiliary FCN head ({head['aux_channels']} channels) on block {taps[2]}'s level in training; loss "
                  f"focal {focal} + Dice {dice}, auxiliary {aux_focal} + {aux_dice}"),
-        "records": counts,
-        "label_names": label_names,
+        "records": counts, "label_names": label_names,
         "schedule": {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "batch_size": cfg.batch_size,
                      "lr": learning_rates(cfg),
                      "epochs": round(cfg.steps * cfg.batch_size / counts["train"], 2) if counts["train"] else None,

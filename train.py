@@ -142,7 +142,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, run: Run) -> d
     dataset, tok, mcfg = build_data(cfg, ckpt, rank)
     plan = schedule(cfg, len(dataset), world)
     model = MRM(mcfg).to(device)
-    if init is not None:  # --init's tensors (settings.init_weights); the rest as initialised
+    if init is not None:  # --init's tensors (settings.encoder_weights); the rest as initialised
         model.encoder.load_state_dict(init, strict=False)
     optimizer = recipes.pretraining_optimizer(model, cfg.weight_decay, device)  # AdamW (0.9, 0.95), fused
     dtype = settings.amp_dtype(cfg.amp, device)
@@ -310,7 +310,7 @@ def resolve(argv: list[str] | None, run: Run) -> tuple[TrainConfig, dict | None,
         run.check(cfg, ckpt)  # what a resumed run changes, and the folder
         settings.check_pretraining(cfg, sizes, ckpt)
         init = None if ckpt is not None or not cfg.init else \
-            settings.init_weights(cfg.init, sizes, sizes.img_size, cfg.trust_checkpoint)
+            settings.encoder_weights(cfg.init, sizes, sizes.img_size, cfg.trust_checkpoint)
     return cfg, ckpt, init
 
 

@@ -351,11 +351,12 @@ def _compact(keys) -> list[str]:
     return lines
 
 
-def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False) -> dict:
+def load_pretrained(module: nn.Module, path, verbose: bool = True, trust: bool = False, ckpt=None) -> dict:
     """Weights of MAE / the released MRM ('cls_token', 'decoder_blocks.0...') or this project ('encoder.cls_token')
     into a ViT, an MRM or a module with `.encoder`, a position table for another grid interpolated, sin-cos tables
-    too (MRM.pth's has the released slip: mrm.get_2d_sincos_pos_embed); prints and returns what did not load."""
-    ckpt = read_checkpoint(path, trust)
+    too (MRM.pth's has the released slip: mrm.get_2d_sincos_pos_embed); prints and returns what did not load.
+    ckpt: the file at `path`, if the caller has read it already."""
+    ckpt = read_checkpoint(path, trust) if ckpt is None else ckpt
     sd = ckpt.get("model", ckpt.get("state_dict", ckpt)) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"{path}: not a model checkpoint "

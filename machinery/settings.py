@@ -74,14 +74,14 @@ def config_parser(config, prog: str, doc: str, choices: dict, limits: dict, show
 # The weights a run starts from
 
 
-def init_weights(path: str, sizes: MRMConfig, size: int, trust: bool = False, say: str = "all") -> dict:
+def encoder_weights(path: str, sizes: MRMConfig, size: int, trust: bool = False, say: str = "all", ckpt=None) -> dict:
     """The tensors --init gives an encoder of `sizes` at input `size` (MAE's, the released MRM's or this project's;
     a position table interpolated to a new grid), read once and checked before a run takes its folder. say: what
-    is printed of the load, 'all' (train.py), 'summary' (finetune.py) or 'nothing'."""
+    is printed of the load, 'all' (train.py), 'summary' (finetune.py) or 'nothing'; ckpt: the file, if read."""
     encoder = ViT(size, sizes.patch_size, sizes.in_chans, sizes.embed_dim, sizes.depth, sizes.num_heads,
                   sizes.mlp_ratio)
     report = load_pretrained(encoder, path, verbose=say == "all" and int(os.environ.get("RANK", "0")) == 0,
-                             trust=trust)
+                             trust=trust, ckpt=ckpt)
     if say == "summary":
         print(load_summary(report, len(encoder.state_dict()), path))
     return {k: v for k, v in encoder.state_dict().items() if k not in report["missing"]}
@@ -139,13 +139,14 @@ def finetuning_encoder(cfg, say: str = "summary") -> tuple[str, MRMConfig, str, 
     read once, here, before a run replaces anything (--overwrite). Classification runs at the pre-training input,
     segmentation at recipes.SEG_INPUT_SIZE (512 for the base encoder, as released)."""
     init = pick_init(cfg.init)
-    sizes = encoder_sizes(init, cfg.preset, cfg.dataset, cfg.trust_checkpoint)
+    ckpt = None if init == "none" else read_checkpoint(init, cfg.trust_checkpoint)  # read once: sizes, weights
+    sizes = encoder_sizes(init, cfg.preset, cfg.dataset, cfg.trust_checkpoint, ckpt)
     preset = "base" if sizes.embed_dim == MRMConfig().embed_dim else "tiny"
     size = cfg.input_size or (recipes.SEG_INPUT_SIZE.get(preset, sizes.img_size) if cfg.task == "segment"
                               else sizes.img_size)
     if size % sizes.patch_size:
         raise ConfigError(f"--input_size {size} is not a multiple of the patch size {sizes.patch_size}")
-    weights = None if init == "none" else init_weights(init, sizes, size, cfg.trust_checkpoint, say)
+    weights = None if ckpt is None else encoder_weights(init, sizes, size, cfg.trust_checkpoint, say, ckpt)
     return init, sizes, preset, size, weights
 
 
@@ -160,11 +161,11 @@ def pick_init(init: str) -> str:
     return init
 
 
-def encoder_sizes(init: str, preset: str, dataset: str, trust: bool = False) -> MRMConfig:
+def encoder_sizes(init: str, preset: str, dataset: str, trust: bool = False, ckpt=None) -> MRMConfig:
     """The encoder's sizes: from this project's checkpoint (it records them), else the preset ('auto': tiny
-    for the synthetic records, else base)."""
+    for the synthetic records, else base). ckpt: the file at `init`, if read already."""
     if init != "none":
-        ckpt = read_checkpoint(init, trust)  # refuses a missing, broken or unsafe file, naming it
+        ckpt = read_checkpoint(init, trust) if ckpt is None else ckpt  # refuses a missing, broken or unsafe file
         if isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict):
             sizes = checked_model_config(init, ckpt["model_config"], trust)  # sizes in range
             if preset not in ("auto", "") and MRMConfig.from_preset(preset).embed_dim != sizes.embed_dim:
